@@ -1,0 +1,140 @@
+"""
+nanoplay's checkpoint format: a directory holding `config.json` and `model.safetensors`.
+
+A training run lives in `checkpoints/NAME/` with one such directory per saved step
+(`step-00002000/`); the trainer keeps its optimizer state in a separate file beside the weights
+(`training_state.pt`), which loading never reads. Directories are written to a temporary sibling
+and renamed into place, so a crash mid-write never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import NanoplayError
+from .model import GPT, GPTConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "nanoplay"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory of ours holding one checkpoint (not a run with steps)."""
+    config = path / CONFIG_FILE
+    if not (config.is_file() and (path / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def list_steps(run_dir: Path) -> dict[int, Path]:
+    """Complete step checkpoints of a run directory, by step."""
+    steps = {}
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            m = STEP_DIR.match(child.name)
+            if m and is_checkpoint_dir(child):
+                steps[int(m.group(1))] = child
+    return dict(sorted(steps.items()))
+
+
+def write_dir_atomically(final: Path, write) -> Path:
+    """Call write(tmp_dir) and move the finished directory to `final`, replacing any old one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_checkpoint(model: GPT, directory: Path, *, step: int | None = None, meta: dict | None = None) -> Path:
+    """Write model weights + config to `directory` atomically. `meta` adds keys to config.json."""
+    config = {"format": FORMAT, "model": model.config.to_dict(), "tokenizer": "gpt2", "step": step}
+    config.update(meta or {})
+    # lm_head.weight is tied to transformer.wte.weight: store it once
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+    def write(tmp: Path):
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"nanoplay_config": json.dumps(model.config.to_dict())})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_dir_atomically(Path(directory), write)
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise NanoplayError(f"{path} is unreadable or not JSON ({e}): re-export or re-train the checkpoint") from e
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-mapped load; a truncated or corrupt file gets a clear error."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise NanoplayError(f"{path} is truncated or corrupt ({e}): re-download or re-save it") from e
+
+
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT from a nanoGPT-named state dict, without spending time on a random init first."""
+    with torch.device("meta"):
+        model = GPT(config)
+    state = dict(state)
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise NanoplayError(f"{source} does not hold a GPT-2-architecture model matching its config ({detail})")
+    for name, tensor in model.state_dict().items():
+        if state[name].shape != tensor.shape:
+            raise NanoplayError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, config expects {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True broke the tie
+    return model.eval()
+
+
+def load_checkpoint_dir(directory: Path) -> tuple[GPT, dict]:
+    """Our checkpoint directory -> (model on CPU, its config.json)."""
+    directory = Path(directory)
+    meta = read_config(directory)
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise NanoplayError(f"{directory} is not a nanoplay checkpoint (its config.json has no model section)")
+    state = load_safetensors(directory / WEIGHTS_FILE)
+    return build_model(GPTConfig.from_dict(meta["model"]), state, str(directory)), meta

@@ -1,0 +1,53 @@
+"""
+`nanoplay` command line: the playground with no subcommand, else one of the subcommands below.
+
+Each subcommand lives in its own module with a `register(subparsers)` function; modules import
+torch and friends only when their command runs, so `nanoplay --help` and the TUI start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import NanoplayError
+
+COMMAND_MODULES = [
+    "nanoplay.commands.gen",
+    "nanoplay.commands.score",
+    "nanoplay.commands.bench",
+    "nanoplay.commands.models",
+    "nanoplay.commands.export",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoplay",
+        description="Play with small GPT-2-class models: compare, inspect, train, evaluate.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except NanoplayError as e:
+        print(f"nanoplay: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("nanoplay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `nanoplay` subcommand; each has register(subparsers)."""
