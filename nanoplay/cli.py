@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanoplay",
         description="Play with small GPT-2-class models: compare, inspect, train, evaluate.",
     )
+    # with no subcommand, `nanoplay` opens the playground (nanoplay.tui) with these options
+    parser.add_argument("--model", "-m", action="append", metavar="SPEC",
+                        help="a pane's model (repeatable); default: every local checkpoint plus gpt2")
+    parser.add_argument("--chat", action="store_true", help="open in chat mode")
+    parser.add_argument("--session", metavar="NAME", help="reopen a saved session")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)
@@ -37,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        from .tui.app import run_app
+
+        run = run_app
+    else:
+        run = args.run
     try:
-        return args.run(args) or 0
+        return run(args) or 0
     except NanoplayError as e:
         print(f"nanoplay: error: {e}", file=sys.stderr)
         return e.exit_code
