@@ -1,0 +1,490 @@
+"""
+The shared sampler: one Engine serves every model the process has loaded.
+
+Requests are submitted from any thread and advanced one token per `step()`: for each model, new
+requests are prefilled into a slot of the model's static KV cache (reusing any cached prefix), then all
+of the model's running requests decode together in one batched forward. `start()` runs the stepping in
+a background thread (the TUI); `generate()` and `run_until_done()` drive it in the caller's thread (the
+CLI, the trainer).
+
+A request records everything about what it generated: per token the id, text, log-probability under
+the model's raw distribution and under the sampling distribution, rank, entropy and top alternatives;
+and for the request its running perplexity, finish reason and any context-window slides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import NanoplayError
+from .kvcache import KVCache
+from .loading import LoadedModel, load_model
+from .sampling import SamplingParams, apply_penalties, choose, draw_noise
+from .tokenizer import TextStream, get_tokenizer
+
+DEFAULT_CACHE_BUDGET = 2 * 1024**3  # bytes of KV cache per model, which sets its number of slots
+MAX_SLOTS = 8
+
+
+@dataclass
+class Alternative:
+    id: int
+    text: str
+    logprob: float  # under the model's raw distribution
+    sampling_logprob: float  # under the distribution sampled from (-inf where filtered out)
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str  # the text this token completed ("" while a UTF-8 character is still incomplete)
+    bytes: bytes  # the token's own bytes
+    logprob: float  # log-probability under the model's raw distribution
+    sampling_logprob: float  # under the distribution actually sampled from
+    rank: int  # 1 = the model's most likely token
+    entropy: float  # of the raw distribution, in nats
+    top: list[Alternative] = field(default_factory=list)
+
+
+UpdateCallback = Callable[["Request", list[TokenInfo], str], None]
+
+
+class Request:
+    """One completion being generated. Read its fields; call cancel() to stop it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, runner: "ModelRunner", prompt_ids: list[int], params: SamplingParams,
+                 on_update: UpdateCallback | None):
+        block = runner.loaded.config.block_size
+        self.id = next(self._ids)
+        self.model = runner.loaded
+        self.params = params.with_seed()
+        self.seed = self.params.seed
+        self.prompt_truncated = 0  # prompt tokens dropped because the prompt outgrew the context
+        if len(prompt_ids) >= block:  # keep room to generate before the first slide
+            keep = block - min(self.params.max_new_tokens, block // 2)
+            self.prompt_truncated = len(prompt_ids) - keep
+            prompt_ids = prompt_ids[-keep:]
+        self.prompt_ids = prompt_ids
+        self.tokens: list[TokenInfo] = []
+        self.text = ""  # generated text, stop strings excluded
+        self.finish_reason: str | None = None  # length | stop | eot | cancelled | error
+        self.error: str | None = None
+        self.window_slides = 0  # times the context window slid during generation
+        self.on_update = on_update
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        # engine-side state
+        self._runner = runner
+        self._ids = list(prompt_ids)  # the sequence so far: prompt + generated
+        self._slot: int | None = None
+        self._next_token: int | None = None  # sampled, not yet fed to the model
+        self._cancel = False
+        self._done = threading.Event()
+        self._stream = TextStream(get_tokenizer())
+        self._held = ""  # decoded text held back because it may begin a stop string
+        self._token_starts: list[int] = []  # offset of each token's text in the unstopped text
+        self._text_length = 0
+        self._generator = torch.Generator(device=runner.loaded.device).manual_seed(self.seed)
+        self._counts = None
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self._counts = torch.zeros(runner.loaded.config.vocab_size, device=runner.loaded.device)
+
+    # -- what callers use --------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        """Stop generating; the request finishes with reason 'cancelled' and frees its cache slot."""
+        self._cancel = True
+        self._runner.engine._wake()
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp of the mean negative log-probability of the generated tokens under the model."""
+        if not self.tokens:
+            return None
+        return math.exp(-sum(t.logprob for t in self.tokens) / len(self.tokens))
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed: tokens after the first, over the time since the first."""
+        end = self.finished_at or time.perf_counter()
+        if self.first_token_at is None or len(self.tokens) < 2 or end <= self.first_token_at:
+            return None
+        return (len(self.tokens) - 1) / (end - self.first_token_at)
+
+    @property
+    def context_used(self) -> int:
+        return len(self._ids) if self._slot is None else len(self._runner.cache.tokens[self._slot])
+
+    # -- engine side -------------------------------------------------------------------------------
+
+    def _accept(self, info: TokenInfo) -> str:
+        """Record a generated token; returns the text that became final (stop strings held back)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.append(info)
+        self._ids.append(info.id)
+        self._token_starts.append(self._text_length)
+        self._text_length += len(info.text)
+        if self._counts is not None:
+            self._counts[info.id] += 1
+        return self._release(self._held + info.text)
+
+    def _release(self, text: str) -> str:
+        stops = self.params.stop
+        if not stops:
+            self.text += text
+            return text
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            emitted, self._held = text[:cut], ""
+            self.text += emitted
+            stop_at = len(self.text)  # offset of the stop string in the unstopped text
+            while self.tokens and self._token_starts[-1] >= stop_at:  # tokens wholly inside it
+                self.tokens.pop()
+                self._token_starts.pop()
+            self._finish("stop")
+            return emitted
+        # hold back the longest tail that could still grow into a stop string
+        hold = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
+        emitted, self._held = text[:len(text) - hold], text[len(text) - hold:]
+        self.text += emitted
+        return emitted
+
+    def _finish(self, reason: str, error: str | None = None) -> str:
+        """Mark finished; returns any held-back text released by it."""
+        if self.finish_reason is not None:
+            return ""
+        tail = ""
+        if reason != "stop":
+            tail = self._held + self._stream.flush()
+            self.text += tail
+        self._held = ""
+        self.finish_reason, self.error = reason, error
+        self.finished_at = time.perf_counter()
+        return tail
+
+    def _notify(self, new_tokens: list[TokenInfo], new_text: str) -> None:
+        if self.on_update is not None:
+            self.on_update(self, new_tokens, new_text)
+
+
+class ModelRunner:
+    """One loaded model's KV cache, its slots, and the requests running on it."""
+
+    def __init__(self, engine: "Engine", loaded: LoadedModel, max_slots: int, cache_budget: int):
+        self.engine = engine
+        self.loaded = loaded
+        per_slot = KVCache.bytes_per_slot(loaded.config, loaded.dtype)
+        self.num_slots = max(1, min(max_slots, cache_budget // per_slot))
+        self._cache: KVCache | None = None  # allocated on first use, then reused for the process's life
+        self.queue: list[Request] = []
+        self.running: list[Request] = []
+        self.owner: list[Request | None] = [None] * self.num_slots
+        self.last_used = [0] * self.num_slots
+        self._clock = itertools.count(1)
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = KVCache(self.loaded.config, self.num_slots, self.loaded.device, self.loaded.dtype)
+        return self._cache
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        for r in [r for r in self.queue + self.running if r._cancel]:
+            self._complete(r, "cancelled")
+        decoding = list(self.running)
+        # admit queued requests while slots are free; their prefill yields their first token
+        while self.queue:
+            slot = self._pick_slot(self.queue[0]._ids)
+            if slot is None:
+                break
+            r = self.queue.pop(0)
+            r._slot = slot
+            self.owner[slot] = r
+            self.running.append(r)
+            self._prefill(r, r._ids)
+        # everyone else advances by one token, in one batched forward
+        sliding = [r for r in decoding if len(self.cache.tokens[r._slot]) >= self.loaded.config.block_size]
+        for r in sliding:  # the window is full: keep its newer half, re-prefill, carry on
+            r.window_slides += 1
+            self._prefill(r, r._ids[-(self.loaded.config.block_size // 2):])
+        batch = sorted((r for r in decoding if r not in sliding and r.finish_reason is None), key=lambda r: r._slot)
+        if batch:
+            self._decode(batch)
+
+    def _pick_slot(self, ids: list[int]) -> int | None:
+        """A free slot for a new sequence, pre-filled with the longest cached prefix of `ids` we have."""
+        free = [s for s in range(self.num_slots) if self.owner[s] is None]
+        if not free:
+            return None
+        cached = self.cache.tokens
+        best, best_len = None, 0
+        for s in range(self.num_slots):
+            n = _common_prefix(cached[s], ids, limit=len(ids) - 1)  # the last token is always fed
+            if n > best_len:
+                best, best_len = s, n
+        if best is not None and self.owner[best] is None:
+            return best
+        slot = min(free, key=lambda s: (self.last_used[s], s))  # least recently used
+        if best is not None:  # the prefix is in a busy slot: copy it over
+            self.cache.copy_prefix(best, slot, best_len)
+        return slot
+
+    def _prefill(self, r: Request, ids: list[int]) -> None:
+        """Feed `ids` into r's slot (after whatever prefix the slot already holds) and sample."""
+        cache = self.cache
+        start = _common_prefix(cache.tokens[r._slot], ids, limit=len(ids) - 1)
+        feed = ids[start:]
+        cache.bind_prefill(r._slot, start, len(feed))
+        device = self.loaded.device
+        idx = torch.tensor([feed], device=device)
+        positions = torch.arange(start, len(ids), device=device).unsqueeze(0)
+        logits = self.loaded.model(idx, positions=positions, cache=cache, last_only=True)[:, -1]
+        cache.tokens[r._slot] = list(ids)
+        self._sample([r], logits)
+
+    def _decode(self, batch: list[Request]) -> None:
+        cache = self.cache
+        slots = [r._slot for r in batch]
+        positions = [len(cache.tokens[s]) for s in slots]
+        cache.bind_decode(slots, positions)
+        device = self.loaded.device
+        idx = torch.tensor([[r._next_token] for r in batch], device=device)  # (B, 1)
+        pos = torch.tensor(positions, device=device).unsqueeze(1)  # (B, 1)
+        logits = self.loaded.model(idx, positions=pos, cache=cache)[:, -1]  # (B, vocab)
+        for r in batch:
+            cache.tokens[r._slot].append(r._next_token)
+        self._sample(batch, logits)
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> None:
+        """Choose each request's next token from its row of logits (B, vocab) and record it."""
+        tokenizer = get_tokenizer()
+        raw = logits.float()
+        logprobs = raw.log_softmax(-1)  # (B, vocab)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B,)
+        n_top = max(r.params.top_logprobs for r in batch)
+        top_lp, top_ids = torch.topk(logprobs, n_top, dim=-1) if n_top else (None, None)
+        for i, r in enumerate(batch):
+            p = r.params
+            noise = None if p.temperature == 0 else draw_noise(r._generator, raw.size(-1), raw.device)
+            seen = torch.tensor(r._ids, device=raw.device) if p.repetition_penalty != 1.0 else None
+            penalised = apply_penalties(raw[i], p, seen, r._counts)
+            token, sampling_lp = choose(penalised, p, noise)
+            if (token == tokenizer.eot_id and p.stop_on_eot) or token in p.stop_token_ids:
+                self._complete(r, "eot" if token == tokenizer.eot_id else "stop")
+                continue
+            info = TokenInfo(
+                id=token,
+                text=r._stream.push(token),
+                bytes=tokenizer.token_bytes(token),
+                logprob=float(logprobs[i, token]),
+                sampling_logprob=float(sampling_lp[token]),
+                rank=int((raw[i] > raw[i, token]).sum()) + 1,
+                entropy=float(entropy[i]),
+            )
+            if n_top:
+                ids = top_ids[i, :p.top_logprobs].tolist()
+                info.top = [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), lp, slp)
+                            for t, lp, slp in zip(ids, top_lp[i, :p.top_logprobs].tolist(),
+                                                  sampling_lp[ids].tolist())]
+            new_text = r._accept(info)
+            if r.finish_reason is None and len(r.tokens) >= p.max_new_tokens:
+                new_text += r._finish("length")
+            if r.finish_reason is not None:
+                self._release_slot(r)
+            else:
+                r._next_token = token
+            r._notify([info], new_text)
+            if r.finish_reason is not None:
+                r._done.set()
+
+    def _complete(self, r: Request, reason: str, error: str | None = None) -> None:
+        tail = r._finish(reason, error)
+        if r in self.queue:
+            self.queue.remove(r)
+        self._release_slot(r)
+        r._notify([], tail)
+        r._done.set()
+
+    def _release_slot(self, r: Request) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        if r._slot is not None:
+            self.owner[r._slot] = None
+            self.last_used[r._slot] = next(self._clock)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
+
+
+class Engine:
+    """Loads models once and runs every request of every model through shared, batched decoding."""
+
+    def __init__(self, max_slots: int = MAX_SLOTS, cache_budget: int = DEFAULT_CACHE_BUDGET):
+        self.max_slots = max_slots
+        self.cache_budget = cache_budget
+        self._runners: dict[int, ModelRunner] = {}
+        self._loaded: dict[tuple, LoadedModel] = {}
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def load(self, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+        key = (spec, str(device), dtype)
+        if key not in self._loaded:
+            self._loaded[key] = load_model(spec, device=device, dtype=dtype, progress=progress)
+        return self._loaded[key]
+
+    def _runner(self, model: LoadedModel) -> ModelRunner:
+        with self._cond:
+            runner = self._runners.get(id(model))
+            if runner is None or runner.loaded is not model:
+                runner = self._runners[id(model)] = ModelRunner(self, model, self.max_slots, self.cache_budget)
+            return runner
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def submit(self, model: LoadedModel, prompt: str | list[int], params: SamplingParams | None = None,
+               on_update: UpdateCallback | None = None) -> Request:
+        """Queue a completion of `prompt` (text, or token ids) and return its Request at once."""
+        tokenizer = get_tokenizer()
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:  # unconditional generation starts from <|endoftext|>, as GPT-2 was trained
+            ids = [tokenizer.eot_id]
+        vocab = model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise NanoplayError(f"prompt token id {bad[0]} is outside {model.name}'s vocabulary of {vocab}")
+        runner = self._runner(model)
+        request = Request(runner, ids, params or SamplingParams(), on_update)
+        with self._cond:
+            runner.queue.append(request)
+            self._cond.notify_all()
+        return request
+
+    def step(self) -> bool:
+        """Advance every request by one token. Returns False when there was nothing to do."""
+        with self._step_lock:
+            with self._cond:
+                runners = [r for r in self._runners.values() if r.has_work()]
+            for runner in runners:
+                try:
+                    runner.step()
+                except Exception as e:  # a failing model must not take the others down
+                    message = f"{runner.loaded.name}: {type(e).__name__}: {e}"
+                    for r in runner.queue + runner.running:
+                        runner._complete(r, "error", message)
+            return bool(runners)
+
+    def run_until_done(self, requests: list[Request]) -> None:
+        """Drive the engine in this thread (or wait for the background one) until `requests` finish."""
+        while not all(r.done for r in requests):
+            if self._thread is not None:
+                for r in requests:
+                    r.wait()
+            elif not self.step():
+                break
+
+    def generate(self, model: LoadedModel, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        request = self.submit(model, prompt, params)
+        self.run_until_done([request])
+        return request
+
+    # -- background stepping (the TUI) -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="nanoplay-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not any(r.has_work() for r in self._runners.values()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, model: LoadedModel, text: str | list[int], top_logprobs: int = 5,
+              prepend_eot: bool = True) -> list[TokenInfo]:
+        """
+        Per-token data for every token of `text` under `model`, each predicted from the tokens before
+        it (the first from <|endoftext|> when prepend_eot). Texts longer than the context are scored in
+        windows that overlap by half, so every token sees at least half a context.
+        """
+        tokenizer = get_tokenizer()
+        ids = tokenizer.encode(text) if isinstance(text, str) else list(text)
+        seq = [tokenizer.eot_id] + ids if prepend_eot else ids
+        window = model.config.block_size
+        stride = max(1, window // 2)
+        stream = TextStream(tokenizer)
+        out: list[TokenInfo] = []
+        first_target, begin = 1, 0
+        while first_target < len(seq):
+            end = min(begin + window, len(seq))
+            idx = torch.tensor([seq[begin:end]], device=model.device)
+            logprobs = model.model(idx)[0].float().log_softmax(-1)  # (T, vocab): predicts seq[begin+1:end+1]
+            rows = logprobs[first_target - 1 - begin:end - 1 - begin]  # predictions of seq[first_target:end]
+            targets = torch.tensor(seq[first_target:end], device=model.device)
+            chosen = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
+            ranks = (rows > chosen.unsqueeze(1)).sum(1) + 1
+            entropy = -(rows.exp() * rows).sum(1)
+            top_lp, top_ids = torch.topk(rows, top_logprobs, dim=-1)
+            for j, token in enumerate(seq[first_target:end]):
+                lp = float(chosen[j])
+                alternatives = [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), a, a)
+                                for t, a in zip(top_ids[j].tolist(), top_lp[j].tolist())]
+                out.append(TokenInfo(id=token, text=stream.push(token), bytes=tokenizer.token_bytes(token),
+                                     logprob=lp, sampling_logprob=lp, rank=int(ranks[j]),
+                                     entropy=float(entropy[j]), top=alternatives))
+            first_target = end
+            begin += stride
+        return out
