@@ -16,7 +16,6 @@ from .errors import NanoplayError
 COMMAND_MODULES = [
     "nanoplay.commands.gen",
     "nanoplay.commands.score",
-    "nanoplay.commands.bench",
     "nanoplay.commands.models",
     "nanoplay.commands.export",
 ]

@@ -92,14 +92,20 @@ def _load_on_cpu(spec: str, progress) -> LoadedModel:
     if name and run_dir.is_dir():
         return load_run(run_dir, step=_parse_step(spec, at) if at else None)
     if HUB_ID.match(name) and not spec.endswith((".pt", ".safetensors")):
-        return load_hub(name, revision=at or None, progress=progress)
-    raise NanoplayError(_unknown_spec_message(spec))
+        try:
+            return load_hub(name, revision=at or None, progress=progress)
+        except NanoplayError as e:
+            if "/" in name or name in GPT2_FAMILY:
+                raise
+            # a bare name that is no known Hub model was most likely meant as a local checkpoint
+            raise NanoplayError(f"{_unknown_spec_message(spec)}; as a Hub id: {e}") from e
+    raise NanoplayError(_unknown_spec_message(spec) + "; see `nanoplay models`")
 
 
 def _unknown_spec_message(spec: str) -> str:
     runs = local_run_names()
     have = f"local checkpoints: {', '.join(runs)}" if runs else f"no checkpoints under {checkpoints_root()}/"
-    return f"unknown model {spec!r}: not a file, not a checkpoint name ({have}), not a Hub id; see `nanoplay models`"
+    return f"unknown model {spec!r}: not a file, not a checkpoint name ({have})"
 
 
 def _parse_step(spec: str, at: str) -> int:
@@ -263,16 +269,24 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
                                         RevisionNotFoundError)
 
     where = repo_id + (f"@{revision}" if revision else "")
+
+    def download(local_only: bool) -> str:
+        config_path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=local_only)
+        config_from_hf(json.loads(Path(config_path).read_text()), where)  # refuse non-GPT-2 before the weights
+        return hf_hub_download(repo_id, "model.safetensors", revision=revision, tqdm_class=progress,
+                               local_files_only=local_only)
+
+    offline = NanoplayError(f"{where} is not in the local Hugging Face cache and the Hub cannot be reached: "
+                            f"run `nanoplay pull {where}` where you have network")
     try:
-        config_path = hf_hub_download(repo_id, "config.json", revision=revision, tqdm_class=progress)
-        hf = json.loads(Path(config_path).read_text())
-        config_from_hf(hf, where)  # refuse non-GPT-2 repos before downloading their weights
-        weights = hf_hub_download(repo_id, "model.safetensors", revision=revision, tqdm_class=progress)
+        try:
+            weights = download(local_only=True)  # the cache first: no network round trip when it is there
+        except LocalEntryNotFoundError:
+            if not _hub_reachable():
+                raise offline from None
+            weights = download(local_only=False)
     except LocalEntryNotFoundError as e:
-        raise NanoplayError(
-            f"{where} is not in the local Hugging Face cache and the Hub cannot be reached: "
-            f"run `nanoplay pull {where}` where you have network"
-        ) from e
+        raise offline from e
     except EntryNotFoundError as e:
         raise NanoplayError(f"{where} has no model.safetensors on the Hub; nanoplay loads only safetensors from the Hub") from e
     except RevisionNotFoundError as e:
@@ -282,6 +296,23 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
     except (RepositoryNotFoundError, HFValidationError) as e:
         raise NanoplayError(f"unknown model {where!r}: not a local checkpoint and no such repo on the Hub") from e
     return Path(weights).parent
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so that no network fails in seconds rather than after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_hub(repo_id: str, revision: str | None = None, progress=None) -> LoadedModel:

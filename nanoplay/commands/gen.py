@@ -1,0 +1,182 @@
+"""`nanoplay gen`: scripted generation, streamed as text or written as JSONL with log-probabilities."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import NanoplayError
+from .common import add_model_options, resolve_device, torch_dtype
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("gen", help="generate from one or more models (text or JSONL with logprobs)")
+    add_model_options(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable); default: read stdin")
+    src.add_argument("--prompts", type=Path, metavar="FILE",
+                     help='prompts file: .jsonl (one {"prompt": ...} or JSON string per line) or text (one per line)')
+    p.add_argument("--n", type=int, default=1, help="samples per prompt and model (seeds seed, seed+1, ...)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not included)")
+    p.add_argument("--no-stop-eot", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, reported)")
+    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per token in --json output")
+    p.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    p.set_defaults(run=run)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    if args.prompts:
+        return read_prompts_file(args.prompts)
+    if sys.stdin.isatty():
+        raise NanoplayError("no prompt: give --prompt TEXT, --prompts FILE, or pipe text on stdin")
+    return [sys.stdin.read()]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoplayError(f"cannot read prompts file {path}: {e}") from e
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoplayError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be "
+                                f'{{"prompt": "..."}} or a JSON string') from e
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            prompts.append(item["prompt"])
+        elif isinstance(item, str):
+            prompts.append(item)
+        else:
+            raise NanoplayError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string')
+    if not prompts:
+        raise NanoplayError(f"{path} holds no prompts")
+    return prompts
+
+
+def sampling_params(args, seed: int, chat_template=None, chat: bool = False):
+    from ..sampling import SamplingParams
+
+    stop, stop_ids = list(args.stop), []
+    if chat:
+        from ..chat import stop_strings, stop_token_ids
+
+        stop += stop_strings(chat_template)
+        stop_ids = stop_token_ids(chat_template)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop=stop, stop_token_ids=stop_ids,
+        stop_on_eot=not args.no_stop_eot, seed=seed, top_logprobs=args.top_logprobs,
+    )
+
+
+def completion_record(request, prompt: str, index: int) -> dict:
+    """One completion in OpenAI-like shapes, plus nanoplay's per-token extras."""
+    def top(alternatives):
+        return [{"token": a.text, "id": a.id, "logprob": a.logprob, "sampling_logprob": a.sampling_logprob}
+                for a in alternatives]
+
+    return {
+        "model": request.model.name,
+        "prompt": prompt,
+        "index": index,
+        "seed": request.seed,
+        "settings": request.params.to_dict(),
+        "text": request.text,
+        "finish_reason": request.finish_reason,
+        "error": request.error,
+        "prompt_tokens": len(request.prompt_ids),
+        "prompt_truncated": request.prompt_truncated,
+        "window_slides": request.window_slides,
+        "completion_tokens": len(request.tokens),
+        "perplexity": request.perplexity,
+        "tokens_per_second": request.tokens_per_second,
+        "tokens": [
+            {"token": t.text, "id": t.id, "bytes": list(t.bytes), "logprob": t.logprob,
+             "sampling_logprob": t.sampling_logprob, "rank": t.rank, "entropy": t.entropy, "top_logprobs": top(t.top)}
+            for t in request.tokens
+        ],
+    }
+
+
+def run(args) -> int:
+    import random
+
+    from ..engine import Engine
+
+    if args.n < 1:
+        raise NanoplayError("--n must be at least 1")
+    prompts = read_prompts(args)
+    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    engine = Engine()
+    models = [engine.load(spec, device=device, dtype=dtype) for spec in args.model]
+    base_seed = args.seed if args.seed is not None else random.randrange(2**31)
+    jobs = []  # (request, prompt, sample index), in output order
+    for model in models:
+        for prompt in prompts:
+            prompt_input = prompt
+            if args.chat:
+                from ..chat import render_prompt
+
+                prompt_input = render_prompt([{"role": "user", "content": prompt}], model.chat_template)
+            for i in range(args.n):
+                params = sampling_params(args, base_seed + i, model.chat_template, args.chat)
+                jobs.append((engine.submit(model, prompt_input, params), prompt, i))
+    for request, _, _ in jobs:
+        if request.prompt_truncated:
+            print(f"nanoplay: note: prompt longer than {request.model.name}'s context of "
+                  f"{request.model.config.block_size} tokens: kept its last {len(request.prompt_ids)} tokens; "
+                  f"the window slides as it generates", file=sys.stderr)
+    if args.json:
+        engine.run_until_done([r for r, _, _ in jobs])
+        for request, prompt, i in jobs:
+            print(json.dumps(completion_record(request, prompt, i), ensure_ascii=False))
+    else:
+        stream_text(engine, jobs, show_headers=len(jobs) > 1)
+    failed = [r for r, _, _ in jobs if r.finish_reason == "error"]
+    for r in failed:
+        print(f"nanoplay: error: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def stream_text(engine, jobs, show_headers: bool) -> None:
+    """Print completions one after another, the current one as it streams (all run batched)."""
+    out = sys.stdout
+    for request, prompt, i in jobs:
+        if show_headers:
+            out.write(f"\n── {request.model.name} · sample {i + 1} · seed {request.seed} ──\n")
+        out.write(prompt)
+        shown = 0
+        while True:
+            text = request.text
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+            if request.done:
+                break
+            engine.step()
+        note = f" [{request.finish_reason}"
+        if request.window_slides:
+            note += f", window slid {request.window_slides}x"
+        if request.perplexity is not None:
+            note += f", ppl {request.perplexity:.2f}"
+        out.write("\n" if not show_headers else f"\n{note}]\n")

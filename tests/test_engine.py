@@ -1,0 +1,257 @@
+"""The shared sampler: KV cache against full forwards, batching, seeds, stops, overflow, cancellation."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from nanoplay.engine import Engine
+from nanoplay.errors import NanoplayError
+from nanoplay.kvcache import KVCache
+from nanoplay.loading import LoadedModel
+from nanoplay.sampling import SamplingParams
+from nanoplay.tokenizer import get_tokenizer
+from tests.conftest import hf_gpt2, tiny_model
+
+
+def loaded(model, name="tiny"):
+    return LoadedModel(name=name, model=model, source="test", location="memory")
+
+
+@torch.no_grad()
+def test_kv_cache_matches_full_forward_with_mixed_lengths():
+    model = tiny_model()
+    cache = KVCache(model.config, slots=4, device="cpu", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    prompts = {0: [5, 6, 7], 2: list(range(100, 117)), 3: [42]}  # slot 1 left empty: non-contiguous rows
+    seqs = {}
+    for slot, ids in prompts.items():
+        cache.bind_prefill(slot, 0, len(ids))
+        out = model(torch.tensor([ids]), positions=torch.arange(len(ids)).unsqueeze(0), cache=cache)
+        torch.testing.assert_close(out, model(torch.tensor([ids])), atol=1e-5, rtol=1e-5)
+        seqs[slot] = list(ids)
+    for _ in range(20):  # batched decode; every step equals a full forward of each sequence
+        slots = sorted(seqs)
+        new = {s: int(torch.randint(0, 50257, (1,), generator=gen)) for s in slots}
+        positions = [len(seqs[s]) for s in slots]
+        cache.bind_decode(slots, positions)
+        out = model(torch.tensor([[new[s]] for s in slots]), positions=torch.tensor(positions).unsqueeze(1),
+                    cache=cache)[:, -1]
+        for row, s in enumerate(slots):
+            seqs[s].append(new[s])
+            torch.testing.assert_close(out[row], model(torch.tensor([seqs[s]]))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_prefill_after_cached_prefix_matches_full_forward():
+    model = tiny_model()
+    cache = KVCache(model.config, slots=2, device="cpu", dtype=torch.float32)
+    ids = list(range(300, 330))
+    cache.bind_prefill(1, 0, 12)
+    model(torch.tensor([ids[:12]]), positions=torch.arange(12).unsqueeze(0), cache=cache)
+    cache.bind_prefill(1, 12, 18)  # the rest, on top of the cached 12
+    out = model(torch.tensor([ids[12:]]), positions=torch.arange(12, 30).unsqueeze(0), cache=cache)
+    torch.testing.assert_close(out, model(torch.tensor([ids]))[:, 12:], atol=1e-5, rtol=1e-5)
+
+
+def greedy_reference(model, ids, steps):
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            out.append(nxt)
+    return out
+
+
+def test_greedy_matches_transformers_generate():
+    hf = hf_gpt2(seed=3)
+    from nanoplay.checkpoint import build_model
+    from nanoplay.loading import config_from_hf, state_from_hf
+
+    ours = loaded(build_model(config_from_hf(hf.config.to_dict(), "t"), state_from_hf(hf.state_dict()), "t"))
+    prompt = get_tokenizer().encode("The meaning of life is")
+    req = Engine().generate(ours, prompt, SamplingParams(max_new_tokens=12, temperature=0, stop_on_eot=False))
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert [t.id for t in req.tokens] == ref[0, len(prompt):].tolist()
+
+
+def test_token_data_is_consistent_with_the_model():
+    model = tiny_model()
+    req = Engine().generate(loaded(model), "Hi there", SamplingParams(max_new_tokens=6, seed=4, top_logprobs=3))
+    ids = get_tokenizer().encode("Hi there") + [t.id for t in req.tokens]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids]))[0].log_softmax(-1)
+    for i, t in enumerate(req.tokens):
+        row = logprobs[len(ids) - len(req.tokens) - 1 + i]
+        assert t.logprob == pytest.approx(float(row[t.id]), abs=1e-4)
+        assert t.rank == int((row > row[t.id]).sum()) + 1
+        assert t.entropy == pytest.approx(float(-(row.exp() * row).sum()), abs=1e-3)
+        assert [a.id for a in t.top] == torch.topk(row, 3).indices.tolist()
+        assert t.sampling_logprob == pytest.approx(t.logprob, abs=1e-4)  # temperature 1, no filters
+    assert req.perplexity == pytest.approx(math.exp(-sum(t.logprob for t in req.tokens) / 6))
+
+
+def test_same_seed_alone_or_batched():
+    model = loaded(tiny_model())
+    params = SamplingParams(max_new_tokens=25, temperature=0.9, top_k=100, seed=11)
+    alone = Engine().generate(model, "Once upon a time", params)
+    engine = Engine()
+    others = [engine.submit(model, p, SamplingParams(max_new_tokens=40, seed=s)) for s, p in
+              enumerate(["A", "Two words", "Something longer than the rest of them"])]
+    batched = engine.submit(model, "Once upon a time", params)
+    engine.run_until_done(others + [batched])
+    assert [t.id for t in batched.tokens] == [t.id for t in alone.tokens]
+    different = Engine().generate(model, "Once upon a time", SamplingParams(max_new_tokens=25, temperature=0.9,
+                                                                            top_k=100, seed=12))
+    assert [t.id for t in different.tokens] != [t.id for t in alone.tokens]
+
+
+def test_common_random_numbers_across_models():
+    # a 50257-entry model and the same weights padded to 50304 draw identical noise for real tokens
+    base = tiny_model(vocab_size=50257)
+    padded = tiny_model(vocab_size=50304)
+    with torch.no_grad():
+        # the final hidden state's feature 0 is always 1 and every real token's embedding has 5 there,
+        # so the padded entries (zero rows) are e^5 times less likely than any real token
+        base.transformer.ln_f.weight[0], base.transformer.ln_f.bias[0] = 0.0, 1.0
+        base.transformer.wte.weight[:, 0] = 5.0
+        padded.transformer.wte.weight.zero_()
+        padded.transformer.wte.weight[:50257] = base.transformer.wte.weight
+        for (name, p), q in zip(padded.named_parameters(), base.parameters()):
+            if "wte" not in name:
+                p.copy_(q)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=99)
+    engine = Engine()
+    a = engine.submit(loaded(base, "a"), "The", params)
+    b = engine.submit(loaded(padded, "b"), "The", params)
+    engine.run_until_done([a, b])
+    assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+
+
+def test_n_samples_share_the_prompt_prefill():
+    model = tiny_model()
+    lengths = []
+    original = model.forward
+
+    def counting_forward(idx, *args, **kwargs):
+        lengths.append(idx.shape)
+        return original(idx, *args, **kwargs)
+
+    model.forward = counting_forward
+    engine = Engine()
+    prompt = list(range(1000, 1030))
+    lm = loaded(model)
+    reqs = [engine.submit(lm, prompt, SamplingParams(max_new_tokens=3, seed=s)) for s in range(3)]
+    engine.run_until_done(reqs)
+    prefills = [s for s in lengths if s[1] > 1]
+    assert prefills == [torch.Size([1, 30])]  # the others copied the cached prompt, fed only its last token
+    # and those copies produce exactly what a fresh engine computes
+    for s, r in enumerate(reqs):
+        fresh = Engine().generate(loaded(tiny_model()), prompt, SamplingParams(max_new_tokens=3, seed=s))
+        assert [t.id for t in r.tokens] == [t.id for t in fresh.tokens]
+
+
+def test_chat_turn_reuses_the_cached_conversation():
+    model = tiny_model()
+    engine = Engine()
+    lm = loaded(model)
+    first = engine.generate(lm, list(range(500, 520)), SamplingParams(max_new_tokens=5, temperature=0))
+    runner = engine._runner(lm)
+    history = list(range(500, 520)) + [t.id for t in first.tokens] + [600, 601]
+    second = engine.submit(lm, history, SamplingParams(max_new_tokens=5, temperature=0))
+    engine.run_until_done([second])
+    assert runner.cache.tokens[second._slot][:24] == history[:24]
+    assert [t.id for t in second.tokens] == greedy_reference(model, history, 5)
+
+
+def test_stop_string_across_token_boundaries():
+    model = loaded(tiny_model())
+    params = dict(max_new_tokens=30, temperature=1.0, seed=5, stop_on_eot=False)
+    free = Engine().generate(model, "Hello", SamplingParams(**params))
+    starts = [sum(len(t.text) for t in free.tokens[:i]) for i in range(len(free.tokens))]
+    # a stop string that begins inside token i and ends inside token i+1, first seen there
+    for i in range(len(free.tokens) - 1):
+        stop = (free.tokens[i].text + free.tokens[i + 1].text)[1:-1]
+        if len(free.tokens[i].text) > 1 and len(free.tokens[i + 1].text) > 1 and free.text.find(stop) == starts[i] + 1:
+            break
+    else:
+        pytest.fail("no suitable token pair in the sample")
+    req = Engine().generate(model, "Hello", SamplingParams(**params, stop=["never appears", stop]))
+    assert req.finish_reason == "stop"
+    assert req.text == free.text[:starts[i] + 1]
+    assert [t.id for t in req.tokens] == [t.id for t in free.tokens[:i + 1]]
+
+
+def test_streamed_text_never_splits_utf8():
+    tok = get_tokenizer()
+    text = "Café, naïve 🎉🙂 — 日本語 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    from nanoplay.tokenizer import TextStream
+
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_reserved_ids_decode_without_crashing():
+    tok = get_tokenizer()
+    assert tok.decode([50260, 50300, 15496]) == "<|end|><|reserved_50300|>Hello"
+
+
+def test_prompt_longer_than_context_slides():
+    model = loaded(tiny_model())  # context 64
+    long_prompt = list(range(1000, 1100))
+    req = Engine().generate(model, long_prompt, SamplingParams(max_new_tokens=80, temperature=0, stop_on_eot=False))
+    assert req.finish_reason == "length" and len(req.tokens) == 80
+    assert req.prompt_truncated == 100 - (64 - 32)
+    assert req.window_slides >= 1
+    # after the slide the model sees the newest 32 tokens, and greedy continues from exactly those
+    assert req.context_used <= 64
+
+
+def test_cancel_frees_the_slot():
+    model = loaded(tiny_model())
+    engine = Engine()
+    engine.start()
+    try:
+        started = threading.Event()
+        req = engine.submit(model, "Go", SamplingParams(max_new_tokens=10_000, stop_on_eot=False),
+                            on_update=lambda r, toks, text: started.set())
+        assert started.wait(30)
+        req.cancel()
+        assert req.wait(30)
+        assert req.finish_reason == "cancelled" and 0 < len(req.tokens) < 10_000
+        runner = engine._runner(model)
+        assert runner.owner == [None] * runner.num_slots and not runner.running
+    finally:
+        engine.stop()
+
+
+def test_bad_prompt_ids_are_refused():
+    with pytest.raises(NanoplayError, match="outside tiny's vocabulary"):
+        Engine().submit(loaded(tiny_model()), [60000], SamplingParams())
+
+
+def test_score_matches_transformers():
+    hf = hf_gpt2(seed=8, n_positions=16)
+    from nanoplay.checkpoint import build_model
+    from nanoplay.loading import config_from_hf, state_from_hf
+
+    ours = loaded(build_model(config_from_hf(hf.config.to_dict(), "t"), state_from_hf(hf.state_dict()), "t"))
+    text = "Short texts are easy; longer ones need a sliding window over the context, like this one does."
+    ids = get_tokenizer().encode(text)
+    assert len(ids) > 16  # longer than the 16-token context: scored in half-overlapping windows
+    scored = Engine().score(ours, text)
+    assert [t.id for t in scored] == ids
+    seq = [50256] + ids
+    with torch.no_grad():
+        for i, t in enumerate(scored[:15]):  # within the first window: full left context
+            ref = hf(torch.tensor([seq[:i + 1]])).logits[0, -1].log_softmax(-1)[seq[i + 1]]
+            assert t.logprob == pytest.approx(float(ref), abs=1e-4)
+        for target in range(16, len(seq)):  # windows start every 8 tokens (half the context)
+            begin = 8 * ((target - 16) // 8 + 1)
+            ref = hf(torch.tensor([seq[begin:target]])).logits[0, -1].log_softmax(-1)[seq[target]]
+            assert scored[target - 1].logprob == pytest.approx(float(ref), abs=1e-4)
