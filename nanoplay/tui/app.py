@@ -1,0 +1,221 @@
+"""
+The `nanoplay` playground app: owns the engine, the settings, the session; the main screen owns the panes.
+
+Nothing heavy is imported here: torch, the engine and the models load in thread workers, so the
+window is up and usable before any model is.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+
+from .colors import MODES
+from .state import PaneState, Settings
+
+# (title, help, action on the main screen) for the command palette: every action is there
+COMMANDS = [
+    ("Send prompt", "Generate in every pane from the prompt editor", "send"),
+    ("Stop all generation", "Cancel every request in flight (Esc)", "stop"),
+    ("Regenerate", "Run the last prompt again with the same seed (Ctrl+R)", "regenerate"),
+    ("New seed", "Pick a new random seed and regenerate (Ctrl+N)", "new_seed"),
+    ("Token colours", "Cycle colours: off, probability, entropy (Ctrl+T)", "colours"),
+    ("Add model pane", "Pick a model for a new pane (Ctrl+O)", "add_pane"),
+    ("Sampling settings", "Temperature, top-k/p, min-p, penalties, max tokens, seed, stops (Ctrl+S)", "settings"),
+    ("Chat / compare mode", "Switch between compare and chat mode (Ctrl+G)", "toggle_chat"),
+    ("Edit last message", "Chat: put the last user message back into the editor (Ctrl+F)", "edit_last"),
+    ("Open session", "Reopen a saved session (Ctrl+L)", "sessions"),
+    ("Export to Markdown", "Write this session as a Markdown file (Ctrl+B)", "export"),
+    ("Pane: fork", "Continue the focused pane from the cursor with the next alternative (f)", "pane:fork"),
+    ("Pane: branches", "Show the focused pane's branches (b)", "pane:branches"),
+    ("Pane: cross-score", "Score the focused pane's completion under every other model (x)", "pane:cross_score"),
+    ("Pane: copy text", "Copy the focused pane's text to the clipboard (y)", "pane:copy"),
+    ("Pane: gen command", "Copy the equivalent `nanoplay gen` command line (g)", "pane:gen_command"),
+    ("Pane: settings overrides", "Sampling overrides for the focused pane (s)", "pane:pane_settings"),
+    ("Pane: move left", "Move the focused pane left ([)", "pane:move:-1"),
+    ("Pane: move right", "Move the focused pane right (])", "pane:move:1"),
+    ("Pane: remove", "Remove the focused pane (d)", "pane:remove"),
+]
+
+
+class NanoplayApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "nanoplay"
+    BINDINGS = [Binding("ctrl+c", "quit", "Quit", priority=True, show=False)]
+
+    def __init__(self, models: list[str] | None = None, chat: bool = False, session: str | None = None,
+                 device: str | None = None):
+        super().__init__()
+        self.requested_models = models
+        self.requested_session = session
+        self.device = device or "cpu"
+        self.mode = "chat" if chat else "compare"
+        self.settings = Settings()
+        self.colour_mode = "off"
+        self.prompt = ""
+        self.history: list[str] = []
+        self.session_name = None
+        self.engine = None
+        self.engine_lock = threading.Lock()
+
+    # ---- startup
+
+    def on_mount(self) -> None:
+        from .sessions import load_session, new_session_name
+
+        self.session_name = new_session_name()
+        from .screens.main import MainScreen
+
+        data = None
+        if self.requested_session:
+            try:
+                data = load_session(self.requested_session)
+            except Exception as e:
+                self.notify(str(e), severity="error", timeout=10)
+            else:
+                self.session_name = self.requested_session
+                self.restore(data)
+        if data is not None:
+            initial = data["panes"]
+        elif self.requested_models:
+            initial = [PaneState(spec) for spec in self.requested_models]
+        else:
+            initial = None  # found by discover() once the screen is up
+        self.main = MainScreen(initial)
+        self.push_screen(self.main)
+
+    def restore(self, data: dict) -> None:
+        self.settings = data["settings"]
+        self.mode = data.get("mode", self.mode)
+        self.prompt = data.get("prompt", "")
+        self.history[:] = data.get("history", [])
+        self.colour_mode = data.get("colour_mode", "off") if data.get("colour_mode") in MODES else "off"
+
+    def open_panes(self, states: list[PaneState]) -> None:
+        for state in states:
+            self.main.add_pane(state)
+
+    def discover(self) -> None:
+        self.run_worker(self._discover, thread=True, name="discover")
+
+    def _discover(self) -> None:
+        """Default panes: every local checkpoint plus gpt2; nothing at all: the welcome screen."""
+        from ..loading import list_local_models
+        from .discovery import default_specs
+
+        local = list_local_models()
+        if not local:
+            self.call_from_thread(self.show_welcome)
+            return
+        self.call_from_thread(self.open_panes, [PaneState(s) for s in default_specs(local)])
+
+    def show_welcome(self) -> None:
+        from .screens.welcome import WelcomeScreen
+
+        def chosen(spec: str | None) -> None:
+            if spec:
+                self.open_panes([PaneState(spec)])
+
+        self.push_screen(WelcomeScreen(), chosen)
+
+    def get_engine(self):
+        """The one engine of the app, created (and torch imported) on first use, in a worker thread."""
+        with self.engine_lock:
+            if self.engine is None:
+                from ..engine import Engine
+
+                self.engine = Engine()
+                self.engine.start()
+            return self.engine
+
+    # ---- sessions
+
+    def session_data(self) -> dict:
+        return {"mode": self.mode, "prompt": self.prompt, "history": self.history[-50:],
+                "settings": self.settings.to_dict(), "colour_mode": self.colour_mode,
+                "panes": [p.state.to_dict() for p in self.main.panes]}
+
+    def save_session(self) -> None:
+        from .sessions import save_session
+
+        if not self.main.panes:
+            return
+        try:
+            save_session(self.session_name, self.session_data())
+        except OSError as e:
+            self.notify(f"could not save the session: {e}", severity="warning")
+
+    def open_session(self, name: str) -> None:
+        from .sessions import load_session
+
+        try:
+            data = load_session(name)
+        except Exception as e:
+            self.notify(str(e), severity="error")
+            return
+        self.main.action_stop()
+        for pane in self.main.panes:
+            pane.remove()
+        self.session_name = name
+        self.restore(data)
+        self.main.query_one("#prompt").load_text(self.prompt)
+        self.open_panes(data["panes"])
+        self.main.update_status()
+
+    def export_markdown(self) -> Path:
+        from .sessions import to_markdown
+
+        text = to_markdown(self.session_name, self.mode, self.prompt, self.settings,
+                           [p.state for p in self.main.panes])
+        path = Path(f"nanoplay-{self.session_name}.md").resolve()
+        path.write_text(text)
+        return path
+
+    # ---- palette, help, quitting
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help", "Key bindings and what the pane shows (F1)", self.action_help)
+        if screen is getattr(self, "main", None):
+            for title, help_text, action in COMMANDS:
+                yield SystemCommand(title, help_text, lambda a=action: self.run_command(a))
+
+    def run_command(self, action: str) -> None:
+        from .widgets.pane import ModelPane
+
+        main = self.main
+        if action == "send":
+            main.send(main.query_one("#prompt").text)
+        elif action.startswith("pane:"):
+            _, name, *arg = action.split(":")
+            pane = main.focused if isinstance(main.focused, ModelPane) else (main.panes or [None])[0]
+            if pane is not None:
+                getattr(main, f"pane_{name}")(pane, int(arg[0]) if arg else None)
+        else:
+            getattr(main, f"action_{action}")()
+
+    def action_help(self) -> None:
+        from .screens.dialogs import HelpScreen
+
+        self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        if self.engine is not None:
+            for pane in self.main.panes:
+                with pane.lock:
+                    for _, req in pane.active:
+                        req.cancel()
+        self.exit()
+
+    def on_unmount(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def run_app(args) -> int:
+    app = NanoplayApp(models=args.model, chat=args.chat, session=args.session, device=args.device)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,197 @@
+"""Small modal screens: branches, cross-scoring results, the session picker, help."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label, Markdown, OptionList, Static
+from textual.widgets.option_list import Option
+
+from ..state import PaneState, Tok, perplexity
+
+
+class BranchesScreen(ModalScreen[int | None]):
+    """Every run of a pane: the main generation and the forks, as a tree by indentation."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, pane: PaneState):
+        super().__init__()
+        self.pane = pane
+
+    def compose(self):
+        with Vertical(classes="dialog", id="branches"):
+            yield Label(f"Branches of {self.pane.spec}", classes="dialog-title")
+            yield OptionList(*[Option(self.label(i), id=str(i)) for i in self.order()], id="branch-list")
+            yield Label("Enter: show that branch · Esc: close", classes="dim")
+
+    def order(self) -> list[int]:
+        """Runs depth-first, children after their parent."""
+        children: dict[int | None, list[int]] = {}
+        for i, run in enumerate(self.pane.runs):
+            children.setdefault(run.parent, []).append(i)
+        out: list[int] = []
+
+        def visit(i: int) -> None:
+            out.append(i)
+            for c in children.get(i, []):
+                visit(c)
+
+        for root in children.get(None, []):
+            visit(root)
+        return out
+
+    def depth(self, i: int) -> int:
+        d, run = 0, self.pane.runs[i]
+        while run.parent is not None:
+            d, run = d + 1, self.pane.runs[run.parent]
+        return d
+
+    def label(self, i: int) -> Text:
+        run = self.pane.runs[i]
+        text = Text("  " * self.depth(i) + ("● " if i == self.pane.current else "○ "))
+        if run.parent is None:
+            text.append(f"{i + 1}: {run.prompt[:24]!r} ", "bold")
+        else:
+            chosen = run.toks[run.fork_at].text if run.fork_at is not None and run.fork_at < len(run.toks) else "?"
+            text.append(f"{i + 1}: fork at token {run.fork_at} → {chosen!r} ", "bold")
+        text.append(repr(run.text[-40:]), "dim")
+        return text
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        options.highlighted = self.order().index(self.pane.current)
+        options.focus()
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(int(event.option.id))
+
+
+@dataclass
+class CrossScore:
+    model: str
+    toks: list[Tok] | None  # the completion scored by this model
+    skipped: str = ""
+
+
+class CrossScoreScreen(ModalScreen[None]):
+    """One pane's completion scored under every other model: perplexities and the biggest disagreements."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, source: str, toks: list[Tok], results: list[CrossScore], top: int = 5):
+        super().__init__()
+        self.source, self.toks, self.results, self.top = source, toks, results, top
+
+    def compose(self):
+        with Vertical(classes="dialog", id="cross"):
+            yield Label(f"{self.source}'s completion under every model", classes="dialog-title")
+            with VerticalScroll():
+                yield Static(self.table())
+            yield Label("Esc: close", classes="dim")
+
+    def table(self):
+        ppl = Table(title="perplexity of the completion", title_justify="left")
+        ppl.add_column("model")
+        ppl.add_column("perplexity", justify="right")
+        ppl.add_row(f"{self.source} (its own)", f"{perplexity(self.toks):.2f}")
+        grid = Table.grid(padding=(1, 0))
+        grid.add_row(ppl)
+        for r in self.results:
+            if r.toks is None:
+                ppl.add_row(r.model, r.skipped)
+                continue
+            ppl.add_row(r.model, f"{perplexity(r.toks):.2f}")
+            grid.add_row(self.disagreements(r))
+        return grid
+
+    def disagreements(self, r: CrossScore) -> Table:
+        """Positions where the two models' log-probabilities of the token differ most."""
+        gaps = sorted(range(len(self.toks)), key=lambda i: -abs(self.toks[i].logprob - r.toks[i].logprob))
+        t = Table(title=f"where {r.model} disagrees most with {self.source}", title_justify="left")
+        for col in ("pos", "token", f"p {self.source}", f"p {r.model}"):
+            t.add_column(col, justify="right" if col.startswith("p") else "left")
+        for i in gaps[:self.top]:
+            t.add_row(str(i), repr(self.toks[i].text), f"{math.exp(self.toks[i].logprob):.3f}",
+                      f"{math.exp(r.toks[i].logprob):.3f}")
+        return t
+
+
+class SessionsScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+
+    def compose(self):
+        from ..sessions import list_sessions, sessions_dir
+
+        names = list_sessions()
+        with Vertical(classes="dialog", id="sessions"):
+            yield Label(f"Saved sessions in {sessions_dir()}", classes="dialog-title")
+            if names:
+                yield OptionList(*[Option(n, id=n) for n in names], id="session-list")
+            else:
+                yield Label("no saved sessions yet: they save themselves after every generation")
+            yield Label("Enter: open · Esc: close", classes="dim")
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+HELP = """\
+# nanoplay playground
+
+Type a prompt and press **Enter**: every pane generates from it at once, with the same seed and
+settings (the panes differ only by model). **Ctrl+J** inserts a newline; **↑/↓** walk the prompt history.
+
+| key | action |
+| --- | --- |
+| Enter | send the prompt (compare) / the message (chat) |
+| Esc | stop all generation |
+| Ctrl+R | regenerate with the same seed |
+| Ctrl+N | new seed, then regenerate |
+| Ctrl+T | token colours: off → probability → entropy |
+| Ctrl+O | add a model pane (picker) |
+| Ctrl+S | sampling settings (on a focused pane: its overrides) |
+| Ctrl+G | switch compare / chat mode |
+| Ctrl+F | chat: edit and resend the last message |
+| Ctrl+L | open a saved session |
+| Ctrl+B | export the session to Markdown |
+| Ctrl+P | command palette (every action) |
+| Tab | move focus between the prompt and the panes |
+| Ctrl+C / Ctrl+Q | quit |
+
+On a focused pane:
+
+| key | action |
+| --- | --- |
+| ← → Home End, click | move the token cursor; the inspector shows the token |
+| 1-9 | fork: continue from the cursor with that alternative |
+| f | fork with the most likely alternative |
+| b | branches of this pane |
+| x | cross-score this completion under every other model |
+| y | copy the pane's text (terminal clipboard, works over SSH) |
+| g | copy the equivalent `nanoplay gen` command line |
+| s | this pane's setting overrides |
+| [ ] | move the pane left / right |
+| d | remove the pane |
+
+Colours: probability bins are log-spaced (≥.5, ≥.1, ≥.01, ≥.001, below); entropy is in nats.
+The pane header shows tokens, decode tok/s, perplexity of the completion (and of the prompt),
+context used / context length, and ⟲slid when the context window slid.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q", "dismiss(None)", "Close")]
+
+    def compose(self):
+        with VerticalScroll(classes="dialog", id="help"):
+            yield Markdown(HELP)

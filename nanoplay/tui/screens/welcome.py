@@ -1,0 +1,90 @@
+"""The welcome screen: shown when nothing can be opened (no checkpoints, no cached Hub model)."""
+
+from __future__ import annotations
+
+import threading
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Label, Markdown, ProgressBar
+
+DEMO_PRESET = "demo"
+
+WELCOME = """\
+# Welcome to nanoplay
+
+There is no model here yet: no checkpoints under `{root}/` and no GPT-2 in the Hugging Face cache.
+
+What you can do from here:
+
+- **Train the small `demo` preset** on the bundled offline corpus (Python's documentation topics):
+  a 4-layer model that trains on a CPU in a few minutes, then opens here.
+- **Open `gpt2`**: it downloads from the Hub, so it works only where there is network
+  (elsewhere, `nanoplay pull gpt2` on a machine with network and copy the cache over).
+"""
+
+
+class WelcomeScreen(Screen[str | None]):
+    """Dismissed with the spec to open (the trained demo run, or gpt2)."""
+
+    BINDINGS = [Binding("t", "train", "Train demo"), Binding("g", "gpt2", "Open gpt2"),
+                Binding("escape", "stop_training", "Stop training")]
+
+    def __init__(self):
+        super().__init__()
+        self.stop_event = threading.Event()
+
+    def compose(self):
+        from ...loading import checkpoints_root
+
+        yield Header()
+        with Vertical(id="welcome"):
+            yield Markdown(WELCOME.format(root=checkpoints_root()))
+            with Horizontal(classes="buttons"):
+                yield Button("Train the demo preset", variant="primary", id="train")
+                yield Button("Open gpt2 (download)", id="gpt2")
+            yield ProgressBar(id="train-progress", show_eta=True)
+            yield Label("", id="train-status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#train-progress").display = False
+
+    @on(Button.Pressed, "#gpt2")
+    def action_gpt2(self) -> None:
+        self.dismiss("gpt2")
+
+    @on(Button.Pressed, "#train")
+    def action_train(self) -> None:
+        self.query_one("#train", Button).disabled = True
+        self.query_one("#train-progress").display = True
+        self.query_one("#train-status", Label).update("preparing the corpus and the model…")
+        self.train_demo()
+
+    def action_stop_training(self) -> None:
+        self.stop_event.set()
+
+    @work(thread=True, exclusive=True)
+    def train_demo(self) -> None:
+        from trainer.config import load_preset
+        from trainer.train import train
+
+        config = load_preset(DEMO_PRESET)
+
+        def on_progress(p) -> None:
+            self.app.call_from_thread(self.show_progress, p)
+
+        try:
+            train(config, on_progress=on_progress, stop_event=self.stop_event)
+        except Exception as e:
+            self.app.call_from_thread(self.query_one("#train-status", Label).update, f"training failed: {e}")
+            return
+        self.app.call_from_thread(self.dismiss, DEMO_PRESET)
+
+    def show_progress(self, p) -> None:
+        bar = self.query_one("#train-progress", ProgressBar)
+        bar.update(total=p.max_steps, progress=p.step)
+        loss = f"loss {p.loss:.3f}" if p.loss is not None else ""
+        self.query_one("#train-status", Label).update(f"step {p.step}/{p.max_steps} {loss}")

@@ -1,0 +1,130 @@
+"""
+Sessions: the whole playground (prompt, settings, seed, models, outputs, branches, chats) as one JSON
+file, saved atomically after every change that matters; plus the Markdown export and the equivalent
+`nanoplay gen` command line of a pane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import NanoplayError
+from .state import PaneState, Settings
+
+VERSION = 1
+NAME = re.compile(r"^[\w.-]+$")
+
+
+def sessions_dir() -> Path:
+    """$NANOPLAY_SESSIONS, else $XDG_DATA_HOME/nanoplay/sessions (~/.local/share/nanoplay/sessions)."""
+    if os.environ.get("NANOPLAY_SESSIONS"):
+        return Path(os.environ["NANOPLAY_SESSIONS"])
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "nanoplay" / "sessions"
+
+
+def new_session_name() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def session_path(name: str) -> Path:
+    if not NAME.match(name):
+        raise NanoplayError(f"session name {name!r} may only hold letters, digits, '.', '_' and '-'")
+    return sessions_dir() / f"{name}.json"
+
+
+def save_session(name: str, data: dict) -> Path:
+    """Write to a temporary file beside the target and rename it: a crash never leaves half a session."""
+    path = session_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": VERSION, "name": name, **data}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_session(name: str) -> dict:
+    path = session_path(name)
+    if not path.is_file():
+        have = ", ".join(list_sessions()[:8]) or "none yet"
+        raise NanoplayError(f"no session {name!r} in {sessions_dir()}/ (saved sessions: {have})")
+    try:
+        data = json.loads(path.read_text())
+        data["settings"] = Settings.from_dict(data.get("settings", {}))
+        data["panes"] = [PaneState.from_dict(p) for p in data.get("panes", [])]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NanoplayError(f"session file {path} is corrupt ({type(e).__name__}: {e}); delete or fix it") from e
+    return data
+
+
+def list_sessions() -> list[str]:
+    """Saved session names, most recently saved first."""
+    folder = sessions_dir()
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.stem for p in files]
+
+
+def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) -> str:
+    """The `nanoplay gen` command line that reproduces a pane's generation."""
+    argv = ["nanoplay", "gen", "--model", spec]
+    defaults = Settings()
+    for name, flag in (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"),
+                       ("min_p", "--min-p"), ("repetition_penalty", "--repetition-penalty"),
+                       ("max_new_tokens", "--max-new-tokens")):
+        value = getattr(settings, name)
+        if value is not None and (value != getattr(defaults, name) or name in ("temperature", "max_new_tokens")):
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    argv += ["--seed", str(settings.seed)]
+    for s in settings.stop:
+        argv += ["--stop", s]
+    if chat:
+        argv.append("--chat")
+    argv.append(prompt)
+    return shlex.join(argv)
+
+
+def to_markdown(name: str, mode: str, prompt: str, settings: Settings, panes: list[PaneState]) -> str:
+    """A readable record of a session: settings, then every pane's output (or chat) with its stats."""
+    lines = [f"# nanoplay session {name}", "", f"- mode: {mode}", f"- settings: {settings.summary()}",
+             f"- seed: {settings.seed}", ""]
+    if mode == "compare":
+        lines += ["## Prompt", "", "```text", prompt, "```", ""]
+    for pane in panes:
+        eff = settings.merged(pane.overrides)
+        lines += [f"## {pane.spec}", ""]
+        if pane.overrides:
+            lines += [f"Overrides: {eff.summary()}", ""]
+        if mode == "chat":
+            if pane.dropped_turns:
+                lines += [f"_{pane.dropped_turns} earlier turns dropped from the context_", ""]
+            for m in pane.chat:
+                lines += [f"**{m.role}:** {m.content}", ""]
+            continue
+        for i, run in enumerate(pane.runs):
+            label = "main" if run.parent is None else f"branch {i} (fork of {run.parent} at token {run.fork_at})"
+            stats = [f"{len(run.toks)} tokens"]
+            if run.perplexity is not None:
+                stats.append(f"perplexity {run.perplexity:.2f}")
+            if run.prompt_perplexity is not None:
+                stats.append(f"prompt perplexity {run.prompt_perplexity:.2f}")
+            stats.append(f"finish: {run.finish_reason}")
+            lines += [f"### {label}", "", "```text", run.prompt + run.text, "```", "", ", ".join(stats), ""]
+            if run.parent is None:
+                lines += ["```bash", gen_command(pane.spec, run.prompt, Settings.from_dict(run.settings or eff.to_dict())),
+                          "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""The token inspector: the token under a pane's cursor, its statistics and its alternatives."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from ..colors import token_style
+
+
+def prob(lp: float | None) -> str:
+    if lp is None or math.isinf(lp):
+        return "0" if lp is not None else "–"
+    p = math.exp(lp)
+    return f"{p:.1%}" if p >= 0.001 else f"{p:.1e}"
+
+
+class TokenInspector(Static):
+    """Shows one token; the app calls `show(pane)` whenever a cursor moves (attributes down)."""
+
+    def show(self, pane) -> None:
+        found = pane.cursor_tok() if pane is not None else None
+        if found is None:
+            self.display = False
+            return
+        tok, is_prompt, index = found
+        self.display = True
+        self.update(self.render_tok(pane, tok, is_prompt, index))
+
+    def render_tok(self, pane, tok, is_prompt: bool, index: int):
+        head = Text()
+        head.append(f"{pane.state.spec} ", "bold")
+        head.append("prompt token" if is_prompt else f"completion token {index}", "dim")
+        head.append("  ")
+        head.append(repr(tok.text), token_style(tok, "probability") or "bold")
+        head.append(f"  id {tok.id}")
+        if tok.logprob is None:
+            head.append("  (not scored)", "dim")
+            return head
+        head.append(f"  p {prob(tok.logprob)}  logp {tok.logprob:.3f}  rank {tok.rank}  entropy {tok.entropy:.2f} nats")
+        if not is_prompt and tok.sampling_logprob is not None:
+            head.append(f"  sampling p {prob(tok.sampling_logprob)}")
+        if not tok.top:
+            return head
+        table = Table(box=None, padding=(0, 1), show_edge=False, expand=False)
+        table.add_column("key", style="bold cyan")
+        table.add_column("alternative")
+        table.add_column("raw p", justify="right")
+        table.add_column("sampling p", justify="right")
+        for k, (tid, text, lp, slp) in enumerate(tok.top, 1):
+            marker = "•" if tid == tok.id else ""
+            table.add_row(f"{k}{marker}" if not is_prompt else marker, repr(text), prob(lp),
+                          prob(slp) if not is_prompt else "")
+        raw_mass = sum(math.exp(lp) for _, _, lp, _ in tok.top)
+        samp_mass = sum(math.exp(slp) for _, _, _, slp in tok.top if not math.isinf(slp))
+        cover = Text(f"top {len(tok.top)} cover {raw_mass:.1%} of the raw distribution", "dim")
+        if not is_prompt:
+            cover.append(f", {samp_mass:.1%} of the sampling one · press 1-{len(tok.top)} to fork with one", "dim")
+        grid = Table.grid()
+        grid.add_row(head)
+        grid.add_row(table)
+        grid.add_row(cover)
+        return grid

@@ -1,0 +1,333 @@
+"""
+A model pane: header (model and live statistics), the tokens (coloured on demand, with a cursor),
+and a status line (load progress, errors, branch).
+
+Attributes down: the app sets `colour_mode`, `diverge_at` and the state, then calls `refresh_view()`.
+Messages up: cursor moves, forks, copy and the other pane actions are posted for the app to act on.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from ..colors import token_style
+from ..state import PaneState, Run, Tok
+
+CURSOR = Style(reverse=True, bold=True)
+DIVERGE = Style(underline=True, bold=True, color="magenta")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def visible(text: str) -> str:
+    """Token text with newlines kept but shown, so a cursor on a newline token is visible."""
+    return text.replace("\n", "↵\n") if text.strip("\n") == "" and text else text
+
+
+class TokenView(Static):
+    """The pane's tokens as one Text; every token span carries its index for mouse clicks."""
+
+    class Clicked(Message):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
+    def on_click(self, event: events.Click) -> None:
+        index = event.style.meta.get("tok") if event.style else None
+        if index is not None:
+            self.post_message(self.Clicked(index))
+
+
+class ModelPane(Vertical, can_focus=True):
+    """One model's view. `state` holds what is saved; the rest is live."""
+
+    BINDINGS = [
+        Binding("left", "cursor(-1)", "Prev token", show=False),
+        Binding("right", "cursor(1)", "Next token", show=False),
+        Binding("home", "cursor_to(0)", "First token", show=False),
+        Binding("end", "cursor_to(-1)", "Last token", show=False),
+        Binding("f", "fork", "Fork at cursor"),
+        Binding("b", "branches", "Branches"),
+        Binding("x", "cross_score", "Cross-score"),
+        Binding("y", "copy", "Copy text"),
+        Binding("g", "gen_command", "gen cmd"),
+        Binding("s", "pane_settings", "Pane settings"),
+        Binding("[", "move(-1)", "Move left", show=False),
+        Binding("]", "move(1)", "Move right", show=False),
+        Binding("delete,d", "remove", "Remove pane"),
+    ]
+
+    colour_mode = reactive("off", init=False)
+    cursor: int | None = None  # index into display_toks()
+
+    class Action(Message):
+        """A pane asks the app to do something with it: fork, copy, branches, cross_score..."""
+
+        def __init__(self, pane: "ModelPane", action: str, arg=None):
+            super().__init__()
+            self.pane = pane
+            self.action = action
+            self.arg = arg
+
+    class CursorMoved(Message):
+        def __init__(self, pane: "ModelPane"):
+            super().__init__()
+            self.pane = pane
+
+    def __init__(self, state: PaneState, **kwargs):
+        super().__init__(**kwargs)
+        self.state = state
+        self.lm = None  # LoadedModel once loaded
+        self.error: str | None = None
+        self.status = "queued for loading…"
+        self.chat_mode = False
+        self.diverge_at: int | None = None  # completion index where this pane departs from the first pane
+        self.waiting_prompt: str | None = None  # submitted while the model was still loading
+        self.dirty = False  # set from any thread; the UI timer refreshes the pane
+        self.lock = threading.Lock()
+        self.active: list = []  # (run, engine request) pairs in flight
+        self.pending: list = []  # (run, [TokenInfo]) from the engine thread, drained by the UI timer
+        self.border_title = state.spec
+
+    def compose(self):
+        yield Static(id="pane-header", classes="pane-header")
+        with VerticalScroll(classes="pane-body"):
+            yield TokenView(id="tokens")
+        yield Static(id="pane-status", classes="pane-status")
+
+    def on_mount(self) -> None:
+        self.refresh_view()
+
+    # ---- engine side: called from the engine thread, touches only the lock-protected buffer
+
+    def push(self, run: Run, infos: list) -> None:
+        if infos:
+            with self.lock:
+                self.pending.append((run, infos))
+
+    def drain(self) -> list:
+        with self.lock:
+            out, self.pending = self.pending, []
+        return out
+
+    # ---- what is shown
+
+    @property
+    def loaded(self) -> bool:
+        return self.lm is not None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    def display_toks(self) -> list[Tok]:
+        run = self.state.run
+        if run is None:
+            return []
+        return (run.prompt_toks if not self.chat_mode else []) + run.toks
+
+    def cursor_tok(self) -> tuple[Tok, bool, int] | None:
+        """(token, is_prompt, completion index) under the cursor."""
+        toks = self.display_toks()
+        if self.cursor is None or not toks:
+            return None
+        i = min(self.cursor, len(toks) - 1)
+        n_prompt = len(toks) - len(self.state.run.toks)
+        return toks[i], i < n_prompt, i - n_prompt
+
+    def header_text(self) -> Text:
+        lm, run = self.lm, self.state.run
+        text = Text()
+        text.append(self.state.spec if lm is None else lm.name, "bold")
+        if lm is not None:
+            dtype = str(lm.dtype).removeprefix("torch.")
+            text.append(f"  {human_count(lm.num_params)} params · {lm.device.type}/{dtype}", "dim")
+        if self.state.overrides:
+            text.append("  overrides", "italic yellow")
+        if self.chat_mode and lm is not None and not lm.chat_template:
+            text.append("  plain-text chat (not chat-tuned)", "italic")
+        text.append("\n")
+        if run is not None:
+            text.append(f"{len(run.toks)} tok")
+            if run.tok_per_s:
+                text.append(f" · {run.tok_per_s:.0f} tok/s")
+            if run.perplexity is not None:
+                text.append(f" · ppl {run.perplexity:.2f}")
+            if run.prompt_perplexity is not None and not run.chat:
+                text.append(f" (prompt {run.prompt_perplexity:.2f})", "dim")
+            if lm is not None:
+                used = run.context_used or len(run.prompt_ids) + len(run.toks)
+                text.append(f" · ctx {min(used, lm.config.block_size)}/{lm.config.block_size}")
+            if run.slides:
+                text.append(" ⟲slid", "bold yellow")
+            if self.diverge_at is not None:
+                text.append(f" · diverges @{self.diverge_at}", "magenta")
+        elif lm is not None:
+            text.append(f"ctx {lm.config.block_size}", "dim")
+        return text
+
+    def body_text(self) -> Text:
+        run = self.state.run
+        text = Text()
+        if self.chat_mode:
+            self._chat_text(text)
+            return text
+        if run is None:
+            if self.loaded:
+                text.append("ready: type a prompt below and press Enter", "dim")
+            return text
+        toks = self.display_toks()
+        if not run.prompt_toks:  # prompt not scored (yet): plain
+            text.append(run.prompt, "bold")
+        n_prompt = len(run.prompt_toks)
+        for i, tok in enumerate(toks):
+            is_prompt = i < n_prompt
+            style = token_style(tok, self.colour_mode) or Style(bold=is_prompt)
+            if not is_prompt and run.fork_at is not None and i - n_prompt == run.fork_at:
+                style += Style(underline=True)
+            if not is_prompt and self.diverge_at is not None and i - n_prompt == self.diverge_at:
+                style += DIVERGE
+            if i == self.cursor:
+                style += CURSOR
+            text.append(visible(tok.text), style + Style(meta={"tok": i}))
+        if self.busy:
+            text.append("▌")
+        return text
+
+    def _chat_text(self, text: Text) -> None:
+        if self.state.dropped_turns:
+            text.append(f"⋯ {self.state.dropped_turns} earlier turn(s) dropped: the conversation outgrew the context\n",
+                        "italic yellow")
+        run = self.state.run
+        chat = self.state.chat
+        for j, m in enumerate(chat):
+            if m.role == "user":
+                text.append("you: ", "bold cyan")
+                text.append(m.content + "\n")
+            elif m.role == "assistant":
+                live = j == len(chat) - 1 and run is not None and m.toks is run.toks
+                text.append("model: ", "bold green")
+                for i, tok in enumerate(m.toks):
+                    style = token_style(tok, self.colour_mode) or Style()
+                    if live and i == self.cursor:
+                        style += CURSOR
+                    text.append(visible(tok.text), style + (Style(meta={"tok": i}) if live else Style()))
+                if not m.toks:
+                    text.append(m.content)
+                if live and self.busy:
+                    text.append("▌")
+                text.append("\n")
+            else:
+                text.append(f"{m.role}: {m.content}\n", "dim italic")
+        if not chat and self.loaded:
+            text.append("ready: say something below and press Enter", "dim")
+
+    def status_text(self) -> Text:
+        if self.error:
+            return Text("✗ " + self.error, "bold red")
+        if not self.loaded:
+            return Text(self.status, "italic")
+        run = self.state.run
+        text = Text()
+        if run is not None:
+            if run.error:
+                text.append("✗ " + run.error, "bold red")
+                return text
+            state = "generating…" if self.busy or run.finish_reason is None else f"done: {run.finish_reason}"
+            text.append(state, "italic")
+            if len(self.state.runs) > 1:
+                text.append(f"  branch {self.state.current + 1}/{len(self.state.runs)}", "cyan")
+            if run.settings:
+                text.append(f"  seed {run.settings.get('seed')}", "dim")
+        return text
+
+    def refresh_view(self, scroll: bool = False) -> None:
+        if not self.is_mounted:
+            return
+        self.query_one("#pane-header", Static).update(self.header_text())
+        self.query_one("#tokens", TokenView).update(self.body_text())
+        self.query_one("#pane-status", Static).update(self.status_text())
+        self.set_class(self.error is not None, "-error")
+        if scroll:
+            self.query_one(VerticalScroll).scroll_end(animate=False)
+
+    def watch_colour_mode(self) -> None:
+        self.refresh_view()
+
+    # ---- actions
+
+    def on_token_view_clicked(self, message: TokenView.Clicked) -> None:
+        self.focus()
+        self.cursor = message.index
+        self._cursor_changed()
+
+    def action_cursor(self, delta: int) -> None:
+        n = len(self.display_toks()) if not self.chat_mode else len(self.state.run.toks) if self.state.run else 0
+        if not n:
+            return
+        start = self.cursor if self.cursor is not None else (n if delta < 0 else -1)
+        self.cursor = max(0, min(n - 1, start + delta))
+        self._cursor_changed()
+
+    def action_cursor_to(self, index: int) -> None:
+        n = len(self.display_toks()) if not self.chat_mode else len(self.state.run.toks) if self.state.run else 0
+        if n:
+            self.cursor = index % n
+            self._cursor_changed()
+
+    def _cursor_changed(self) -> None:
+        self.refresh_view()
+        self.post_message(self.CursorMoved(self))
+
+    def on_key(self, event: events.Key) -> None:
+        # 1-9: fork with that alternative of the token under the cursor
+        if event.character and len(event.character) == 1 and event.character in "123456789":
+            event.stop()
+            self.post_message(self.Action(self, "fork", int(event.character)))
+
+    def action_fork(self) -> None:
+        self.post_message(self.Action(self, "fork", None))
+
+    def action_branches(self) -> None:
+        self.post_message(self.Action(self, "branches"))
+
+    def action_cross_score(self) -> None:
+        self.post_message(self.Action(self, "cross_score"))
+
+    def action_copy(self) -> None:
+        self.post_message(self.Action(self, "copy"))
+
+    def action_gen_command(self) -> None:
+        self.post_message(self.Action(self, "gen_command"))
+
+    def action_pane_settings(self) -> None:
+        self.post_message(self.Action(self, "pane_settings"))
+
+    def action_move(self, delta: int) -> None:
+        self.post_message(self.Action(self, "move", delta))
+
+    def action_remove(self) -> None:
+        self.post_message(self.Action(self, "remove"))
+
+    def start_run(self, run: Run) -> None:
+        """A new run becomes the current branch (the request is attached by the app)."""
+        self.state.runs.append(run)
+        self.state.current = len(self.state.runs) - 1
+        self.cursor = None
+        self.diverge_at = None
+        self.drain()
+        self.refresh_view(scroll=True)
