@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "nanoplay.commands.score",
     "nanoplay.commands.models",
     "nanoplay.commands.export",
+    "nanoplay.commands.eval",
 ]
 
 

@@ -1,0 +1,237 @@
+"""`nanoplay eval`: several models on the same data, side by side, next to the published figures."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import NanoplayError
+from .common import add_model_options, resolve_device, torch_dtype
+
+DEFAULT_DATA = ["wikitext-2", "lambada"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="perplexity, bits per byte and LAMBADA of models on the same data, next to published figures")
+    add_model_options(p)
+    p.add_argument("--data", "-d", action="append", metavar="SET",
+                   help="wikitext-2, wikitext-103, lambada, openwebtext, NAME=PATH (a local copy of a named set), "
+                        "a .txt/.jsonl/.parquet file or folder, or a Hub dataset id (repeatable; "
+                        f"default: {' '.join(DEFAULT_DATA)})")
+    p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half each model's context)")
+    p.add_argument("--lambada-rule", choices=("word", "last-token"), default="word",
+                   help="word: the whole last word must be the greedy continuation (lm-evaluation-harness); "
+                        "last-token: only the final BPE token (OpenAI's easier GPT-2 rule)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N rows (documents, lines, examples) of each set")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default: about 8k tokens' worth)")
+    p.add_argument("--text-column", help="the text column of a local file or Hub data set (default: text)")
+    p.add_argument("--split", help="the split of a Hub data set or local source (default: the trainer's)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="results as one JSON object")
+    out.add_argument("--markdown", action="store_true", help="results as a Markdown table, with notes")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import gc
+
+    from rich.console import Console
+
+    from ..evaldata import load_eval_data
+    from ..loading import load_model
+
+    if args.limit is not None and args.limit < 1:
+        raise NanoplayError("--limit must be at least 1")
+    if args.stride is not None and args.stride < 1:
+        raise NanoplayError("--stride must be at least 1")
+    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    err = Console(stderr=True)
+    data = []
+    for spec in args.data or DEFAULT_DATA:
+        with err.status(f"loading {spec}…"):
+            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split))
+    rows = []
+    for spec in args.model:
+        try:
+            loaded = load_model(spec, device=device, dtype=dtype)
+        except NanoplayError as e:  # one bad model must not cost the others their results
+            rows.append({"model": spec, "error": str(e)})
+            continue
+        rows.append(evaluate_model(loaded, data, args, err))
+        del loaded
+        gc.collect()
+    report = build_report(rows, data, args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.markdown:
+        print(render_markdown(report))
+    else:
+        render_table(report, Console())
+    return 2 if all("error" in r for r in rows) else 0  # 2: as for any other user-facing error
+
+
+def evaluate_model(loaded, data, args, console) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .. import evaluation as ev
+    from ..tokenizer import get_tokenizer
+
+    context = loaded.config.block_size
+    stride = args.stride or context // 2
+    row = {"model": loaded.name, "params": loaded.num_params, "context": context, "stride": stride, "results": {}}
+    if stride > context:
+        row["error"] = f"--stride {stride} is longer than {loaded.name}'s context of {context} tokens"
+        return row
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                        disable=not console.is_terminal)
+    with progress:
+        for d in data:
+            if d.kind == "stream":  # the bar counts scored tokens
+                total = sum(end - first for _, end, first in ev.sliding_windows(d.ids.numel(), context, stride))
+            else:  # ... or LAMBADA examples
+                total = len(d.texts)
+            task = progress.add_task(f"{loaded.name} · {d.key}", total=total, rate="")
+            on_progress = _progress_callback(progress, task)
+            if d.kind == "stream":
+                result = ev.perplexity(loaded.model, d.ids, context=context, stride=stride, n_bytes=d.n_bytes,
+                                       n_words=d.n_words, batch_size=args.batch_size, on_progress=on_progress)
+            else:
+                result = ev.lambada(loaded.model, d.texts, get_tokenizer(), context=context, rule=args.lambada_rule,
+                                    batch_size=args.batch_size, on_progress=on_progress)
+            row["results"][d.key] = result.to_dict()
+            progress.remove_task(task)
+    return row
+
+
+def _progress_callback(progress, task):
+    """Advance the bar by the units done (tokens or examples) and show the model's token rate."""
+    import time
+
+    start, tokens = time.perf_counter(), [0]
+
+    def on_progress(units: int, n_tokens: int) -> None:
+        tokens[0] += n_tokens
+        rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
+        progress.update(task, advance=units, rate=f"{rate:,.0f} tok/s")
+
+    return on_progress
+
+
+# -----------------------------------------------------------------------------
+# the report: JSON as it is, or rendered as a rich or Markdown table
+
+
+def build_report(rows: list[dict], data, args) -> dict:
+    from .. import evaluation as ev
+
+    for row in rows:
+        for key, result in row.get("results", {}).items():
+            metrics = ("acc", "ppl") if key == "lambada" else ("loss", "ppl")
+            result["references"] = [
+                {"metric": metric, "value": ref.value, "how": ref.how, "source": ref.source, "stride": ref.stride,
+                 "rule": ref.rule, "same_procedure": ref.stride in (None, row["stride"]) and ref.rule in (None, args.lambada_rule)}
+                for metric in metrics
+                for ref in ev.find_references(row["model"], key, metric, stride=row["stride"], rule=args.lambada_rule)
+            ]
+    return {
+        "data": [{"key": d.key, "description": d.description, "rows": d.rows,
+                  **({"tokens": d.ids.numel(), "bytes": d.n_bytes, "words": d.n_words} if d.kind == "stream" else {})}
+                 for d in data],
+        "method": {
+            "context": "each model's own (block_size)",
+            "stride": args.stride or "half of each model's context",
+            "lambada_rule": args.lambada_rule,
+            "dtype": args.dtype, "device": args.device or "cpu", "limit": args.limit,
+        },
+        "models": rows,
+    }
+
+
+def columns(report: dict) -> list[tuple[str, str, str, str]]:
+    """(header, data key, metric, format) for each metric column, in --data order."""
+    cols = []
+    for d in report["data"]:
+        key = d["key"]
+        if key == "lambada":
+            rule = report["method"]["lambada_rule"]
+            suffix = "" if rule == "word" else " (last token)"
+            cols += [(f"lambada acc{suffix}", key, "acc", ".4f"), (f"lambada ppl{suffix}", key, "ppl", ".2f")]
+            continue
+        cols += [(f"{key} loss", key, "loss", ".4f"), (f"{key} ppl", key, "ppl", ".2f"),
+                 (f"{key} bits/byte", key, "bits_per_byte", ".4f")]
+        if key.startswith("wikitext"):
+            cols.append((f"{key} word ppl", key, "word_ppl", ".2f"))
+    return cols
+
+
+def cell(row: dict, key: str, metric: str, fmt: str) -> str:
+    result = row.get("results", {}).get(key)
+    if result is None:
+        return ""
+    text = format(result[metric], fmt)
+    refs = [r for r in result["references"] if r["metric"] == metric]
+    if refs:
+        ref = refs[0]
+        text += f" (ref {ref['value']:g}" + ("" if ref["same_procedure"] else f" @ stride {ref['stride']}") + ")"
+    return text
+
+
+def human_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n < 100e6 else f"{n / 1e6:.0f}M"
+
+
+def notes(report: dict) -> list[str]:
+    method = report["method"]
+    lines = [f"{d['key']}: {d['description']}, {d['rows']:,} rows"
+             + (f", {d['tokens']:,} tokens" if "tokens" in d else "") for d in report["data"]]
+    lines.append(f"context: {method['context']}; stride: {method['stride']} (sliding window, each token scored once "
+                 f"with at least context - stride tokens of history)")
+    lines.append("loss: nats per token; bits/byte: loss / ln 2 x tokens / UTF-8 bytes (fair across tokenizers); "
+                 "word ppl: exp(loss x tokens / words)")
+    if any(d["key"] == "lambada" for d in report["data"]):
+        lines.append("lambada: " + ("context = text up to the last space, target = space + last word; acc = every "
+                                    "target token greedy, ppl = exp(mean target nll) (lm-evaluation-harness)"
+                                    if method["lambada_rule"] == "word" else
+                                    "last-token rule (OpenAI's GPT-2 evaluation, easier): only the final BPE token "
+                                    "is predicted; not comparable with whole-word figures"))
+    sources = {}
+    for row in report["models"]:
+        for result in row.get("results", {}).values():
+            for ref in result["references"]:
+                sources.setdefault(ref["source"], ref["how"])
+    lines += [f"ref: {how} -- {source}" for source, how in sources.items()]
+    return lines
+
+
+def render_table(report: dict, console) -> None:
+    from rich.table import Table
+
+    cols = columns(report)
+    table = Table(title="nanoplay eval", caption="\n".join(notes(report)), caption_justify="left")
+    table.add_column("model")
+    for name in ("params", "ctx", "stride", *(c[0] for c in cols)):
+        table.add_column(name, justify="right")
+    for row in report["models"]:
+        if "error" in row and not row.get("results"):
+            table.add_row(row["model"], "", "", "", f"[red]error: {row['error']}[/red]", *[""] * (len(cols) - 1))
+            continue
+        table.add_row(row["model"], human_params(row["params"]), str(row["context"]), str(row["stride"]),
+                      *(cell(row, key, metric, fmt) for _, key, metric, fmt in cols))
+    console.print(table)
+
+
+def render_markdown(report: dict) -> str:
+    cols = columns(report)
+    header = ["model", "params", "ctx", "stride", *(c[0] for c in cols)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["models"]:
+        if "error" in row and not row.get("results"):
+            cells = [row["model"], "", "", "", f"error: {row['error']}"] + [""] * (len(cols) - 1)
+        else:
+            cells = [row["model"], human_params(row["params"]), str(row["context"]), str(row["stride"]),
+                     *(cell(row, key, metric, fmt) for _, key, metric, fmt in cols)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    lines += [f"- {line}" for line in notes(report)]
+    return "\n".join(lines)

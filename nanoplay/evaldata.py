@@ -1,0 +1,143 @@
+"""
+The data sets `nanoplay eval --data` accepts, loaded once and shared by every model evaluated.
+
+    wikitext-2, wikitext-103   raw test split, rows joined with "\\n\\n" (the HF perplexity guide)
+    lambada                    EleutherAI/lambada_openai, the 5,153 texts OpenAI's GPT-2 was scored on
+    openwebtext                the trainer's validation split, tokenised as the trainer does
+    a path or a Hub id         local .txt/.jsonl/.parquet files or folders, or a Hub text data set
+
+The named sets come from the Hub through `datasets.load_dataset` (cached after the first download);
+`NAME=PATH` reads a local copy of one instead (a .parquet, .jsonl or .txt holding the same rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import NanoplayError
+from .tokenizer import get_tokenizer
+
+WIKITEXT_HUB = "Salesforce/wikitext"
+WIKITEXT_CONFIGS = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+LAMBADA_HUB = "EleutherAI/lambada_openai"
+LAMBADA_CONFIG = "default"  # the English texts; the other configs are machine translations
+ALIASES = {"wikitext2": "wikitext-2", "wikitext103": "wikitext-103", "lambada_openai": "lambada",
+           "lambada-openai": "lambada", "owt": "openwebtext"}
+NAMED = (*WIKITEXT_CONFIGS, "lambada", "openwebtext")
+LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".raw": "text"}
+
+
+@dataclass
+class EvalData:
+    """One evaluation set: a token stream for perplexity, or LAMBADA's texts."""
+
+    key: str  # wikitext-2 | wikitext-103 | lambada | openwebtext | the path or Hub id given
+    kind: str  # "stream" | "lambada"
+    description: str  # where it came from and how it was joined
+    rows: int  # rows (documents, lines, examples) used
+    ids: torch.Tensor | None = None  # stream: (N,) token ids
+    n_bytes: int = 0  # stream: UTF-8 bytes of the text
+    n_words: int = 0  # stream: whitespace-separated words of the text
+    texts: list[str] | None = None  # lambada
+
+    @property
+    def is_wikitext(self) -> bool:
+        return self.key in WIKITEXT_CONFIGS
+
+
+def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | None = None,
+                   split: str | None = None) -> EvalData:
+    """Resolve one --data spec: NAME, NAME=PATH (a local copy of a named set), a path, or a Hub id."""
+    head, sep, local = spec.partition("=")
+    name = ALIASES.get(head.strip().lower(), head.strip().lower())
+    if name not in NAMED:
+        name, local = spec.strip(), ""  # a path or Hub id, which may itself hold a "="
+    elif sep and name == "openwebtext":
+        raise NanoplayError(f"--data {spec}: NAME=PATH gives a local copy of wikitext-2, wikitext-103 or lambada; "
+                            f"pass other text files as the path alone")
+    if name in WIKITEXT_CONFIGS:
+        if local:
+            rows, where = _local_rows(Path(local), "text"), local
+        else:
+            rows, where = _hub_rows(name, WIKITEXT_HUB, WIKITEXT_CONFIGS[name], "test", "text"), WIKITEXT_HUB
+        rows = rows[:limit] if limit else rows
+        return wikitext_stream(name, rows, f"{where} {WIKITEXT_CONFIGS[name]} test, rows joined with '\\n\\n'")
+    if name == "lambada":
+        if local:
+            texts, where = _local_rows(Path(local), "text"), local
+        else:
+            texts, where = _hub_rows(name, LAMBADA_HUB, LAMBADA_CONFIG, "test", "text"), LAMBADA_HUB
+        texts = texts[:limit] if limit else texts
+        return EvalData(key="lambada", kind="lambada", description=f"{where} test (OpenAI's LAMBADA)",
+                        rows=len(texts), texts=texts)
+    return documents_stream(name, _text_documents(name, text_column, split, limit))
+
+
+def wikitext_stream(key: str, rows: list[str], description: str) -> EvalData:
+    """The perplexity guide's WikiText: every row of the test split, joined with a blank line."""
+    text = "\n\n".join(rows)
+    ids = torch.tensor(get_tokenizer().encode(text), dtype=torch.long)
+    return EvalData(key=key, kind="stream", description=description, rows=len(rows), ids=ids,
+                    n_bytes=len(text.encode("utf-8")), n_words=len(text.split()))
+
+
+def documents_stream(key: str, docs: list[str], description: str | None = None) -> EvalData:
+    """Documents as the trainer streams them: each one's tokens followed by end-of-text."""
+    tok = get_tokenizer()
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tok.encode(doc))
+        ids.append(tok.eot_id)
+    return EvalData(key=key, kind="stream", rows=len(docs),
+                    description=description or f"{key}: {len(docs)} documents, each followed by <|endoftext|>",
+                    ids=torch.tensor(ids, dtype=torch.long), n_bytes=sum(len(d.encode("utf-8")) for d in docs),
+                    n_words=sum(len(d.split()) for d in docs))
+
+
+def _text_documents(source: str, text_column: str | None, split: str | None, limit: int | None) -> list[str]:
+    """openwebtext's val split, local files and Hub text data sets, read as the trainer reads them."""
+    from .textdata import load_text_dataset
+
+    if split is None:
+        split = "val" if source == "openwebtext" else "train"
+    ds = load_text_dataset(source, split=split, text_column=text_column)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return list(ds["text"])
+
+
+def _hub_rows(key: str, repo: str, config: str, split: str, column: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except ConnectionError as e:  # offline (or the Hub unreachable) and not in the datasets cache
+        raise NanoplayError(
+            f"{key} ({repo}, {config}) is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) and the "
+            f"Hub cannot be reached: run once with network, or pass a local copy as --data {key}=PATH"
+        ) from e
+    except ValueError as e:
+        if "Couldn't find cache" not in str(e):
+            raise
+        raise NanoplayError(f"{key}: the datasets cache has {repo} but not its {config} config; run once with "
+                            f"network, or pass a local copy as --data {key}=PATH") from e
+    return list(ds[column])
+
+
+def _local_rows(path: Path, column: str) -> list[str]:
+    """The rows of a local copy, read by the same `datasets` builders the Hub files go through."""
+    import datasets
+
+    if not path.is_file():
+        raise NanoplayError(f"{path}: no such file")
+    builder = LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise NanoplayError(f"{path}: expected a {', '.join(LOCAL_BUILDERS)} file")
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText's rows keep their "\n"
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    if column not in ds.column_names:
+        raise NanoplayError(f"{path} has no {column!r} column (columns: {', '.join(ds.column_names)})")
+    return list(ds[column])

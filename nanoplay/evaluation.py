@@ -1,0 +1,352 @@
+"""
+Evaluation metrics, each computed the way the published numbers it is compared with were.
+
+Perplexity of a long token stream (WikiText, OpenWebText val, any text) uses the Hugging Face
+perplexity guide's strided sliding window: windows of the model's own context start every `stride`
+tokens, and each token is scored once, in the first window that reaches it, so it is predicted from
+at least context - stride tokens of history (fewer only at the very start). With stride = context
+the windows do not overlap and the first token of each window is predicted from nothing, so it is
+left out, exactly as in the guide. From the summed negative log-likelihood we report
+
+    loss      = nll / scored tokens                 (nats per token)
+    ppl       = exp(loss)
+    bits/byte = loss / ln 2 * tokens / bytes        (tokenizer-independent: bytes of UTF-8 text)
+    word ppl  = exp(loss * tokens / words)          (WikiText; words split on whitespace)
+
+The last two rescale the mean token loss to the whole text's tokens (Megatron-LM's "adjusted
+perplexity" for WikiText), which is exact when every token is scored and otherwise treats the
+handful of unscored window starts as average tokens.
+
+LAMBADA is scored like lm-evaluation-harness (context = the text up to its last space, target = the
+space and the last word, accuracy = every target token is the greedy choice, perplexity = exp of the
+mean target nll per example); `rule="last-token"` is OpenAI's easier GPT-2 rule, where only the
+text's final BPE token is predicted from everything before it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from .errors import NanoplayError
+
+LN2 = math.log(2)
+LAMBADA_RULES = ("word", "last-token")
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: the fp32 logits of one batch take 8192 * vocab * 4 bytes
+
+
+def default_batch_size(seq_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> int:
+    return max(1, batch_tokens // seq_len)
+
+
+# -----------------------------------------------------------------------------
+# perplexity of a token stream
+
+
+@dataclass
+class PerplexityResult:
+    nll: float  # summed negative log-likelihood of the scored tokens, nats
+    scored: int  # tokens that were predicted (all but the first of each non-overlapping window)
+    tokens: int  # tokens in the whole stream
+    bytes: int  # UTF-8 bytes of the text those tokens spell (end-of-text separators count 0)
+    words: int  # whitespace-separated words in the text
+    context: int
+    stride: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.scored
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss / LN2 * self.tokens / self.bytes
+
+    @property
+    def word_ppl(self) -> float:
+        return math.exp(self.loss * self.tokens / self.words)
+
+    def to_dict(self) -> dict:
+        return dict(loss=self.loss, ppl=self.ppl, bits_per_byte=self.bits_per_byte, word_ppl=self.word_ppl,
+                    nll=self.nll, scored_tokens=self.scored, tokens=self.tokens, bytes=self.bytes,
+                    words=self.words, context=self.context, stride=self.stride)
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """
+    The perplexity guide's windows over a stream of n_tokens: (begin, end, first) for each, where the
+    window holds tokens [begin, end) and scores tokens [first, end), those no earlier window scored.
+    """
+    if not 0 < stride <= context:
+        raise NanoplayError(f"stride {stride} must be between 1 and the context length {context}")
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        first = max(prev_end, begin + 1)  # a window's first token has no history to be predicted from
+        if first < end:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@torch.inference_mode()
+def token_nll(model, ids: torch.Tensor, context: int, stride: int, batch_size: int | None = None,
+              on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """
+    Negative log-likelihood of every token of `ids` (N,) under the strided sliding window, as a float64
+    tensor (N,) with NaN for the tokens no window scores. Windows are scored `batch_size` at a time;
+    the shorter last windows are padded on the right, which a causal model never looks at.
+    on_progress(units, tokens), if given, is called after each batch with the tokens it scored (twice).
+    """
+    n = ids.numel()
+    if n < 2:
+        raise NanoplayError("the text is too short to score: it needs at least two tokens")
+    windows = sliding_windows(n, context, stride)
+    batch_size = batch_size or default_batch_size(context)
+    device = next(model.parameters()).device
+    nll = torch.full((n,), float("nan"), dtype=torch.float64)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        T = max(end - begin for begin, end, _ in batch)
+        x = torch.zeros((len(batch), T), dtype=torch.long)
+        rows, cols, positions = [], [], []
+        for r, (begin, end, first) in enumerate(batch):
+            x[r, :end - begin] = ids[begin:end]
+            pos = torch.arange(first, end)  # the scored tokens, by absolute position
+            rows.append(torch.full_like(pos, r))
+            cols.append(pos - begin - 1)  # the logits at column t predict the token at column t + 1
+            positions.append(pos)
+        rows, cols, positions = torch.cat(rows), torch.cat(cols), torch.cat(positions)
+        logits = model(x.to(device))  # (B, T, V)
+        picked = logits[rows.to(device), cols.to(device)].float()  # (M, V): only the rows that score a token
+        nll[positions] = F.cross_entropy(picked, ids[positions].to(device), reduction="none").double().cpu()
+        if on_progress is not None:
+            on_progress(positions.numel(), positions.numel())
+    return nll
+
+
+def perplexity(model, ids: torch.Tensor, *, context: int, stride: int, n_bytes: int, n_words: int,
+               batch_size: int | None = None, on_progress=None) -> PerplexityResult:
+    nll = token_nll(model, ids, context, stride, batch_size, on_progress)
+    scored = ~torch.isnan(nll)
+    return PerplexityResult(nll=nll[scored].sum().item(), scored=int(scored.sum()), tokens=ids.numel(),
+                            bytes=n_bytes, words=n_words, context=context, stride=stride)
+
+
+# -----------------------------------------------------------------------------
+# LAMBADA
+
+
+@dataclass
+class LambadaResult:
+    examples: int
+    correct: int  # examples whose every target token is the model's greedy choice
+    nll: float  # summed over examples of the target's total negative log-likelihood
+    target_tokens: int
+    rule: str
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.examples)
+
+    def to_dict(self) -> dict:
+        return dict(acc=self.accuracy, ppl=self.ppl, examples=self.examples, correct=self.correct,
+                    nll=self.nll, target_tokens=self.target_tokens, rule=self.rule)
+
+
+def lambada_request(text: str, tokenizer, rule: str = "word") -> tuple[list[int], list[int]]:
+    """(context ids, target ids) of one LAMBADA text under a rule."""
+    if rule == "last-token":
+        ids = tokenizer.encode(text)
+        return ids[:-1] or [tokenizer.eot_id], ids[-1:]
+    if rule != "word":
+        raise NanoplayError(f"unknown LAMBADA rule {rule!r}; use one of {', '.join(LAMBADA_RULES)}")
+    # lm-evaluation-harness's lambada_openai: doc_to_text / doc_to_target split on the last space
+    context, _, word = text.rpartition(" ")
+    target = " " + word
+    # ... and its _encode_pair: trailing spaces of the context move to the target, then the target's
+    # tokens are whatever the whole text's tokenisation has after the context's own tokens
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, target = context[:-n_spaces], context[-n_spaces:] + target
+    if not context:  # nothing to condition on: the harness predicts from end-of-text
+        return [tokenizer.eot_id], tokenizer.encode(target)
+    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode(context + target)
+    return context_ids, whole[len(context_ids):]
+
+
+@torch.inference_mode()
+def score_continuations(model, requests: list[tuple[list[int], list[int]]], context: int,
+                        batch_size: int | None = None, on_progress=None) -> list[tuple[float, bool]]:
+    """
+    (total nll of the target, whether every target token is the greedy argmax) for each
+    (context ids, target ids) request. Inputs longer than the model's context keep their last tokens,
+    as the harness does. Requests are batched by length and padded on the right; on_progress(examples,
+    tokens) is called after each batch.
+    """
+    device = next(model.parameters()).device
+    inputs = []
+    for ctx, tgt in requests:
+        if not tgt:
+            raise NanoplayError("a LAMBADA example has an empty target: is its text empty?")
+        seq = (ctx + tgt)[-(context + 1):]
+        inputs.append((seq[:-1], seq[len(seq) - len(tgt):]))  # model input, the targets it predicts
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]), reverse=True)
+    results: list = [None] * len(inputs)
+    i = 0
+    while i < len(order):
+        T = len(inputs[order[i]][0])  # the longest input of the batch, since they come longest first
+        batch = order[i:i + (batch_size or default_batch_size(T))]
+        i += len(batch)
+        x = torch.zeros((len(batch), T), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for r, j in enumerate(batch):
+            inp, tgt = inputs[j]
+            x[r, :len(inp)] = torch.tensor(inp)
+            start = len(inp) - len(tgt)  # the logits at column t predict input token t + 1
+            rows += [r] * len(tgt)
+            cols += range(start, start + len(tgt))
+            targets += tgt
+        rows, cols, targets = torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+        logits = model(x.to(device))  # (B, T, V)
+        picked = logits[rows.to(device), cols.to(device)].float()  # (M, V): the rows that predict a target
+        nll = F.cross_entropy(picked, targets.to(device), reduction="none").double().cpu()  # (M,)
+        misses = (picked.argmax(dim=-1).cpu() != targets).double()  # (M,)
+        nll_sum = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, nll)  # (B,)
+        miss_sum = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, misses)  # (B,)
+        for r, j in enumerate(batch):
+            results[j] = (nll_sum[r].item(), miss_sum[r].item() == 0)
+        if on_progress is not None:
+            on_progress(len(batch), sum(len(inputs[j][0]) for j in batch))
+    return results
+
+
+def lambada(model, texts: list[str], tokenizer, *, context: int, rule: str = "word",
+            batch_size: int | None = None, on_progress=None) -> LambadaResult:
+    requests = [lambada_request(t, tokenizer, rule) for t in texts]
+    scores = score_continuations(model, requests, context, batch_size, on_progress)
+    return LambadaResult(examples=len(scores), correct=sum(ok for _, ok in scores),
+                         nll=sum(lp for lp, _ in scores), target_tokens=sum(len(t) for _, t in requests),
+                         rule=rule)
+
+
+# -----------------------------------------------------------------------------
+# published figures to compare with
+
+
+@dataclass(frozen=True)
+class Reference:
+    models: tuple[str, ...]  # the spec names it applies to
+    data: str  # a data set key of nanoplay.evaldata
+    metric: str  # loss | ppl | acc
+    value: float
+    how: str  # the procedure behind the number, in a few words
+    source: str
+    stride: int | None = None  # the stride it was measured at (perplexity only)
+    rule: str | None = None  # the LAMBADA rule it was measured under
+
+
+NANOGPT = "https://github.com/karpathy/nanoGPT#baselines"
+HARNESS = "https://github.com/EleutherAI/lm-evaluation-harness/issues/2159"
+HF_GUIDE = "https://huggingface.co/docs/transformers/perplexity"
+NANOGPT_HOW = "nanoGPT's own OWT val split, random 1024-token windows (= stride 1024)"
+
+REFERENCES = (
+    Reference(("gpt2", "openai-community/gpt2"), "openwebtext", "loss", 3.12, NANOGPT_HOW, NANOGPT, stride=1024),
+    Reference(("gpt2-medium", "openai-community/gpt2-medium"), "openwebtext", "loss", 2.84, NANOGPT_HOW, NANOGPT,
+              stride=1024),
+    Reference(("gpt2-large", "openai-community/gpt2-large"), "openwebtext", "loss", 2.67, NANOGPT_HOW, NANOGPT,
+              stride=1024),
+    Reference(("gpt2-xl", "openai-community/gpt2-xl"), "openwebtext", "loss", 2.54, NANOGPT_HOW, NANOGPT,
+              stride=1024),
+    Reference(("gpt2", "openai-community/gpt2"), "lambada", "acc", 0.3256,
+              "lm-evaluation-harness lambada_openai, whole last word", HARNESS, rule="word"),
+    Reference(("gpt2", "openai-community/gpt2"), "lambada", "ppl", 40.06,
+              "lm-evaluation-harness lambada_openai, whole last word", HARNESS, rule="word"),
+    Reference(("gpt2-large", "openai-community/gpt2-large"), "wikitext-2", "ppl", 19.44,
+              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=1024),
+    Reference(("gpt2-large", "openai-community/gpt2-large"), "wikitext-2", "ppl", 16.44,
+              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=512),
+)
+
+
+def find_references(model_name: str, data: str, metric: str, *, stride: int | None = None,
+                    rule: str | None = None) -> list[Reference]:
+    """
+    Published figures for a model, data set and metric. Those measured at our stride (or rule) come
+    first; figures measured otherwise are still returned, and the caller labels them as such.
+    """
+    found = [r for r in REFERENCES if model_name in r.models and r.data == data and r.metric == metric]
+    if rule is not None:
+        found = [r for r in found if r.rule in (None, rule)]
+    return sorted(found, key=lambda r: r.stride not in (None, stride))
+
+
+# -----------------------------------------------------------------------------
+# throughput against transformers
+
+
+def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repeats: int = 5) -> dict:
+    """
+    Tokens/s of our batched scoring (forward + per-token nll, as `token_nll` runs it with stride =
+    seq_len) against a plain transformers GPT2LMHeadModel forward on the same weights and inputs.
+    The two alternate, after a warm-up each, and the medians of `repeats` runs are compared.
+    """
+    import statistics
+    import tempfile
+
+    from transformers import GPT2LMHeadModel
+
+    from .export import export_hf
+
+    model = loaded.model
+    seq_len = seq_len or loaded.config.block_size
+    device, dtype = loaded.device, loaded.dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        hf = GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    n = batch_size * seq_len
+    ids = torch.randint(0, min(loaded.config.vocab_size, 50257), (n,))
+    hf_input = ids.view(batch_size, seq_len).to(device)
+
+    def ours():
+        token_nll(model, ids, context=seq_len, stride=seq_len, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def plain():
+        hf(hf_input).logits
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed(ours), timed(plain)  # warm-up: allocator, kernels, caches
+    ours_s, plain_s = [], []
+    for _ in range(repeats):
+        ours_s.append(timed(ours))
+        plain_s.append(timed(plain))
+    ours_tps = n / statistics.median(ours_s)
+    plain_tps = n / statistics.median(plain_s)
+    return dict(model=loaded.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+                ours_tokens_per_s=ours_tps, transformers_tokens_per_s=plain_tps, ratio=ours_tps / plain_tps)
