@@ -80,21 +80,20 @@ def list_sessions() -> list[str]:
 
 
 def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) -> str:
-    """The `nanoplay gen` command line that reproduces a pane's generation."""
-    argv = ["nanoplay", "gen", "--model", spec]
-    defaults = Settings()
-    for name, flag in (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"),
-                       ("min_p", "--min-p"), ("repetition_penalty", "--repetition-penalty"),
-                       ("max_new_tokens", "--max-new-tokens")):
-        value = getattr(settings, name)
-        if value is not None and (value != getattr(defaults, name) or name in ("temperature", "max_new_tokens")):
-            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    """The `nanoplay gen` command line that reproduces a pane's generation (same seed, same settings)."""
+    argv = ["nanoplay", "gen", "--model", spec, "--temperature", f"{settings.temperature:g}",
+            "--max-new-tokens", str(settings.max_new_tokens)]
+    for name in ("top_k", "top_p", "min_p"):
+        if getattr(settings, name) is not None:
+            argv += ["--" + name.replace("_", "-"), f"{getattr(settings, name):g}"]
+    if settings.repetition_penalty != 1.0:
+        argv += ["--repetition-penalty", f"{settings.repetition_penalty:g}"]
     argv += ["--seed", str(settings.seed)]
     for s in settings.stop:
         argv += ["--stop", s]
     if chat:
         argv.append("--chat")
-    argv.append(prompt)
+    argv += ["--prompt", prompt]
     return shlex.join(argv)
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.table import Table
 from rich.text import Text
@@ -15,6 +14,7 @@ from textual.widgets import Label, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..state import PaneState, Tok, perplexity
+from ..widgets.inspector import prob
 
 
 class BranchesScreen(ModalScreen[int | None]):
@@ -120,8 +120,7 @@ class CrossScoreScreen(ModalScreen[None]):
         for col in ("pos", "token", f"p {self.source}", f"p {r.model}"):
             t.add_column(col, justify="right" if col.startswith("p") else "left")
         for i in gaps[:self.top]:
-            t.add_row(str(i), repr(self.toks[i].text), f"{math.exp(self.toks[i].logprob):.3f}",
-                      f"{math.exp(r.toks[i].logprob):.3f}")
+            t.add_row(str(i), repr(self.toks[i].text), prob(self.toks[i].logprob), prob(r.toks[i].logprob))
         return t
 
 

@@ -301,13 +301,16 @@ class MainScreen(Screen):
     def start_chat_turn(self, pane: ModelPane) -> None:
         """Render the conversation with the model's template (dropping the oldest turns that no longer fit)."""
         from ...chat import render_prompt, stop_strings, stop_token_ids
+        from ...tokenizer import get_tokenizer
 
         settings = self.app.settings.merged(pane.state.overrides)
         template = pane.lm.chat_template
         budget = pane.lm.config.block_size - min(settings.max_new_tokens, pane.lm.config.block_size // 2)
+        tokenizer = get_tokenizer()
         while True:
             messages = [{"role": m.role, "content": m.content} for m in pane.state.chat]
-            ids = render_prompt(messages, template)
+            rendered = render_prompt(messages, template)  # ids with a chat template, text without
+            ids = tokenizer.encode(rendered) if isinstance(rendered, str) else rendered
             users = [i for i, m in enumerate(pane.state.chat) if m.role == "user"]
             if len(ids) <= budget or len(users) < 2:
                 break

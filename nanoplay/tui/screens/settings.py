@@ -59,7 +59,7 @@ class SettingsScreen(ModalScreen[Settings | dict | None]):
                         placeholder = show(name, getattr(self.settings, name)) or "off"
                     else:
                         value, placeholder = show(name, getattr(self.settings, name)), "off"
-                    yield Input(value, placeholder=placeholder, id=f"set-{name}")
+                    yield Input(value, placeholder=placeholder, id=f"set-{name}", compact=True)
             yield Label("", id="settings-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Apply (next run)", variant="primary", id="apply")

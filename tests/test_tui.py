@@ -1,0 +1,419 @@
+"""Pilot tests of the playground's flows, with tiny local models (no network)."""
+
+import json
+import math
+import time
+
+import pytest
+from conftest import tiny_model
+
+from nanoplay.checkpoint import save_checkpoint, step_dir_name
+from nanoplay.tui.app import NanoplayApp
+from nanoplay.tui.state import Settings
+from nanoplay.tui.widgets.inspector import prob
+from nanoplay.tui.widgets.pane import ModelPane
+
+SIZE = (130, 40)
+pytestmark = pytest.mark.anyio  # async tests through anyio's pytest plugin
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def models(checkpoints, hf_home, tmp_path, monkeypatch):
+    """checkpoints/alpha (steps 100 and 200) and checkpoints/beta; sessions in tmp; no Hub."""
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        for step in (100, 200):
+            save_checkpoint(tiny_model(seed * 10 + step), checkpoints / name / step_dir_name(step), step=step)
+    monkeypatch.setenv("NANOPLAY_SESSIONS", str(tmp_path / "sessions"))
+    monkeypatch.chdir(tmp_path)
+    return checkpoints
+
+
+async def until(pilot, condition, timeout=60.0):
+    """Wait for a condition of the app (not a fixed pause); the timeout only guards against hangs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the app"
+        await pilot.pause(0.02)
+
+
+def panes(app) -> list[ModelPane]:
+    return app.main.panes
+
+
+async def loaded(pilot):
+    await until(pilot, lambda: panes(pilot.app) and all(p.lm or p.error for p in panes(pilot.app)))
+    await pilot.app.workers.wait_for_complete()
+
+
+def idle(app) -> bool:
+    return all(not p.busy and (p.state.run is None or p.state.run.finish_reason) for p in panes(app))
+
+
+async def send(pilot, text: str):
+    pilot.app.main.query_one("#prompt").focus()
+    pilot.app.main.query_one("#prompt").load_text(text)
+    await pilot.press("enter")
+    await until(pilot, lambda: all(p.state.run is not None for p in panes(pilot.app) if p.lm))
+    await until(pilot, lambda: idle(pilot.app))
+
+
+def reference(spec: str, prompt, settings: Settings, **extra):
+    """The same generation straight through a fresh engine: what every pane must show."""
+    from nanoplay.engine import Engine
+    from nanoplay.sampling import SamplingParams
+
+    engine = Engine()
+    lm = engine.load(spec)
+    return engine, lm, engine.generate(lm, prompt, SamplingParams(**settings.sampling_kwargs(), **extra))
+
+
+async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
+    app = NanoplayApp(models=["alpha", "beta@100", "no-such-model"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        alpha, beta, bad = panes(app)
+        assert bad.error and "no-such-model" in bad.error and "\n" not in bad.error
+        assert "no-such-model" in str(bad.status_text())
+        app.settings.max_new_tokens = 12
+        await send(pilot, "The meaning of life is")
+        for pane, spec in ((alpha, "alpha"), (beta, "beta@100")):
+            run = pane.state.run
+            _, lm, ref = reference(spec, "The meaning of life is", app.settings)
+            assert [t.id for t in run.toks] == [t.id for t in ref.tokens]
+            assert run.finish_reason == ref.finish_reason
+            assert run.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
+            header = str(pane.header_text())
+            assert f"{len(ref.tokens)} tok" in header and f"ppl {ref.perplexity:.2f}" in header
+            assert f"ctx {len(ref.prompt_ids) + len(ref.tokens) - 1}/64" in header
+            # the prompt is scored by the pane's own model
+            assert [t.id for t in run.prompt_toks] == ref.prompt_ids
+            assert "tok/s" in header and "1.6M params" in header and "cpu/float32" in header
+        assert bad.state.run is None  # the broken pane did nothing, and crashed nothing
+        # the seed is shown in the status bar
+        assert f"seed {app.settings.seed}" in str(app.main.query_one("#statusbar").render())
+
+
+async def test_same_seed_regenerates_identically_and_new_seed_changes(models):
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 8
+        await send(pilot, "Once")
+        (pane,) = panes(app)
+        first = [t.id for t in pane.state.run.toks]
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: len(pane.state.runs) == 2 and idle(app))
+        assert [t.id for t in pane.state.run.toks] == first
+        seed = app.settings.seed
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: len(pane.state.runs) == 3 and idle(app))
+        assert app.settings.seed != seed and pane.state.run.settings["seed"] == app.settings.seed
+        assert [t.id for t in pane.state.run.toks] != first
+
+
+async def test_escape_stops_all_generation(models):
+    app = NanoplayApp(models=["alpha", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 100_000
+        app.main.query_one("#prompt").load_text("Stop me")
+        await pilot.press("enter")
+        await until(pilot, lambda: all(p.state.run and len(p.state.run.toks) >= 2 for p in panes(app)))
+        await pilot.press("escape")
+        await until(pilot, lambda: idle(app))
+        for pane in panes(app):
+            assert pane.state.run.finish_reason == "cancelled"
+            assert len(pane.state.run.toks) < 100_000
+
+
+async def test_colours_inspector_click_and_fork(models):
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 10
+        await send(pilot, "Hello world")
+        (pane,) = panes(app)
+        await pilot.press("ctrl+t")
+        assert app.colour_mode == pane.colour_mode == "probability"
+        body = pane.body_text()
+        # every token span is coloured by its probability bin
+        from nanoplay.tui.colors import token_color
+
+        run = pane.state.run
+        colours = {str(span.style.bgcolor.name) if span.style.bgcolor else None for span in body.spans}
+        assert {token_color(t, "probability") for t in run.prompt_toks + run.toks} <= colours
+        await pilot.press("ctrl+t")
+        assert pane.colour_mode == "entropy"
+        # keyboard cursor: first completion token is after the 2 prompt tokens
+        pane.focus()
+        await pilot.press("home", "right", "right")
+        tok, is_prompt, index = pane.cursor_tok()
+        assert (is_prompt, index) == (False, 0) and tok.id == run.toks[0].id
+        inspector = app.main.query_one("#inspector")
+        assert inspector.display
+        shown = _plain(inspector.render_tok(pane, tok, False, 0))
+        assert f"rank {tok.rank}" in shown and f"entropy {tok.entropy:.2f}" in shown
+        for _, text, lp, slp in tok.top:  # every alternative with its raw and sampling probability
+            assert f"{text!r}" in shown and prob(lp) in shown and prob(slp) in shown
+        mass = sum(math.exp(lp) for _, _, lp, _ in tok.top)
+        assert f"cover {mass:.1%} of the raw distribution" in shown
+        # mouse: click the first token of the body
+        await pilot.click("#tokens", offset=(0, 0))
+        assert pane.cursor == 0 and pane.cursor_tok()[1] is True
+        # fork at completion token 3 with alternative 2
+        pane.cursor = 2 + 3
+        alt = run.toks[3].top[1]
+        await pilot.press("2")
+        await until(pilot, lambda: len(pane.state.runs) == 2 and idle(app))
+        fork = pane.state.run
+        assert fork.parent == 0 and fork.fork_at == 3
+        assert [t.id for t in fork.toks[:3]] == [t.id for t in run.toks[:3]]
+        assert fork.toks[3].id == alt[0] and fork.toks[3].logprob == pytest.approx(alt[2])
+        assert len(fork.toks) == 3 + 1 + 10
+        # the continuation is exactly what the engine makes from prompt + kept prefix + choice
+        ids = run.prompt_ids + [t.id for t in fork.toks[:4]]
+        _, _, ref = reference("alpha", ids, Settings.from_dict(fork.settings))
+        assert [t.id for t in fork.toks[4:]] == [t.id for t in ref.tokens]
+        # the branch list reaches the first branch again
+        await pilot.press("b")
+        await pilot.press("up", "enter")
+        assert pane.state.current == 0
+
+
+def _plain(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
+
+
+async def test_settings_panel_and_pane_overrides(models):
+    app = NanoplayApp(models=["alpha", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("ctrl+s")
+        screen = app.screen
+        screen.query_one("#set-temperature").value = "0"
+        screen.query_one("#set-max_new_tokens").value = "5"
+        screen.query_one("#set-top_k").value = "abc"
+        await pilot.click("#apply")
+        assert "not a whole number" in str(screen.query_one("#settings-error").render())
+        screen.query_one("#set-top_k").value = "40"
+        screen.query_one("#set-stop").value = "zzz, \\n"
+        await pilot.press("ctrl+s")  # apply from the keyboard
+        assert app.settings.temperature == 0 and app.settings.max_new_tokens == 5
+        assert app.settings.top_k == 40 and app.settings.stop == ["zzz", "\n"]
+        # beta gets its own max_new_tokens
+        beta = panes(app)[1]
+        beta.focus()
+        await pilot.press("s")
+        app.screen.query_one("#set-max_new_tokens").focus()
+        app.screen.query_one("#set-max_new_tokens").value = "3"
+        await pilot.press("enter")
+        assert beta.state.overrides == {"max_new_tokens": 3}
+        app.settings.stop = []
+        await send(pilot, "A")
+        alpha = panes(app)[0]
+        assert len(alpha.state.run.toks) == 5 and len(beta.state.run.toks) == 3
+        # greedy: every completion token is the model's most likely one
+        assert all(t.rank == 1 for t in alpha.state.run.toks + beta.state.run.toks)
+
+
+async def test_picker_adds_a_checkpoint_step_and_panes_move_and_go(models):
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("ctrl+o")
+        picker = app.screen
+        from textual.widgets import OptionList
+
+        options = picker.query_one("#models", OptionList)
+        await until(pilot, lambda: options.option_count > 1)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert ids[:4] == ["alpha", "alpha@100", "beta", "beta@100"]
+        assert "gpt2" in ids and "gpt2-medium" in ids
+        options.focus()
+        options.highlighted = 1
+        await pilot.press("enter")
+        await loaded(pilot)
+        assert [p.lm.name for p in panes(app)] == ["alpha@200", "alpha@100"]
+        second = panes(app)[1]
+        second.focus()
+        await pilot.press("[")
+        assert [p.state.spec for p in panes(app)] == ["alpha@100", "alpha"]
+        await pilot.press("d")
+        await pilot.pause()
+        assert [p.state.spec for p in panes(app)] == ["alpha"]
+
+
+async def test_chat_mode_turns_reuse_the_conversation(models):
+    app = NanoplayApp(models=["alpha"], chat=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 4
+        (pane,) = panes(app)
+        assert "plain-text chat" in str(pane.header_text())
+        await send(pilot, "Hi")
+        assert [m.role for m in pane.state.chat] == ["user", "assistant"]
+        first = pane.state.run
+        assert first.prompt_ids == _encode("User: Hi\n\nAssistant:")
+        answer = pane.state.chat[1].content
+        assert answer == "".join(t.text for t in first.toks)
+        await send(pilot, "More")
+        second = pane.state.run
+        # the second turn's prompt extends the first turn's prompt + answer (the KV cache prefix)
+        assert second.prompt_ids[:len(first.prompt_ids)] == first.prompt_ids
+        assert second.prompt_ids == _encode(f"User: Hi\n\nAssistant: {answer}\n\nUser: More\n\nAssistant:") or \
+            second.prompt_ids == _encode(f"User: Hi\n\nAssistant: {answer.strip()}\n\nUser: More\n\nAssistant:")
+        # regenerate the last answer with the same seed: the same answer
+        last = pane.state.chat[-1].content
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: len(pane.state.runs) == 3 and idle(app))
+        assert pane.state.chat[-1].content == last and len(pane.state.chat) == 4
+        # edit and resend the last user message
+        await pilot.press("ctrl+f")
+        assert app.main.query_one("#prompt").text == "More" and len(pane.state.chat) == 2
+        await send(pilot, "Other")
+        assert [m.content for m in pane.state.chat if m.role == "user"] == ["Hi", "Other"]
+
+
+async def test_chat_drops_oldest_turns_when_the_context_is_full(models):
+    app = NanoplayApp(models=["alpha"], chat=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 16  # context 64: 48 tokens of conversation fit
+        (pane,) = panes(app)
+        for text in ("one two three four five six", "seven eight nine ten", "eleven twelve thirteen"):
+            await send(pilot, text)
+        assert pane.state.dropped_turns >= 1
+        assert len(pane.state.run.prompt_ids) <= 48
+        assert "dropped" in str(pane.body_text())
+
+
+def _encode(text):
+    from nanoplay.tokenizer import get_tokenizer
+
+    return get_tokenizer().encode(text)
+
+
+async def test_sessions_autosave_reopen_export_and_gen_command(models, capsys):
+    from nanoplay.tui.sessions import list_sessions, load_session, session_path
+
+    app = NanoplayApp(models=["alpha", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 6
+        await send(pilot, "Saved prompt")
+        name = app.session_name
+        texts = [p.state.run.text for p in panes(app)]
+        await pilot.press("ctrl+b")
+        markdown = (models.parent / f"nanoplay-{name}.md").read_text()
+        panes(app)[0].focus()
+        await pilot.press("g")
+        command = app.clipboard
+    assert list_sessions() == [name]
+    saved = json.loads(session_path(name).read_text())
+    assert saved["prompt"] == "Saved prompt" and [p["spec"] for p in saved["panes"]] == ["alpha", "beta"]
+    assert load_session(name)["panes"][1].run.text == texts[1]
+    assert "## alpha" in markdown and texts[0] in markdown and "nanoplay gen --model alpha" in markdown
+    # the gen command line reproduces the pane's text
+    import shlex
+
+    from nanoplay.cli import main
+
+    assert main(shlex.split(command)[1:]) == 0
+    assert texts[0] in capsys.readouterr().out
+
+    reopened = NanoplayApp(session=name)
+    async with reopened.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        assert [p.state.run.text for p in panes(reopened)] == texts
+        assert reopened.main.query_one("#prompt").text == "Saved prompt"
+        assert reopened.settings.max_new_tokens == 6
+
+
+async def test_cross_scoring_and_divergence(models):
+    app = NanoplayApp(models=["alpha", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 12
+        app.settings.temperature = 0
+        await send(pilot, "x")
+        alpha, beta = panes(app)
+        a = [t.id for t in alpha.state.run.toks]
+        b = [t.id for t in beta.state.run.toks]
+        first_diff = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert alpha.diverge_at == beta.diverge_at == first_diff
+        assert f"diverges @{first_diff}" in str(beta.header_text())
+        alpha.focus()
+        await pilot.press("x")
+        from nanoplay.tui.screens.dialogs import CrossScoreScreen
+
+        await until(pilot, lambda: isinstance(app.screen, CrossScoreScreen))
+        (result,) = app.screen.results
+        engine, lm, _ = reference("beta", "x", app.settings)
+        expected = engine.score(lm, alpha.state.run.prompt_ids + a)[len(alpha.state.run.prompt_ids):]
+        assert [t.logprob for t in result.toks] == pytest.approx([t.logprob for t in expected], abs=1e-5)
+
+
+async def test_corrupt_checkpoint_and_offline_hub_model_show_errors(models):
+    weights = models / "alpha" / step_dir_name(200) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    app = NanoplayApp(models=["alpha", "gpt2", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        corrupt, hub, good = panes(app)
+        assert "truncated or corrupt" in corrupt.error
+        assert "nanoplay pull gpt2" in hub.error
+        assert good.error is None
+        app.settings.max_new_tokens = 3
+        await send(pilot, "still works")
+        assert len(good.state.run.toks) == 3
+
+
+async def test_default_panes_are_local_checkpoints_plus_gpt2(models):
+    app = NanoplayApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        assert [p.state.spec for p in panes(app)] == ["alpha", "beta", "gpt2"]
+
+
+async def test_welcome_screen_when_nothing_is_available(checkpoints, hf_home, tmp_path, monkeypatch):
+    from nanoplay.tui.screens.welcome import WelcomeScreen
+
+    app = NanoplayApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
+        assert "no checkpoints" in _plain_markdown(app.screen)
+
+
+def _plain_markdown(screen) -> str:
+    from textual.widgets import Markdown
+
+    return screen.query_one(Markdown).source.replace("\n", " ")
+
+
+async def test_help_and_command_palette_list_every_action(models):
+    from nanoplay.tui.app import COMMANDS
+    from nanoplay.tui.screens.dialogs import HelpScreen
+
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.main)]
+        assert {t for t, _, _ in COMMANDS} <= set(titles)
+        # every screen binding has a palette entry or is a plain key of the help table
+        actions = {a for _, _, a in COMMANDS}
+        for binding in app.main.BINDINGS:
+            assert binding.action in actions or binding.action == "app.help"
+        await pilot.press("ctrl+c")
+    assert app.return_code == 0
