@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nanoplay.commands.models",
     "nanoplay.commands.export",
     "nanoplay.commands.eval",
+    "nanoplay.commands.train",
 ]
 
 

@@ -1,0 +1,145 @@
+"""
+Text corpora as the trainer reads them, shared with the evaluator so both see the same documents.
+
+A source (`--data`) is one of:
+  - `openwebtext`: a parquet copy on the Hub (Skylion007/openwebtext), split like nanoGPT's prepare.py
+    (0.05% of the documents, seed 2357, for validation);
+  - `pydoc-topics`: Python's documentation topics, bundled with Python (the offline demo corpus);
+  - a local `.txt` / `.jsonl` / `.json` / `.parquet` file or a folder of them (a .txt file is one document);
+  - any Hub dataset id with a text column (`owner/name`, or `owner/name:config`).
+
+Validation split: whole documents when the fraction leaves at least one on each side; otherwise (a
+single input.txt, say) the last `val_fraction` of each document's characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NanoplayError
+
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+OPENWEBTEXT_REPO = "Skylion007/openwebtext"
+OPENWEBTEXT_VAL_FRACTION = 0.0005
+DEFAULT_VAL_FRACTION = 0.0005
+SPLIT_SEED = 2357  # nanoGPT's
+
+
+@dataclass
+class TextSource:
+    """Where text comes from and how it is split; `fingerprint` changes whenever its content may have."""
+
+    name: str  # as the user wrote it
+    kind: str  # hub | local | bundled
+    path: str  # Hub id, or the datasets builder (text/json/parquet) for local files
+    files: list[str]
+    config_name: str | None
+    text_column: str  # "" = 'text', or the only string column
+    val_fraction: float
+
+    def fingerprint(self) -> str:
+        stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in self.files]
+        desc = json.dumps([self.kind, self.path, self.config_name, stamp, self.text_column, self.val_fraction])
+        return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def resolve_source(data: str, text_column: str | None = None, val_fraction: float | None = None) -> TextSource:
+    column = text_column or ""
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    if data == "openwebtext":
+        return TextSource(data, "hub", OPENWEBTEXT_REPO, [], None, column or "text", OPENWEBTEXT_VAL_FRACTION)
+    if data == "pydoc-topics":
+        return TextSource(data, "bundled", "pydoc_data.topics", [], None, "text", fraction)
+    path = Path(data).expanduser()
+    if path.exists():
+        files = local_files(path)
+        builders = {LOCAL_BUILDERS[f.suffix] for f in files}
+        if len(builders) > 1:
+            raise NanoplayError(f"{path} mixes file types ({', '.join(sorted({f.suffix for f in files}))}): use one kind per folder")
+        return TextSource(data, "local", builders.pop(), [str(f.resolve()) for f in files], None, column, fraction)
+    if "/" in data and not data.startswith((".", "/", "~")):
+        repo, _, config_name = data.partition(":")
+        return TextSource(data, "hub", repo, [], config_name or None, column, fraction)
+    raise NanoplayError(f"--data {data!r}: no such file or folder, and not openwebtext, pydoc-topics or a Hub id like owner/name")
+
+
+def local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [f for f in files if f.suffix in LOCAL_BUILDERS]
+    if not files:
+        raise NanoplayError(f"{path}: no .txt, .jsonl, .json or .parquet files to read")
+    return files
+
+
+def load_documents(source: TextSource):
+    """All documents of the source as a `datasets.Dataset` with one string column, 'text'."""
+    import datasets
+
+    if source.kind == "bundled":
+        from pydoc_data.topics import topics
+
+        return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
+    try:
+        if source.kind == "local":
+            kwargs = {"sample_by": "document"} if source.path == "text" else {}
+            ds = datasets.load_dataset(source.path, data_files=source.files, split="train", **kwargs)
+        else:
+            ds = datasets.load_dataset(source.path, source.config_name, split="train")
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        if source.kind == "hub":
+            raise NanoplayError(
+                f"{source.name} is not in the local caches and the Hub cannot be reached (or has no such data "
+                f"set): run this once where you have network, or pass local files with --data PATH"
+            ) from e
+        raise NanoplayError(f"{source.name}: {e}") from e
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise NanoplayError(f"{source.name} could not be read ({str(e).splitlines()[0][:200]})") from e
+    column = _text_column(ds, source)
+    ds = ds.select_columns([column])
+    return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def _text_column(ds, source: TextSource) -> str:
+    import datasets
+
+    strings = [n for n, f in ds.features.items() if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")]
+    if source.text_column:
+        if source.text_column not in strings:
+            raise NanoplayError(f"{source.name} has no text column {source.text_column!r}; string columns: {strings}")
+        return source.text_column
+    if "text" in strings:
+        return "text"
+    if len(strings) == 1:
+        return strings[0]
+    raise NanoplayError(f"{source.name}: which column is the text? pass --text-column (string columns: {strings})")
+
+
+def split_documents(docs, val_fraction: float) -> dict:
+    """{'train': Dataset, 'val': Dataset} with a 'text' column, split as described in the module doc."""
+    import datasets
+
+    n_val = round(len(docs) * val_fraction)
+    if n_val >= 1 and len(docs) - n_val >= 1:
+        split = docs.train_test_split(test_size=n_val, seed=SPLIT_SEED, shuffle=True)
+        return {"train": split["train"], "val": split["test"]}
+    texts = docs["text"]
+    cuts = [len(t) - max(1, int(len(t) * val_fraction)) for t in texts]
+    return {"train": datasets.Dataset.from_dict({"text": [t[:c] for t, c in zip(texts, cuts)]}),
+            "val": datasets.Dataset.from_dict({"text": [t[c:] for t, c in zip(texts, cuts)]})}
+
+
+def load_text_dataset(source: str, split: str = "train", text_column: str | None = None,
+                      val_fraction: float | None = None):
+    """The `train` or `val` documents of a source, exactly those the trainer uses; `all`: unsplit."""
+    if split not in ("train", "val", "all"):
+        raise NanoplayError(f"split {split!r}: the trainer's splits are train and val (or all)")
+    resolved = resolve_source(source, text_column, val_fraction)
+    docs = load_documents(resolved)
+    return docs if split == "all" else split_documents(docs, resolved.val_fraction)[split]

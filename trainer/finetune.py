@@ -1,0 +1,163 @@
+"""`nanoplay finetune --data dialogs.jsonl`: turn a pre-trained model into a chat model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from nanoplay.chat import CHAT_TEMPLATE, END_ID, render_prompt
+from nanoplay.checkpoint import list_steps, load_checkpoint_dir, read_config
+from nanoplay.errors import NanoplayError
+from nanoplay.loading import LoadedModel, checkpoints_root, load_model
+from nanoplay.model import GPT
+from nanoplay.tokenizer import get_tokenizer
+
+from . import chat_data, checkpoints
+from .config import TrainConfig, read_config_file
+from .loop import TrainResult, find_resume, init_distributed, train_loop
+from .train import MODEL_FIELDS
+
+DEFAULTS = Path(__file__).parent / "finetune.toml"
+CHAT_VOCAB = 50304  # the special tokens need a padded vocabulary
+
+
+def finetune_config(config_file: str | None, overrides: dict) -> TrainConfig:
+    values = read_config_file(DEFAULTS)
+    if config_file:
+        values.update(read_config_file(Path(config_file)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data" not in values:
+        raise NanoplayError("finetune needs --data: a JSONL file of conversations (or JSON, parquet, a Hub dataset id)")
+    return TrainConfig(**values)
+
+
+def newest_pretrained() -> str:
+    """The local run (not a chat model) whose newest checkpoint was written last."""
+    root = checkpoints_root()
+    candidates = []
+    if root.is_dir():
+        for run in root.iterdir():
+            steps = list_steps(run)
+            if steps:
+                newest = steps[max(steps)]
+                if not read_config(newest).get("chat_template"):
+                    candidates.append((newest.stat().st_mtime, run.name))
+    if not candidates:
+        raise NanoplayError(f"no pre-trained checkpoint under {root}/ to fine-tune: pass --init gpt2 (or any model "
+                            f"spec), or train one first with `nanoplay train --preset demo`")
+    return max(candidates)[1]
+
+
+def pad_vocab(model: GPT, vocab_size: int = CHAT_VOCAB) -> GPT:
+    """A Hub GPT-2 (50257) gets the reserved ids; new rows start at the mean embedding."""
+    if model.config.vocab_size >= vocab_size:
+        return model
+    old = model.transformer.wte.weight.data
+    config = dataclasses.replace(model.config, vocab_size=vocab_size)
+    padded = GPT(config)
+    state = {k: v for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")}
+    padded.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        wte = padded.transformer.wte.weight
+        wte[:old.size(0)] = old
+        wte[old.size(0):] = old.mean(dim=0)
+    return padded
+
+
+def show_mask(example: chat_data.Example) -> None:
+    """Print one conversation, trained tokens highlighted (the targets the loss sees)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    tok = get_tokenizer()
+    text = Text()
+    for token_id, trained in zip(example.ids, example.trained):
+        text.append(tok.decode([token_id]), style="bold black on green" if trained else "dim")
+    console = Console()
+    console.print(Text("trained", style="bold black on green") + Text("  ") + Text("not trained (context only)", style="dim"))
+    console.print(f"line {example.line}: {sum(example.trained)} of {len(example.ids)} tokens trained")
+    console.print(text)
+
+
+def make_chat_sampler(name: str, messages: list[dict], cfg: TrainConfig):
+    from nanoplay.engine import Engine
+    from nanoplay.sampling import SamplingParams
+
+    engine = Engine(max_slots=1)
+    prompt = render_prompt(messages, CHAT_TEMPLATE)
+    params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.0, stop_token_ids=[END_ID], top_logprobs=0)
+    wrapped = {}
+
+    def sample(model: GPT) -> str:
+        if id(model) not in wrapped:
+            wrapped[id(model)] = LoadedModel(name=name, model=model, source="checkpoint", location=name,
+                                             meta={"chat_template": CHAT_TEMPLATE})
+        model.eval()
+        try:
+            return f"{messages[-1]['content']!r} -> {engine.generate(wrapped[id(model)], prompt, params).text!r}"
+        finally:
+            model.train()
+
+    return sample
+
+
+def run_finetune(config_file: str | None = None, overrides: dict | None = None, resume: bool = False,
+                 skip_invalid: bool = False, show_mask_only: bool = False, display: str = "auto") -> TrainResult | None:
+    overrides = dict(overrides or {})
+    cfg = finetune_config(config_file, overrides)
+    dist_info = init_distributed("cuda" if cfg.device.startswith("cuda") or
+                                 (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    resume_state = None
+    if resume:
+        if not cfg.name:
+            raise NanoplayError("--resume needs --name: the fine-tuning run to continue")
+        step, step_dir = find_resume(checkpoints_root() / cfg.name)
+        resume_state = checkpoints.load_state(step_dir)
+        cfg = dataclasses.replace(TrainConfig(**resume_state["config"]), **overrides)
+        model, _ = load_checkpoint_dir(step_dir)
+        init_name = cfg.init
+    else:
+        init_name = cfg.init or newest_pretrained()
+        model = pad_vocab(load_model(init_name).model.float())
+        cfg = dataclasses.replace(cfg, init=init_name, name=cfg.name or f"{Path(init_name).name.split('@')[0]}-chat",
+                                  **{f: getattr(model.config, f) for f in MODEL_FIELDS if f != "dropout"})
+    model.config.dropout = cfg.dropout
+    run_dir = checkpoints_root() / cfg.name
+    if not resume and list_steps(run_dir):
+        raise NanoplayError(f"{run_dir} already has checkpoints: pass --resume --name {cfg.name}, or --name NEW")
+
+    examples, problems = chat_data.load_conversations(cfg.data, cfg.block_size)
+    if problems:
+        report = chat_data.report_problems(problems, cfg.data)
+        if not skip_invalid:
+            print(report, file=sys.stderr)
+            raise NanoplayError(f"{cfg.data} has {len(problems)} invalid conversation(s), listed above: "
+                                f"fix them, or pass --skip-invalid to train on the {len(examples)} valid ones")
+        if dist_info.is_main:
+            print(f"--skip-invalid: dropped {len(problems)} invalid conversation(s), training on {len(examples)}",
+                  file=sys.stderr)
+    if show_mask_only:
+        if not examples:
+            raise NanoplayError(f"{cfg.data} has no valid conversation to show")
+        show_mask(examples[0])
+        return None
+
+    train, val = chat_data.split_examples(examples, cfg.val_fraction, cfg.seed)
+    micro_per_step = cfg.gradient_accumulation_steps * dist_info.world_size
+    data = chat_data.ChatData(train, val, cfg.batch_size, micro_per_step, cfg.seed, cfg.eval_batches, cfg.data)
+    if cfg.epochs > 0 and "max_iters" not in overrides:
+        cfg = dataclasses.replace(cfg, max_iters=math.ceil(cfg.epochs * data.steps_per_epoch()))
+    if dist_info.is_main:
+        checkpoints.clean_partial_writes(run_dir)
+    first = (val or train)[0].messages
+    sample_messages = first[:next(i for i, m in enumerate(first) if m["role"] == "assistant")]
+    sampler = make_chat_sampler(cfg.name, sample_messages, cfg) if dist_info.is_main and cfg.sample_tokens else None
+    meta = {"run": cfg.name, "data": cfg.data, "init": cfg.init, "chat_template": CHAT_TEMPLATE,
+            "dropped_invalid": len(problems)}
+    return train_loop(cfg, model.train(), data, run_dir, meta=meta, title=f"finetune {cfg.name}",
+                      resume_state=resume_state, sampler=sampler, dist_info=dist_info, display=display)
+
