@@ -22,7 +22,7 @@ from textual.widgets import Static
 from ..colors import token_style
 from ..state import PaneState, Run, Tok
 
-CURSOR = Style(reverse=True, bold=True)
+CURSOR = Style(color="black", bgcolor="bright_white", bold=True, underline=True)
 DIVERGE = Style(underline=True, bold=True, color="magenta")
 
 

@@ -1,0 +1,60 @@
+"""The installed `nanoplay` command driven in tmux as a user would: start, prompt, colour, quit."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+
+import pytest
+from conftest import tiny_model
+
+from nanoplay.checkpoint import save_checkpoint, step_dir_name
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("tmux") is None,
+                       reason="tmux is not installed (apt-get install -y tmux): needed to drive the playground end to end"),
+    pytest.mark.skipif(shutil.which("nanoplay") is None, reason="the nanoplay command is not installed (pip install -e .)"),
+]
+
+
+def tmux(*args) -> str:
+    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
+
+
+def wait_screen(session: str, condition, timeout: float = 60.0) -> str:
+    """Poll the captured screen until `condition(screen)` holds; the timeout only guards against hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = tmux("capture-pane", "-p", "-t", session)
+        if condition(screen):
+            return screen
+        assert time.monotonic() < deadline, f"timed out; the screen was:\n{screen}"
+        time.sleep(0.1)
+
+
+def test_playground_in_tmux(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        save_checkpoint(tiny_model(seed), root / name / step_dir_name(100), step=100)
+    env = {"NANOPLAY_CHECKPOINTS": str(root), "NANOPLAY_SESSIONS": str(tmp_path / "sessions"),
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
+    command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    command += " nanoplay --model alpha --model beta; echo EXITED-$?; sleep 60"
+    session = f"nanoplay-test-{os.getpid()}"
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", "-c", str(tmp_path), command)
+    try:
+        wait_screen(session, lambda s: s.count("ready: type a prompt") == 2)
+        tmux("send-keys", "-t", session, "-l", "Hello world")
+        tmux("send-keys", "-t", session, "Enter")
+        screen = wait_screen(session, lambda s: s.count("done: length") == 2)
+        assert "alpha@100" in screen and "beta@100" in screen
+        assert screen.count("48 tok") == 2  # the default max new tokens, in both pane headers
+        assert "colours off" in screen
+        tmux("send-keys", "-t", session, "C-t")
+        screen = wait_screen(session, lambda s: "≥.001" in s)
+        assert "<.001" in screen and "colours off" not in screen
+        tmux("send-keys", "-t", session, "C-c")
+        wait_screen(session, lambda s: "EXITED-0" in s, timeout=20)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
