@@ -101,9 +101,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.double().softmax(-1)  # float64: the boundary must not move with rounding
         # drop a token when the ones before it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
     if params.min_p is not None and params.min_p > 0:
         probs = logits.softmax(-1)

@@ -1,0 +1,112 @@
+"""The command line as scripts use it: JSONL output, exit codes, one-line errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanoplay.cli import main
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables unwrapped
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_gen_json(tiny_run, capsys):
+    argv = ["gen", "-m", "tiny", "-m", "tiny@100", "--prompt", "The future of AI is", "--max-new-tokens", "6",
+            "--temperature", "0.8", "--top-k", "200", "--seed", "1337", "--n", "2", "--json", "--top-logprobs", "3"]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["model"], r["seed"]) for r in records] == [("tiny@200", 1337), ("tiny@200", 1338),
+                                                          ("tiny@100", 1337), ("tiny@100", 1338)]
+    for r in records:
+        assert r["finish_reason"] in ("length", "eot") and r["settings"]["top_k"] == 200
+        assert len(r["tokens"]) == r["completion_tokens"] <= 6
+        assert "".join(t["token"] for t in r["tokens"]) == r["text"]
+        assert all(len(t["top_logprobs"]) == 3 and t["logprob"] <= 0 for t in r["tokens"])
+        assert r["perplexity"] == pytest.approx(math.exp(-sum(t["logprob"] for t in r["tokens"]) / len(r["tokens"])))
+    # same seed, same tokens: a second run reproduces the first
+    _, again, _ = run_cli(capsys, *argv)
+    assert [json.loads(line)["text"] for line in again.splitlines()] == [r["text"] for r in records]
+
+
+def test_gen_prompts_jsonl_and_text(tiny_run, tmp_path, capsys):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "One"}\n"Two"\n\n')
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(f), "--max-new-tokens", "2", "--json")
+    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["One", "Two"]
+    t = tmp_path / "prompts.txt"
+    t.write_text("alpha\nbeta\n")
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(t), "--max-new-tokens", "2", "--json")
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["alpha", "beta"]
+
+
+def test_gen_malformed_jsonl_line(tiny_run, tmp_path, capsys):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    code, _, err = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(f), "--json")
+    assert code == 2
+    assert err.startswith(f"nanoplay: error: {f}:2: not valid JSON") and err.count("\n") == 1
+
+
+def test_gen_streams_text(tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3")
+    _, js, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3", "--json")
+    assert code == 0 and out == "Hello" + json.loads(js)["text"] + "\n"
+
+
+def test_gen_long_prompt_says_so(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "word " * 200, "--max-new-tokens", "4", "--json")
+    assert code == 0 and "longer than tiny@200's context of 64 tokens" in err
+    assert json.loads(out)["prompt_truncated"] > 0
+
+
+def test_score_json_by_hand(tiny_run, capsys):
+    text = "Bits per byte are fair across tokenizers."
+    code, out, _ = run_cli(capsys, "score", "-m", "tiny", "--text", text, "--json")
+    r = json.loads(out)
+    nll = -sum(t["logprob"] for t in r["per_token"])
+    assert r["tokens"] == len(r["per_token"])
+    assert r["perplexity"] == pytest.approx(math.exp(nll / r["tokens"]))
+    assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()))
+    assert r["per_token"][0]["surprisal_bits"] == pytest.approx(-r["per_token"][0]["logprob"] / math.log(2))
+
+
+def test_models_lists_checkpoints(tiny_run, hf_home, capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "tiny" in out and "100, 200" in out and "nanoplay pull" in out
+
+
+def test_bench_runs_side_by_side(tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "bench", "-m", "tiny", "--vs", "transformers", "--repeats", "1",
+                           "--prompt-tokens", "8", "--new-tokens", "8", "--batch", "1", "--batch", "2")
+    assert code == 0 and "transformers" in out and "vs batch 1" in out
+
+
+def test_export_cli(tiny_run, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "export", "tiny", "--hf", str(tmp_path / "hf"))
+    assert code == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("./missing/ckpt.pt", "unknown model './missing/ckpt.pt'"),
+    ("gpt2-xl", "gpt2-xl is not in the local Hugging Face cache and the Hub cannot be reached"),
+])
+def test_bad_model_is_one_line_exit_2(tmp_path, spec, message):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "NANOPLAY_CHECKPOINTS": str(tmp_path / "none")}
+    p = subprocess.run([sys.executable, "-m", "nanoplay", "gen", "-m", spec, "--prompt", "x"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert message in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
