@@ -16,6 +16,7 @@ from .errors import NanoplayError
 COMMAND_MODULES = [
     "nanoplay.commands.gen",
     "nanoplay.commands.score",
+    "nanoplay.commands.bench",
     "nanoplay.commands.models",
     "nanoplay.commands.export",
     "nanoplay.commands.eval",
