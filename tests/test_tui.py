@@ -417,3 +417,26 @@ async def test_help_and_command_palette_list_every_action(models):
             assert binding.action in actions or binding.action == "app.help"
         await pilot.press("ctrl+c")
     assert app.return_code == 0
+
+
+async def test_welcome_trains_the_demo_preset_and_opens_it(checkpoints, hf_home, tmp_path, monkeypatch):
+    """The real trainer on the bundled corpus, shrunk to a couple of steps."""
+    import trainer.config
+    from nanoplay.tui.screens.welcome import WelcomeScreen
+
+    real = trainer.config.load_preset
+    monkeypatch.setattr(trainer.config, "load_preset", lambda name: real(
+        name, max_iters=2, n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=2, warmup_iters=1,
+        eval_interval=2, eval_batches=1, checkpoint_interval=0, sample_tokens=0, compile=False))
+    monkeypatch.setenv("NANOPLAY_SESSIONS", str(tmp_path / "sessions"))
+    monkeypatch.setenv("NANOPLAY_DATA_CACHE", str(tmp_path / "tokens"))
+    app = NanoplayApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
+        welcome = app.screen
+        await pilot.press("t")
+        await until(pilot, lambda: app.screen is app.main and panes(app), timeout=120)
+        assert welcome.query_one("#train-progress").progress == 2
+        await loaded(pilot)
+        (pane,) = panes(app)
+        assert pane.lm is not None and pane.lm.name == "demo@2" and pane.lm.config.n_layer == 1

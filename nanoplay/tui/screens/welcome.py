@@ -77,14 +77,23 @@ class WelcomeScreen(Screen[str | None]):
             self.app.call_from_thread(self.show_progress, p)
 
         try:
-            train(config, on_progress=on_progress, stop_event=self.stop_event)
-        except Exception as e:
-            self.app.call_from_thread(self.query_one("#train-status", Label).update, f"training failed: {e}")
+            result = train(config, on_progress=on_progress, stop_event=self.stop_event)
+        except Exception as e:  # shown here; the user can retry or open gpt2
+            self.app.call_from_thread(self.training_ended, f"training failed: {e}")
             return
-        self.app.call_from_thread(self.dismiss, DEMO_PRESET)
+        if result.checkpoint is None:
+            self.app.call_from_thread(self.training_ended, "stopped before the first checkpoint was saved")
+        else:
+            self.app.call_from_thread(self.dismiss, config.name)
+
+    def training_ended(self, message: str) -> None:
+        self.query_one("#train-status", Label).update(message)
+        self.query_one("#train", Button).disabled = False
+        self.stop_event.clear()
 
     def show_progress(self, p) -> None:
-        bar = self.query_one("#train-progress", ProgressBar)
-        bar.update(total=p.max_steps, progress=p.step)
-        loss = f"loss {p.loss:.3f}" if p.loss is not None else ""
-        self.query_one("#train-status", Label).update(f"step {p.step}/{p.max_steps} {loss}")
+        self.query_one("#train-progress", ProgressBar).update(total=p.max_steps, progress=p.step)
+        loss = f" · loss {p.loss:.3f}" if p.loss is not None else ""
+        val = f" · val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
+        self.query_one("#train-status", Label).update(
+            f"step {p.step}/{p.max_steps}{loss}{val} · {p.eta_s:.0f} s left · Esc stops and keeps the last checkpoint")
