@@ -366,6 +366,23 @@ class Engine:
             self._loaded[key] = load_model(spec, device=device, dtype=dtype, progress=progress)
         return self._loaded[key]
 
+    def unload(self, model: LoadedModel) -> None:
+        """Cancel the model's requests and free its KV cache (a pane closed, say)."""
+        with self._cond:
+            runner = self._runners.get(id(model))
+            if runner is None or runner.loaded is not model:
+                return
+            requests = runner.queue + runner.running
+        for r in requests:
+            r.cancel()
+        for r in requests:
+            if self._thread is None:
+                self.run_until_done([r])
+            r.wait()
+        with self._cond:
+            del self._runners[id(model)]
+            self._loaded = {k: v for k, v in self._loaded.items() if v is not model}
+
     def _runner(self, model: LoadedModel) -> ModelRunner:
         with self._cond:
             runner = self._runners.get(id(model))

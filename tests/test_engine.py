@@ -230,6 +230,15 @@ def test_cancel_frees_the_slot():
         engine.stop()
 
 
+def test_unload_cancels_and_frees_the_cache():
+    engine = Engine()
+    lm = loaded(tiny_model())
+    req = engine.submit(lm, "Hi", SamplingParams(max_new_tokens=50))
+    engine.step()
+    engine.unload(lm)
+    assert req.finish_reason == "cancelled" and id(lm) not in engine._runners
+
+
 def test_bad_prompt_ids_are_refused():
     with pytest.raises(NanoplayError, match="outside tiny's vocabulary"):
         Engine().submit(loaded(tiny_model()), [60000], SamplingParams())
