@@ -134,8 +134,9 @@ def load_config(preset: str | None = None, config_file: str | None = None, overr
     return TrainConfig(**values)
 
 
-def load_preset(name: str, **overrides) -> TrainConfig:
-    return load_config(preset=name, overrides=overrides)
+def load_preset(preset: str, **overrides) -> TrainConfig:
+    """A preset by name with some fields changed: load_preset("demo", max_iters=100)."""
+    return load_config(preset=preset, overrides=overrides)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "data", "optim", "run")) -> None:

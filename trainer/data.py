@@ -77,7 +77,7 @@ def _write_shards(ds, directory: Path, split: str, progress: bool) -> list[dict]
     """The split's token stream, in order, cut into uint16 shards of at most SHARD_TOKENS."""
     from tqdm.auto import tqdm
 
-    total = int(np.sum(ds["len"]))
+    total = int(np.sum(list(ds["len"])))
     sizes = [min(SHARD_TOKENS, total - start) for start in range(0, total, SHARD_TOKENS)]
     shards = [{"file": f"{split}-{i:05d}.bin", "tokens": n} for i, n in enumerate(sizes)]
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {split}", disable=not progress)

@@ -1,0 +1,365 @@
+"""The trainer: data through one path, the loop, exact resume, atomic checkpoints, signals, DDP."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanoplay.checkpoint import list_steps, load_checkpoint_dir, read_config
+from nanoplay.errors import NanoplayError
+from nanoplay.loading import load_model
+from nanoplay.textdata import load_text_dataset, resolve_source
+from nanoplay.tokenizer import EOT_ID, get_tokenizer
+from trainer import checkpoints, data
+from trainer.config import TrainConfig, load_config, load_preset, read_config_file
+from trainer.loop import lr_at
+from trainer.monitor import braille_plot, peak_flops, read_metrics
+from trainer.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=1,
+            max_iters=12, warmup_iters=2, learning_rate=3e-3, eval_interval=6, eval_batches=2,
+            checkpoint_interval=6, keep_last=5, log_interval=100, sample_tokens=0, name="tiny")
+TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "name"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Checkpoints, token cache and HF home in temporary folders; pydoc-topics tokenised once per module."""
+    root = tmp_path_factory.mktemp("trainer")
+    values = {"NANOPLAY_CHECKPOINTS": str(root / "checkpoints"), "NANOPLAY_DATA_CACHE": str(root / "tokens"),
+              "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield root
+
+
+@pytest.fixture
+def run_root(env, tmp_path, monkeypatch):
+    """A fresh checkpoints folder per test (the token cache stays shared)."""
+    monkeypatch.setenv("NANOPLAY_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    return tmp_path / "checkpoints"
+
+
+def subprocess_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+def test_presets_read_and_flags_override():
+    owt = load_preset("owt-30m")
+    assert (owt.n_layer, owt.n_head, owt.n_embd, owt.block_size, owt.vocab_size) == (6, 6, 384, 512, 50304)
+    assert owt.batch_size * owt.gradient_accumulation_steps == 64 and owt.max_iters == 20000
+    assert (owt.beta1, owt.beta2, owt.weight_decay, owt.grad_clip, owt.dropout) == (0.9, 0.95, 0.1, 1.0, 0.0)
+    assert owt.data == "openwebtext" and owt.name == "owt-30m"
+    gpt2 = load_preset("gpt2-124m")
+    assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.block_size) == (12, 12, 768, 1024)
+    assert load_config("demo", overrides={"max_iters": 7, "learning_rate": None}).max_iters == 7
+    with pytest.raises(NanoplayError, match="unknown preset 'nope'"):
+        load_preset("nope")
+
+
+def test_printed_config_reads_back_and_unknown_keys_are_refused(tmp_path):
+    cfg = load_preset("demo", max_iters=33)
+    path = tmp_path / "my.toml"
+    path.write_text(cfg.to_toml())
+    assert TrainConfig(**read_config_file(path)) == cfg
+    path.write_text("[optim]\nmax_iter = 3\n")
+    with pytest.raises(NanoplayError, match="unknown key 'max_iter'"):
+        read_config_file(path)
+    path.write_text("[optim]\nmax_iters = 'many'\n")
+    with pytest.raises(NanoplayError, match="max_iters must be a int"):
+        read_config_file(path)
+
+
+def test_learning_rate_schedule_by_hand():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
+    assert lr_at(0, cfg) == pytest.approx(1 / 5)
+    assert lr_at(3, cfg) == pytest.approx(4 / 5)
+    assert lr_at(4, cfg) == pytest.approx(1.0)  # cosine starts at the top
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.5 * 0.9)  # half way: cos = 0
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_braille_plot_and_peak_table():
+    # two columns of dots: the first value at the top row, the second at the bottom row of a 1x1 cell
+    assert braille_plot([1.0, 0.0], width=1, height=1) == [chr(0x2800 + 0x01 + 0x80)]
+    assert braille_plot([5.0, 5.0], width=1, height=1) == [chr(0x2800 + 0x40 + 0x80)]  # flat: the bottom row
+    lines = braille_plot([float(i) for i in range(100)], width=10, height=3)
+    assert len(lines) == 3 and all(len(line) == 10 for line in lines)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops(None) is None and peak_flops("Some Future GPU") is None
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+DOCS = [f"Document number {i}. " + " ".join(f"word{j}" for j in range(i % 7 + 20)) + "\nThe end." for i in range(20)]
+
+
+def shard_tokens(directory: Path, split: str) -> np.ndarray:
+    meta = json.loads((directory / "meta.json").read_text())
+    return np.concatenate([np.fromfile(directory / s["file"], dtype=np.uint16) for s in meta["splits"][split]])
+
+
+def expected_stream(texts) -> np.ndarray:
+    tok = get_tokenizer()
+    return np.array([t for text in texts for t in tok.encode(text) + [EOT_ID]], dtype=np.uint16)
+
+
+def test_text_jsonl_and_parquet_give_the_same_tokens(env, tmp_path):
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, doc in enumerate(DOCS):
+        (txt / f"doc{i:02d}.txt").write_text(doc)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    pq.write_table(pa.table({"id": list(range(20)), "text": DOCS}), tmp_path / "docs.parquet")
+
+    results = []
+    for spec in (txt, tmp_path / "docs.jsonl", tmp_path / "docs.parquet"):
+        source = resolve_source(str(spec), val_fraction=0.1)
+        directory = data.prepare(source, progress=False)
+        train_docs = list(load_text_dataset(str(spec), "train", val_fraction=0.1)["text"])
+        val_docs = list(load_text_dataset(str(spec), "val", val_fraction=0.1)["text"])
+        assert len(val_docs) == 2 and sorted(train_docs + val_docs) == sorted(DOCS)
+        # the shards are each split's documents, tokenised independently, each followed by <|endoftext|>
+        assert np.array_equal(shard_tokens(directory, "train"), expected_stream(train_docs))
+        assert np.array_equal(shard_tokens(directory, "val"), expected_stream(val_docs))
+        results.append((shard_tokens(directory, "train"), shard_tokens(directory, "val")))
+    for train_ids, val_ids in results[1:]:
+        assert np.array_equal(train_ids, results[0][0]) and np.array_equal(val_ids, results[0][1])
+
+
+def test_cache_is_reused_and_invalidated_by_edits(env, tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("hello world. " * 200)
+    first = data.prepare(resolve_source(str(path), val_fraction=0.1), progress=False)
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert data.prepare(resolve_source(str(path), val_fraction=0.1), progress=False) == first
+    assert (first / "meta.json").stat().st_mtime_ns == stamp  # not rewritten
+    # a single document: validation is the last 10% of its characters
+    text = path.read_text()
+    cut = len(text) - int(len(text) * 0.1)
+    assert np.array_equal(shard_tokens(first, "val"), expected_stream([text[cut:]]))
+    time.sleep(0.01)
+    path.write_text("goodbye world. " * 200)
+    assert data.prepare(resolve_source(str(path), val_fraction=0.1), progress=False) != first
+
+
+def test_openwebtext_schema_local_copy_stands_in_for_the_hub(env, tmp_path, monkeypatch):
+    """A folder laid out like the Hub repo (data/train-*.parquet, one 'text' column) goes the Hub path."""
+    import nanoplay.textdata as textdata
+
+    repo = tmp_path / "openwebtext"
+    (repo / "data").mkdir(parents=True)
+    docs = [f"Web page {i}: " + "some text " * (5 + i % 3) for i in range(40)]
+    pq.write_table(pa.table({"text": docs[:25]}), repo / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": docs[25:]}), repo / "data" / "train-00001-of-00002.parquet")
+    monkeypatch.setattr(textdata, "OPENWEBTEXT_REPO", str(repo))
+    monkeypatch.setattr(textdata, "OPENWEBTEXT_VAL_FRACTION", 0.05)
+    source = resolve_source("openwebtext")
+    assert source.kind == "hub" and source.val_fraction == 0.05
+    directory = data.prepare(source, progress=False)
+    val_docs = list(load_text_dataset("openwebtext", "val")["text"])  # what `nanoplay eval --data openwebtext` reads
+    assert len(val_docs) == 2 and set(val_docs) <= set(docs)
+    assert np.array_equal(shard_tokens(directory, "val"), expected_stream(val_docs))
+    assert len(shard_tokens(directory, "train")) == sum(len(get_tokenizer().encode(d)) + 1 for d in docs) - len(
+        expected_stream(val_docs))
+
+
+def test_offline_uncached_hub_data_is_one_clear_line(env):
+    with pytest.raises(NanoplayError) as e:
+        data.prepare(resolve_source("nobody/no-such-corpus"), progress=False)
+    message = str(e.value)
+    assert "\n" not in message and "Hub cannot be reached" in message and "--data PATH" in message
+
+
+def test_batches_are_a_function_of_step_and_micro_batch(env):
+    directory = data.prepare(resolve_source("pydoc-topics", val_fraction=0.1), progress=False)
+    td = data.TokenData(directory, block_size=16, batch_size=3, seed=7, eval_batches=2)
+    x, y = td.train_batch(5, 1)
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    assert torch.equal(td.train_batch(5, 1)[0], x) and not torch.equal(td.train_batch(5, 0)[0], x)
+    again = data.TokenData(directory, block_size=16, batch_size=3, seed=7, eval_batches=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(td.val_batches(), again.val_batches()))
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def test_demo_preset_loss_falls_on_the_bundled_corpus(env, run_root):
+    # the demo preset's model, data and optimizer; a smaller batch and fewer steps keep the test quick
+    cfg = load_preset("demo", max_iters=60, warmup_iters=10, batch_size=2, block_size=64, eval_interval=30,
+                      eval_batches=4, checkpoint_interval=0, sample_tokens=0)
+    result = train(cfg, display="none")
+    metrics = read_metrics(run_root / "demo" / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(losses) == 60 and result.step == 60
+    assert losses[0] > 10.0  # ln(50304) = 10.8: an untrained model
+    assert sum(losses[-10:]) / 10 < losses[0] - 3.0
+    assert vals[-1] < vals[0] - 3.0
+    model = load_model("demo")  # the playground's spec finds it
+    assert model.step == 60 and model.meta["val_loss"] == pytest.approx(vals[-1])
+
+
+def stop_at(step):
+    import threading
+
+    event = threading.Event()
+
+    def on_progress(p):
+        if p.step >= step:
+            event.set()
+
+    return event, on_progress
+
+
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(env, run_root):
+    train(load_preset("demo", **TINY), display="none")
+    full = read_metrics(run_root / "tiny" / "metrics.jsonl")
+
+    cfg = load_preset("demo", **{**TINY, "name": "split"})
+    event, on_progress = stop_at(4)
+    first = train(cfg, on_progress=on_progress, stop_event=event)
+    assert first.stopped_early and first.step == 5  # the step in flight finishes, then it saves
+    assert list(list_steps(run_root / "split")) == [5]
+    second = train(cfg, resume=True, display="none")
+    assert second.step == 12
+    resumed = read_metrics(run_root / "split" / "metrics.jsonl")
+
+    def series(metrics, key):
+        return [(m["step"], m[key]) for m in metrics if key in m]
+
+    assert series(resumed, "loss") == series(full, "loss")  # exactly equal, step for step
+    assert series(resumed, "val_loss") == series(full, "val_loss")
+    a, _ = load_checkpoint_dir(run_root / "tiny" / "step-00000012")
+    b, _ = load_checkpoint_dir(run_root / "split" / "step-00000012")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(NanoplayError, match="already has checkpoints"):
+        train(cfg, display="none")
+
+
+def test_keeps_the_last_k_and_the_best(env, run_root):
+    run = run_root / "prune"
+    from conftest import tiny_model
+
+    from nanoplay.checkpoint import save_checkpoint, step_dir_name
+
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5), (4, 2.0), (5, 4.0)]:
+        save_checkpoint(tiny_model(step), run / step_dir_name(step), step=step, meta={"val_loss": val})
+    assert checkpoints.prune(run, keep_last=2) == [1, 3]
+    assert list(list_steps(run)) == [2, 4, 5]  # the newest two and the best (step 2)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(env, run_root):
+    proc = subprocess.Popen([sys.executable, "-m", "nanoplay", "train", "--preset", "demo", *TINY_FLAGS,
+                             "--max-iters=100000", "--checkpoint-interval=0", "--eval-interval=0", "--name=sig"],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_root / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    steps = list_steps(run_root / "sig")
+    assert len(steps) == 1
+    step = next(iter(steps))
+    assert step >= 3 and read_metrics(metrics)[-1]["step"] == step
+    assert checkpoints.load_state(steps[step])["step"] == step
+    assert "SIGTERM" in out and f"stopped at step {step}" in out
+
+
+KILL_CHILD = """
+import os, pathlib, sys, time, torch
+real_save, calls = torch.save, []
+def slow_save(obj, f, *args, **kwargs):  # the second checkpoint's state is written, then we hang mid-write
+    real_save(obj, f, *args, **kwargs)
+    calls.append(f)
+    if len(calls) == 2:
+        pathlib.Path(os.environ["MARKER"]).write_text(str(f))
+        time.sleep(600)
+torch.save = slow_save
+from trainer.config import load_preset
+from trainer.train import train
+train(load_preset("demo", **eval(sys.argv[1])), display="none")
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(env, run_root, tmp_path):
+    marker = tmp_path / "writing"
+    cfg = {**TINY, "name": "killed", "checkpoint_interval": 3, "max_iters": 9}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, repr(cfg)], env={**subprocess_env(), "MARKER": str(marker)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "the child never reached its second checkpoint"
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait()
+    run = run_root / "killed"
+    assert Path(marker.read_text()).parent.name.startswith(".step-00000006.tmp-")  # it died inside the write
+    assert list(list_steps(run)) == [3]  # the half-written step 6 is invisible
+    loaded = load_model("killed")
+    assert loaded.step == 3 and loaded.meta["format"] == "nanoplay"
+    assert checkpoints.load_state(run / "step-00000003")["step"] == 3
+    # resuming cleans the leftovers and carries on
+    result = train(load_preset("demo", **cfg), resume=True, display="none")
+    assert result.step == 9 and list(list_steps(run)) == [3, 6, 9]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(env, run_root):
+    # one process: 2 micro-batches of 4 per step; two processes under torchrun: 1 micro-batch of 4 each
+    single = {**TINY, "name": "single", "max_iters": 5, "gradient_accumulation_steps": 2, "checkpoint_interval": 0}
+    train(load_preset("demo", **single), display="none")
+    flags = [f for f in TINY_FLAGS if not f.startswith(("--max-iters", "--checkpoint-interval"))]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "nanoplay", "train", "--preset", "demo", *flags, "--max-iters=5",
+                          "--checkpoint-interval=0", "--name=ddp"],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "4 x 1 x 2 sequences per step" in out.stdout
+    a = read_metrics(run_root / "single" / "metrics.jsonl")
+    b = read_metrics(run_root / "ddp" / "metrics.jsonl")
+    losses_a = [m["loss"] for m in a if "loss" in m]
+    losses_b = [m["loss"] for m in b if "loss" in m]
+    assert len(losses_a) == len(losses_b) == 5
+    assert losses_a[0] == pytest.approx(losses_b[0], rel=1e-6)  # same weights, same batches
+    assert losses_a == pytest.approx(losses_b, rel=1e-4)  # then only float summation order differs
+    assert [m["val_loss"] for m in a if "val_loss" in m] == pytest.approx(
+        [m["val_loss"] for m in b if "val_loss" in m], rel=1e-4)
+    assert math.isclose(read_config(run_root / "ddp" / "step-00000005")["val_loss"],
+                        read_config(run_root / "single" / "step-00000005")["val_loss"], rel_tol=1e-4)
+
+
+def test_init_from_a_model_spec_continues_pretraining(env, run_root, tmp_path):
+    from conftest import tiny_model
+
+    from nanoplay.checkpoint import save_checkpoint
+
+    base = tiny_model(3, block_size=32)
+    save_checkpoint(base, tmp_path / "base", step=100)
+    cfg = load_preset("demo", **{**TINY, "name": "cont", "max_iters": 2, "eval_interval": 0}, init=str(tmp_path / "base"))
+    result = train(cfg, display="none")
+    trained = load_model("cont")
+    assert result.step == 2 and trained.meta["init"] == str(tmp_path / "base")
+    assert trained.config.n_embd == base.config.n_embd and trained.config.activation == base.config.activation
+    # it started from the base weights: one tiny step away, not a fresh init
+    drift = (trained.model.transformer.wpe.weight - base.transformer.wpe.weight).abs().max().item()
+    assert 0 < drift < 0.05
