@@ -110,3 +110,17 @@ def test_bad_model_is_one_line_exit_2(tmp_path, spec, message):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert message in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_pull_offline_is_one_line(hf_home, capsys):
+    code, _, err = run_cli(capsys, "pull", "gpt2-medium")
+    assert code == 2 and err == ("nanoplay: error: gpt2-medium is not in the local Hugging Face cache and the Hub "
+                                 "cannot be reached: run `nanoplay pull gpt2-medium` where you have network\n")
+
+
+def test_pull_finds_a_cached_snapshot(hf_home, capsys):
+    from tests.conftest import hf_gpt2, write_hf_snapshot
+
+    snap = write_hf_snapshot(hf_home, "gpt2", hf_gpt2())
+    code, out, _ = run_cli(capsys, "pull", "gpt2")
+    assert code == 0 and out.strip() == f"gpt2: {snap}"
