@@ -129,7 +129,7 @@ def split_documents(docs, val_fraction: float) -> dict:
     if n_val >= 1 and len(docs) - n_val >= 1:
         split = docs.train_test_split(test_size=n_val, seed=SPLIT_SEED, shuffle=True)
         return {"train": split["train"], "val": split["test"]}
-    texts = docs["text"]
+    texts = list(docs["text"])
     cuts = [len(t) - max(1, int(len(t) * val_fraction)) for t in texts]
     return {"train": datasets.Dataset.from_dict({"text": [t[:c] for t, c in zip(texts, cuts)]}),
             "val": datasets.Dataset.from_dict({"text": [t[c:] for t, c in zip(texts, cuts)]})}
