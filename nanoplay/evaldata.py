@@ -59,8 +59,8 @@ def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | No
         raise NanoplayError(f"--data {spec}: NAME=PATH gives a local copy of wikitext-2, wikitext-103 or lambada; "
                             f"pass other text files as the path alone")
     if name in WIKITEXT_CONFIGS:
-        if local:
-            rows, where = _local_rows(Path(local), "text"), local
+        if local:  # blank lines of the original wiki.*.raw files are empty rows, as the Hub's rows have them
+            rows, where = [r if r.strip() else "" for r in _local_rows(Path(local), "text")], local
         else:
             rows, where = _hub_rows(name, WIKITEXT_HUB, WIKITEXT_CONFIGS[name], "test", "text"), WIKITEXT_HUB
         rows = rows[:limit] if limit else rows

@@ -37,11 +37,52 @@ from .errors import NanoplayError
 
 LN2 = math.log(2)
 LAMBADA_RULES = ("word", "last-token")
-DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: the fp32 logits of one batch take 8192 * vocab * 4 bytes
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward
+# Rows of logits projected at once: small enough on CPU that the (rows, vocab) block stays in cache
+# while cross-entropy reads it back, large enough on GPU to keep it busy.
+LOGIT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 
 def default_batch_size(seq_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> int:
     return max(1, batch_tokens // seq_len)
+
+
+def final_hidden(model, idx: torch.Tensor) -> torch.Tensor:
+    """
+    The model's forward up to, not including, lm_head: (B, T) ids -> (B, T, n_embd) after ln_f.
+    Scoring projects only the positions it scores onto the vocabulary, one cache-sized block at a
+    time, instead of materialising (B, T, vocab) logits; tests check lm_head of this equals model(idx).
+    """
+    tr = model.transformer
+    positions = torch.arange(idx.size(1), device=idx.device)  # (T,)
+    x = tr.drop(tr.wte(idx) + tr.wpe(positions))  # (B, T, n_embd)
+    for block in tr.h:
+        x = block(x)
+    return tr.ln_f(x)
+
+
+def target_scores(model, hidden: torch.Tensor, targets: torch.Tensor,
+                  greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Negative log-likelihood (M,) float64 on the CPU of the target ids (M,) that hidden states
+    (M, n_embd) predict, and with greedy=True whether each target is the argmax (M,) bool.
+    Computed in fp32 whatever the model's dtype, in row blocks so that the (M, vocab) logits never
+    exist at once; log-sum-exp rather than cross_entropy, whose fp32 CPU kernel loses ~1e-4 nats
+    summing many tiny probabilities.
+    """
+    device = hidden.device
+    vocab = model.lm_head.weight.size(0)
+    chunk = max(1, LOGIT_CHUNK_BYTES.get(device.type, LOGIT_CHUNK_BYTES["cuda"]) // (4 * vocab))
+    targets = targets.to(device)
+    nll = torch.empty(targets.numel(), dtype=torch.float32, device=device)
+    hits = torch.empty(targets.numel(), dtype=torch.bool, device=device) if greedy else None
+    for i in range(0, targets.numel(), chunk):
+        logits = model.lm_head(hidden[i:i + chunk]).float()  # (chunk, vocab)
+        t = targets[i:i + chunk, None]  # (chunk, 1)
+        nll[i:i + chunk] = (torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(1, t))[:, 0]
+        if greedy:
+            hits[i:i + chunk] = logits.argmax(dim=-1) == t[:, 0]
+    return nll.double().cpu(), (hits.cpu() if greedy else None)
 
 
 # -----------------------------------------------------------------------------
@@ -124,12 +165,11 @@ def token_nll(model, ids: torch.Tensor, context: int, stride: int, batch_size: i
             x[r, :end - begin] = ids[begin:end]
             pos = torch.arange(first, end)  # the scored tokens, by absolute position
             rows.append(torch.full_like(pos, r))
-            cols.append(pos - begin - 1)  # the logits at column t predict the token at column t + 1
+            cols.append(pos - begin - 1)  # the hidden state at column t predicts the token at column t + 1
             positions.append(pos)
         rows, cols, positions = torch.cat(rows), torch.cat(cols), torch.cat(positions)
-        logits = model(x.to(device))  # (B, T, V)
-        picked = logits[rows.to(device), cols.to(device)].float()  # (M, V): only the rows that score a token
-        nll[positions] = F.cross_entropy(picked, ids[positions].to(device), reduction="none").double().cpu()
+        hidden = final_hidden(model, x.to(device))  # (B, T, n_embd)
+        nll[positions] = target_scores(model, hidden[rows.to(device), cols.to(device)], ids[positions])[0]
         if on_progress is not None:
             on_progress(positions.numel(), positions.numel())
     return nll
@@ -218,17 +258,15 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], cont
         for r, j in enumerate(batch):
             inp, tgt = inputs[j]
             x[r, :len(inp)] = torch.tensor(inp)
-            start = len(inp) - len(tgt)  # the logits at column t predict input token t + 1
+            start = len(inp) - len(tgt)  # the hidden state at column t predicts token t + 1
             rows += [r] * len(tgt)
             cols += range(start, start + len(tgt))
             targets += tgt
         rows, cols, targets = torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
-        logits = model(x.to(device))  # (B, T, V)
-        picked = logits[rows.to(device), cols.to(device)].float()  # (M, V): the rows that predict a target
-        nll = F.cross_entropy(picked, targets.to(device), reduction="none").double().cpu()  # (M,)
-        misses = (picked.argmax(dim=-1).cpu() != targets).double()  # (M,)
+        hidden = final_hidden(model, x.to(device))  # (B, T, n_embd)
+        nll, greedy = target_scores(model, hidden[rows.to(device), cols.to(device)], targets, greedy=True)
         nll_sum = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, nll)  # (B,)
-        miss_sum = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, misses)  # (B,)
+        miss_sum = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, (~greedy).double())  # (B,)
         for r, j in enumerate(batch):
             results[j] = (nll_sum[r].item(), miss_sum[r].item() == 0)
         if on_progress is not None:
@@ -340,6 +378,8 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
+    with torch.inference_mode():  # the twin must compute what we compute, or the comparison means nothing
+        diff = (hf(hf_input).logits.float() - model(hf_input).float()).abs().max().item()
     timed(ours), timed(plain)  # warm-up: allocator, kernels, caches
     ours_s, plain_s = [], []
     for _ in range(repeats):
@@ -349,4 +389,5 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
     plain_tps = n / statistics.median(plain_s)
     return dict(model=loaded.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 batch_size=batch_size, seq_len=seq_len, repeats=repeats,
-                ours_tokens_per_s=ours_tps, transformers_tokens_per_s=plain_tps, ratio=ours_tps / plain_tps)
+                ours_tokens_per_s=ours_tps, transformers_tokens_per_s=plain_tps, ratio=ours_tps / plain_tps,
+                max_logit_diff=diff)

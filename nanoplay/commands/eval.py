@@ -165,15 +165,16 @@ def columns(report: dict) -> list[tuple[str, str, str, str]]:
     return cols
 
 
-def cell(row: dict, key: str, metric: str, fmt: str) -> str:
+def cell(row: dict, key: str, metric: str, fmt: str, sep: str = " ") -> str:
     result = row.get("results", {}).get(key)
     if result is None:
         return ""
-    text = format(result[metric], fmt)
+    value = result[metric]
+    text = f"{value:.3g}" if abs(value) >= 1e5 else format(value, fmt)  # an untrained model's ppl is huge
     refs = [r for r in result["references"] if r["metric"] == metric]
     if refs:
         ref = refs[0]
-        text += f" (ref {ref['value']:g}" + ("" if ref["same_procedure"] else f" @ stride {ref['stride']}") + ")"
+        text += f"{sep}(ref {ref['value']:g}" + ("" if ref["same_procedure"] else f" @ stride {ref['stride']}") + ")"
     return text
 
 
@@ -204,21 +205,46 @@ def notes(report: dict) -> list[str]:
     return lines
 
 
+LONG_COLUMNS = (("loss", "loss", ".4f"), ("ppl", "ppl", ".2f"), ("bits/byte", "bits_per_byte", ".4f"),
+                ("word ppl", "word_ppl", ".2f"), ("acc", "acc", ".4f"))
+
+
 def render_table(report: dict, console) -> None:
+    """The terminal table: a row per model and data set, so that it fits however many sets there are."""
+    from rich import box
     from rich.table import Table
 
-    cols = columns(report)
-    table = Table(title="nanoplay eval", caption="\n".join(notes(report)), caption_justify="left")
-    table.add_column("model")
-    for name in ("params", "ctx", "stride", *(c[0] for c in cols)):
-        table.add_column(name, justify="right")
+    keys = [d["key"] for d in report["data"]]
+    shown_cols = [c for c in LONG_COLUMNS if (c[1] != "word_ppl" or any(k.startswith("wikitext") for k in keys))
+                  and (c[1] != "acc" or "lambada" in keys) and (c[1] not in ("loss", "bits_per_byte") or
+                                                                 any(k != "lambada" for k in keys))]
+    table = Table(title="nanoplay eval", caption="\n".join(notes(report)), caption_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    table.add_column("model", overflow="fold", min_width=10)
+    for name in ("params", "ctx/stride"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("data", overflow="fold", min_width=10)
+    for name, _, _ in shown_cols:  # numbers fold rather than vanish in a narrow terminal
+        table.add_column(name, justify="right", overflow="fold")
+    failed = []
     for row in report["models"]:
-        if "error" in row and not row.get("results"):
-            table.add_row(row["model"], "", "", "", f"[red]error: {row['error']}[/red]", *[""] * (len(cols) - 1))
+        if "error" in row:
+            failed.append(row)
+            table.add_row(row["model"], "", "", "[red]error (below)[/red]")
             continue
-        table.add_row(row["model"], human_params(row["params"]), str(row["context"]), str(row["stride"]),
-                      *(cell(row, key, metric, fmt) for _, key, metric, fmt in cols))
+        for i, d in enumerate(report["data"]):
+            key = d["key"]
+            shown = {"lambada": ("ppl", "acc")}.get(key, ("loss", "ppl", "bits_per_byte") +
+                                                    (("word_ppl",) if key.startswith("wikitext") else ()))
+            label = key + (" (last token)" if key == "lambada" and report["method"]["lambada_rule"] != "word" else "")
+            first = i == 0
+            table.add_row(row["model"] if first else "", human_params(row["params"]) if first else "",
+                          f"{row['context']}/{row['stride']}" if first else "", label,
+                          *(cell(row, key, metric, fmt, sep="\n") if metric in shown else ""
+                            for _, metric, fmt in shown_cols), end_section=i == len(report["data"]) - 1)
     console.print(table)
+    for row in failed:
+        console.print(f"[red]{row['model']}: {row['error']}[/red]")
 
 
 def render_markdown(report: dict) -> str:

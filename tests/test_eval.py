@@ -1,0 +1,421 @@
+"""nanoplay eval: metrics against transformers and hand computations, data loaders offline, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import hf_gpt2, tiny_model, write_nanogpt_ckpt
+from pydoc_data.topics import topics
+
+from nanoplay import evaluation as ev
+from nanoplay.checkpoint import save_checkpoint
+from nanoplay.cli import main
+from nanoplay.errors import NanoplayError
+from nanoplay.evaldata import documents_stream, load_eval_data, wikitext_stream
+from nanoplay.loading import load_model
+from nanoplay.model import GPT, GPTConfig
+from nanoplay.tokenizer import get_tokenizer
+
+CTX = 64  # the tiny models' context
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    """A random GPT-2 in transformers, and the same weights read back by nanoplay from an HF directory."""
+    hf = hf_gpt2(seed=3, n_positions=CTX)
+    with torch.no_grad():  # sharper predictions, so a token scored with the wrong history shows
+        hf.transformer.wte.weight.mul_(8)
+    directory = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(directory)
+    return hf, load_model(str(directory))
+
+
+@pytest.fixture(scope="module")
+def prose_ids():
+    text = "\n\n".join(topics[k] for k in sorted(topics)[:6])
+    return torch.tensor(get_tokenizer().encode(text)[:420])  # 420 = 13 strides of 32 + 4: a short last window
+
+
+def guide_perplexity(hf, ids, stride, max_length=CTX):
+    """
+    The Hugging Face perplexity guide's loop (https://huggingface.co/docs/transformers/perplexity) with
+    one correction: the guide weights each window's mean loss by its valid labels minus one, for the
+    shift. That is right for the first window only; in later windows the first label is not at position
+    0, so the loss averages all of them. With 512-token strides the difference is ~1e-6; with these
+    32-token windows it is ~1e-3, so the count here is the number of labels the loss really averaged.
+    """
+    seq_len = ids.numel()
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = ids[begin_loc:end_loc][None]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = hf(input_ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids[:, 1:] != -100).sum().item()  # the labels left after the shift
+        nll_sum += neg_log_likelihood.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return math.exp(nll_sum / n_tokens)
+
+
+def guide_token_nll(hf, ids, stride, max_length=CTX):
+    """Per-token losses from the guide's windows, position by position (NaN where nothing scores)."""
+    out = torch.full((ids.numel(),), float("nan"), dtype=torch.float64)
+    prev_end_loc = 0
+    for begin_loc in range(0, ids.numel(), stride):
+        end_loc = min(begin_loc + max_length, ids.numel())
+        window = ids[begin_loc:end_loc][None]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf(window).logits[0].double(), dim=-1)  # (T, V)
+        for p in range(max(prev_end_loc, begin_loc + 1), end_loc):
+            out[p] = -logprobs[p - begin_loc - 1, ids[p]]
+        prev_end_loc = end_loc
+        if end_loc == ids.numel():
+            break
+    return out
+
+
+# -----------------------------------------------------------------------------
+# perplexity
+
+
+@pytest.mark.parametrize("stride", [CTX, CTX // 2])
+def test_perplexity_matches_transformers_and_the_guide(hf_and_ours, prose_ids, stride):
+    hf, loaded = hf_and_ours
+    result = ev.perplexity(loaded.model, prose_ids, context=CTX, stride=stride, n_bytes=1, n_words=1, batch_size=3)
+    expected = guide_perplexity(hf, prose_ids, stride)
+    assert result.ppl == pytest.approx(expected, rel=1e-4)
+    # token by token: each one scored in the same window, with the same history, as the guide does
+    ours = ev.token_nll(loaded.model, prose_ids, CTX, stride, batch_size=4)
+    theirs = guide_token_nll(hf, prose_ids, stride)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    scored = ~torch.isnan(theirs)
+    assert torch.allclose(ours[scored], theirs[scored], atol=2e-5, rtol=0)
+    n_windows = len(range(0, prose_ids.numel() - CTX + stride, stride))
+    assert result.scored == (prose_ids.numel() - n_windows if stride == CTX else prose_ids.numel() - 1)
+
+
+def test_batching_and_padding_do_not_change_scores(hf_and_ours, prose_ids):
+    _, loaded = hf_and_ours
+    one = ev.token_nll(loaded.model, prose_ids, CTX, 32, batch_size=1)
+    many = ev.token_nll(loaded.model, prose_ids, CTX, 32, batch_size=64)
+    assert torch.allclose(one, many, atol=1e-5, equal_nan=True)
+
+
+def test_final_hidden_is_the_forward_without_lm_head():
+    model = tiny_model(5)
+    x = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(ev.final_hidden(model, x)), model(x), atol=1e-5)
+
+
+def test_sliding_windows_by_hand():
+    # 10 tokens, context 4, stride 2: every token after the first is scored once, with >= 2 of history
+    assert ev.sliding_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    # stride = context: disjoint windows whose first tokens have no history and are skipped
+    assert ev.sliding_windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    # a last window of one token scores nothing
+    assert ev.sliding_windows(9, 4, 4) == [(0, 4, 1), (4, 8, 5)]
+    with pytest.raises(NanoplayError, match="stride"):
+        ev.sliding_windows(10, 4, 5)
+
+
+def uniform_model(block_size=CTX):
+    """A GPT whose every prediction is uniform over its 50304 ids: all weights zero."""
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def test_bits_per_byte_and_word_perplexity_by_hand():
+    text_rows = ["The cat sat.", "The dog ran."]
+    data = wikitext_stream("wikitext-2", text_rows, "hand-made")
+    tok = get_tokenizer()
+    # "The cat sat.\n\nThe dog ran.": 26 bytes, 6 words, and these 10 tokens
+    pieces = ["The", " cat", " sat", ".", "\n", "\n", "The", " dog", " ran", "."]
+    assert [tok.decode([i]) for i in data.ids.tolist()] == pieces
+    assert (data.n_bytes, data.n_words) == (26, 6)
+    result = ev.perplexity(uniform_model(), data.ids, context=CTX, stride=32, n_bytes=data.n_bytes,
+                           n_words=data.n_words)
+    ln_v = math.log(50304)
+    assert result.scored == 9 and result.tokens == 10
+    assert result.loss == pytest.approx(ln_v, rel=1e-6)
+    assert result.ppl == pytest.approx(50304, rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(math.log2(50304) * 10 / 26, rel=1e-6)
+    assert result.word_ppl == pytest.approx(50304 ** (10 / 6), rel=1e-5)
+
+
+def test_documents_are_joined_like_the_trainer_and_separators_have_no_bytes():
+    tok = get_tokenizer()
+    data = documents_stream("docs", ["ab c", "d"])
+    assert data.ids.tolist() == tok.encode("ab c") + [tok.eot_id] + tok.encode("d") + [tok.eot_id]
+    assert (data.n_bytes, data.n_words) == (5, 3)
+    result = ev.perplexity(uniform_model(), data.ids, context=CTX, stride=CTX, n_bytes=data.n_bytes,
+                           n_words=data.n_words)
+    assert result.bits_per_byte == pytest.approx(math.log2(50304) * data.ids.numel() / 5, rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# LAMBADA
+
+
+BOOST = 12.0
+
+
+def bigram_model(follows: dict[str, str], block_size=8):
+    """
+    A GPT made into a bigram table: the next-token logits depend only on the previous token, and are
+    BOOST for the one token `follows` names after it and 0 for every other id (no blocks, no position
+    embeddings, no final LayerNorm, an untied head). Unlisted previous tokens predict uniformly.
+    """
+    tok = get_tokenizer()
+    prev = {tok.encode(a)[0]: tok.encode(b)[0] for a, b in follows.items()}
+    K = len(prev) + 1  # one direction per listed previous token
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=0, n_head=1, n_embd=K)).eval()
+    model.transformer["ln_f"] = nn.Identity()
+    model.lm_head = nn.Linear(K, 50304, bias=False)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (a, b) in enumerate(prev.items(), start=1):
+            model.transformer.wte.weight[a, k] = 1.0
+            model.lm_head.weight[b, k] = BOOST
+    return model
+
+
+# Four texts whose last words the bigram model gets right, half right (start, not end), half right
+# (end, not start) and right in one token; the contexts are longer than the model's 8-token context.
+LAMBADA_TEXTS = [
+    "He read every night about the strange island of Gulliver",  # ' G' 'ull' 'iver': all greedy
+    "She was, as everyone kept telling her, a quixotic",  # ' qu' 'ix' right, 'otic' wrong
+    "The small beetle they found in the garden was called zyzzyva",  # ' z' wrong, 'y' 'zzy' 'va' right
+    "The old cat slept all afternoon on the mat",  # ' mat': one token, right
+]
+FOLLOWS = {" of": " G", " G": "ull", "ull": "iver", " a": " qu", " qu": "ix", "ix": "ed",
+           " called": " the", " z": "y", "y": "zzy", "zzy": "va", " the": " mat"}
+
+
+def test_lambada_whole_word_rule_by_hand():
+    tok = get_tokenizer()
+    assert [tok.decode([i]) for i in tok.encode(" zyzzyva")] == [" z", "y", "zzy", "va"]
+    ln_z = math.log(math.exp(BOOST) + 50303)  # the normaliser after a listed token
+    hit, miss = ln_z - BOOST, ln_z  # nll of the boosted token, of any other
+    result = ev.lambada(bigram_model(FOLLOWS), LAMBADA_TEXTS, tok, context=8, rule="word", batch_size=3)
+    per_example = [3 * hit, 2 * hit + miss, miss + 3 * hit, hit]
+    assert result.examples == 4 and result.correct == 2
+    assert result.accuracy == 0.5
+    assert result.target_tokens == 3 + 3 + 4 + 1
+    assert result.nll == pytest.approx(sum(per_example), rel=1e-6)
+    assert result.ppl == pytest.approx(math.exp(sum(per_example) / 4), rel=1e-5)
+
+
+def test_lambada_last_token_rule_by_hand():
+    ln_z = math.log(math.exp(BOOST) + 50303)
+    hit, miss = ln_z - BOOST, ln_z
+    result = ev.lambada(bigram_model(FOLLOWS), LAMBADA_TEXTS, get_tokenizer(), context=8, rule="last-token")
+    # only the final token counts: 'iver' right, 'otic' wrong, 'va' right, ' mat' right
+    assert result.correct == 3 and result.target_tokens == 4
+    assert result.ppl == pytest.approx(math.exp((hit + miss + hit + hit) / 4), rel=1e-5)
+
+
+def test_lambada_targets_split_like_the_harness():
+    tok = get_tokenizer()
+    context, target = ev.lambada_request("It was called zyzzyva", tok, "word")
+    assert tok.decode(context) == "It was called" and tok.decode(target) == " zyzzyva"
+    context, target = ev.lambada_request("It was called zyzzyva", tok, "last-token")
+    assert tok.decode(context) == "It was called zyzzy" and tok.decode(target) == "va"
+    context, target = ev.lambada_request("Alone", tok, "word")  # no space: predicted from end-of-text
+    assert context == [tok.eot_id] and tok.decode(target) == " Alone"
+
+
+def test_lambada_scores_match_transformers(hf_and_ours):
+    hf, loaded = hf_and_ours
+    tok = get_tokenizer()
+    texts = [" ".join(topics[k].split()[:n]) for k, n in zip(sorted(topics)[10:16], (5, 30, 80, 12, 3, 200))]
+    requests = [ev.lambada_request(t, tok) for t in texts]
+    ours = ev.score_continuations(loaded.model, requests, CTX, batch_size=2)
+    for (context, target), (nll, greedy) in zip(requests, ours):
+        seq = torch.tensor((context + target)[-(CTX + 1):])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf(seq[None, :-1]).logits[0].double(), dim=-1)  # (T, V)
+        rows = logprobs[-len(target):]
+        assert nll == pytest.approx(-rows[torch.arange(len(target)), torch.tensor(target)].sum().item(), abs=1e-4)
+        assert greedy == (rows.argmax(dim=-1) == torch.tensor(target)).all().item()
+
+
+# -----------------------------------------------------------------------------
+# data sets, offline
+
+
+def write_datasets_cache(cache, repo_id, config, split, rows):
+    """A `datasets` cache entry, laid out as load_dataset leaves it after a download."""
+    from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
+    from datasets.arrow_writer import ArrowWriter
+
+    name = repo_id.split("/")[-1]
+    directory = cache / repo_id.replace("/", "___") / config / "0.0.0" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    ds = Dataset.from_dict({"text": rows})
+    with ArrowWriter(path=str(directory / f"{name}-{split}.arrow")) as writer:
+        writer.write_table(ds.data.table)
+        n, n_bytes = writer.finalize()
+    DatasetInfo(features=ds.features, dataset_name=name, config_name=config,
+                splits=SplitDict({split: SplitInfo(name=split, num_examples=n, num_bytes=n_bytes, dataset_name=name)})
+                ).write_to_directory(str(directory))
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch, hf_home):
+    import datasets
+
+    cache = tmp_path / "datasets"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English film , television and theatre actor . \n",
+             "", " = = Career = = \n"]
+
+
+def test_wikitext_from_the_datasets_cache_is_joined_like_the_guide(datasets_cache):
+    write_datasets_cache(datasets_cache, "Salesforce/wikitext", "wikitext-2-raw-v1", "test", WIKI_ROWS)
+    data = load_eval_data("wikitext-2")
+    joined = "\n\n".join(WIKI_ROWS)
+    assert data.ids.tolist() == get_tokenizer().encode(joined)
+    assert (data.n_bytes, data.n_words, data.rows) == (len(joined.encode()), len(joined.split()), 6)
+    assert load_eval_data("wikitext-2", limit=2).rows == 2
+
+
+def test_lambada_from_the_datasets_cache(datasets_cache):
+    write_datasets_cache(datasets_cache, "EleutherAI/lambada_openai", "default", "test", LAMBADA_TEXTS)
+    data = load_eval_data("lambada")
+    assert data.kind == "lambada" and data.texts == LAMBADA_TEXTS
+    assert load_eval_data("lambada_openai", limit=3).texts == LAMBADA_TEXTS[:3]
+
+
+def test_not_cached_offline_is_one_clear_line(datasets_cache):
+    with pytest.raises(NanoplayError) as e:
+        load_eval_data("wikitext-103")
+    message = str(e.value)
+    assert "\n" not in message and "wikitext-103=PATH" in message and "Salesforce/wikitext" in message
+
+
+def test_local_copies_of_the_named_sets(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": WIKI_ROWS}).to_parquet(tmp_path / "test.parquet")
+    # the original file: a line per row, blank rows written as a lone space
+    (tmp_path / "wiki.test.raw").write_text("".join(row or " \n" for row in WIKI_ROWS))
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_TEXTS))
+    from_parquet = load_eval_data(f"wikitext-2={tmp_path / 'test.parquet'}")
+    assert from_parquet.ids.tolist() == get_tokenizer().encode("\n\n".join(WIKI_ROWS))
+    from_raw = load_eval_data(f"wikitext-2={tmp_path / 'wiki.test.raw'}")
+    assert torch.equal(from_raw.ids, from_parquet.ids) and from_raw.rows == len(WIKI_ROWS)
+    assert load_eval_data(f"lambada={tmp_path / 'lambada_test.jsonl'}").texts == LAMBADA_TEXTS
+    with pytest.raises(NanoplayError, match="no such file"):
+        load_eval_data(f"lambada={tmp_path / 'missing.jsonl'}")
+
+
+# -----------------------------------------------------------------------------
+# the command, on every checkpoint format side by side
+
+
+@pytest.fixture
+def three_formats(tmp_path, checkpoints, hf_home):
+    """The same kind of tiny model as a nanoGPT ckpt.pt, one of our checkpoints and an HF directory."""
+    nanogpt = write_nanogpt_ckpt(tmp_path / "ckpt.pt", tiny_model(2, bias=False, activation="gelu"))
+    save_checkpoint(tiny_model(1), checkpoints / "tiny" / "step-00000100", step=100)
+    hf_dir = tmp_path / "hf-dir"
+    hf_gpt2(seed=4, n_positions=CTX).save_pretrained(hf_dir)
+    return [str(nanogpt), "tiny", str(hf_dir)]
+
+
+@pytest.fixture
+def local_sets(tmp_path):
+    import datasets
+
+    rows = [line for k in sorted(topics)[:2] for line in topics[k].split("\n")]
+    datasets.Dataset.from_dict({"text": rows}).to_parquet(tmp_path / "wiki.parquet")
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_TEXTS))
+    return [f"wikitext-2={tmp_path / 'wiki.parquet'}", f"lambada={tmp_path / 'lambada.jsonl'}"], rows
+
+
+def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
+    data_args, rows = local_sets
+    argv = ["eval", "--stride", str(CTX), "--json"]
+    for spec in [*three_formats, "no-such-model"]:
+        argv += ["--model", spec]
+    for spec in data_args:
+        argv += ["--data", spec]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [row["model"] for row in report["models"]]
+    assert names[0].endswith("/ckpt.pt") and names[1:] == ["tiny@100", "hf-dir", "no-such-model"]
+    assert "error" in report["models"][3] and "no-such-model" in report["models"][3]["error"]
+
+    # each model's loss equals its own forward's mean loss over the same disjoint windows
+    ids = torch.tensor(get_tokenizer().encode("\n\n".join(rows)))
+    for spec, row in zip(three_formats, report["models"]):
+        model = load_model(spec).model
+        nll, count = 0.0, 0
+        for begin in range(0, ids.numel(), CTX):
+            window = ids[begin:begin + CTX]
+            if window.numel() < 2:
+                continue
+            with torch.no_grad():
+                _, loss = model(window[None, :-1], window[None, 1:])
+            nll += loss.item() * (window.numel() - 1)
+            count += window.numel() - 1
+        wiki = row["results"]["wikitext-2"]
+        assert wiki["scored_tokens"] == count
+        assert wiki["loss"] == pytest.approx(nll / count, rel=1e-5)
+        assert row["results"]["lambada"]["examples"] == len(LAMBADA_TEXTS)
+        assert (row["context"], row["stride"]) == (CTX, CTX)
+
+
+def test_eval_markdown_and_table(three_formats, local_sets, capsys):
+    data_args, _ = local_sets
+    argv = ["eval", "--model", three_formats[1], "--model", "no-such-model", "--limit", "2"]
+    for spec in data_args:
+        argv += ["--data", spec]
+    assert main([*argv, "--markdown"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    for col in ("model", "params", "ctx", "stride", "wikitext-2 loss", "wikitext-2 bits/byte", "wikitext-2 word ppl",
+                "lambada acc", "lambada ppl"):
+        assert f" {col} |" in header
+    assert "| tiny@100 | 1.6M | 64 | 32 |" in out
+    assert "| no-such-model |" in out and "error: unknown model" in out
+    assert "lm-evaluation-harness" in out and "2 rows" in out
+    # the terminal table
+    assert main(argv) == 0
+    assert "tiny@100" in capsys.readouterr().out
+
+
+def test_eval_references_are_labelled_with_their_procedure():
+    refs = ev.find_references("gpt2", "openwebtext", "loss", stride=512)
+    assert [r.value for r in refs] == [3.12] and refs[0].stride == 1024
+    large = ev.find_references("gpt2-large", "wikitext-2", "ppl", stride=512)
+    assert [r.value for r in large] == [16.44, 19.44]  # the one measured at our stride first
+    assert ev.find_references("gpt2", "lambada", "acc", rule="last-token") == []
+    assert [r.value for r in ev.find_references("gpt2", "lambada", "ppl", rule="word")] == [40.06]
+
+
+def test_bench_scoring_compares_with_transformers_on_the_same_weights(hf_and_ours):
+    _, loaded = hf_and_ours
+    result = ev.bench_scoring(loaded, batch_size=2, seq_len=16, repeats=1)
+    assert result["ours_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["transformers_tokens_per_s"])
+    assert result["max_logit_diff"] < 1e-4  # the twin really computes what we compute
