@@ -56,8 +56,10 @@ def test_compare_screen_with_colours_and_inspector(snap_models, snap_compare):
 def test_chat_screen(snap_models, snap_compare):
     async def run_before(pilot):
         await settle(pilot, "Hello there")
+        pilot.app.main.panes[0].focus()
+        await pilot.press("end")
 
-    assert snap_compare(NanoplayApp(models=["alpha", "beta"], chat=True), terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(NanoplayApp(models=["beta"], chat=True), terminal_size=SIZE, run_before=run_before)
 
 
 def test_settings_screen(snap_models, snap_compare):

@@ -73,7 +73,7 @@ class MainScreen(Screen):
         self.set_interval(1 / REFRESH_HZ, self.tick)
         self.update_status()
         if self.initial is None:
-            self.app.discover()
+            self.call_after_refresh(self.app.discover)
         else:
             for state in self.initial:
                 self.add_pane(state)
@@ -93,7 +93,8 @@ class MainScreen(Screen):
         pane.colour_mode = self.app.colour_mode
         self.query_one("#panes").mount(pane)
         self.call_after_refresh(self.layout_panes)
-        self.load_pane(pane)
+        # after the first paint: importing torch in a worker would otherwise compete with it for the GIL
+        self.call_after_refresh(self.load_pane, pane)
         return pane
 
     def layout_panes(self) -> None:

@@ -8,7 +8,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, Markdown, ProgressBar
+from textual.widgets import Button, Footer, Label, Markdown, ProgressBar
 
 DEMO_PRESET = "demo"
 
@@ -39,7 +39,6 @@ class WelcomeScreen(Screen[str | None]):
     def compose(self):
         from ...loading import checkpoints_root
 
-        yield Header()
         with Vertical(id="welcome"):
             yield Markdown(WELCOME.format(root=checkpoints_root()))
             with Horizontal(classes="buttons"):
