@@ -58,7 +58,9 @@ class TokenInspector(Static):
         samp_mass = sum(math.exp(slp) for _, _, _, slp in tok.top if not math.isinf(slp))
         cover = Text(f"top {len(tok.top)} cover {raw_mass:.1%} of the raw distribution", "dim")
         if not is_prompt:
-            cover.append(f", {samp_mass:.1%} of the sampling one · press 1-{len(tok.top)} to fork with one", "dim")
+            cover.append(f", {samp_mass:.1%} of the sampling one", "dim")
+            if not pane.chat_mode:
+                cover.append(f" · press 1-{len(tok.top)} to fork with one", "dim")
         grid = Table.grid()
         grid.add_row(head)
         grid.add_row(table)
