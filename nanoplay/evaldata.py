@@ -3,8 +3,9 @@ The data sets `nanoplay eval --data` accepts, loaded once and shared by every mo
 
     wikitext-2, wikitext-103   raw test split, rows joined with "\\n\\n" (the HF perplexity guide)
     lambada                    EleutherAI/lambada_openai, the 5,153 texts OpenAI's GPT-2 was scored on
-    openwebtext                the trainer's validation split, tokenised as the trainer does
-    a path or a Hub id         local .txt/.jsonl/.parquet files or folders, or a Hub text data set
+    openwebtext, pydoc-topics  the trainer's validation split, tokenised as the trainer does
+    a path or a Hub id         local .txt/.jsonl/.parquet files or folders, or a Hub text data set (all of it,
+                               or --split train/val: the trainer's split of it)
 
 The named sets come from the Hub through `datasets.load_dataset` (cached after the first download);
 `NAME=PATH` reads a local copy of one instead (a .parquet, .jsonl or .txt holding the same rows).
@@ -27,6 +28,7 @@ LAMBADA_CONFIG = "default"  # the English texts; the other configs are machine t
 ALIASES = {"wikitext2": "wikitext-2", "wikitext103": "wikitext-103", "lambada_openai": "lambada",
            "lambada-openai": "lambada", "owt": "openwebtext"}
 NAMED = (*WIKITEXT_CONFIGS, "lambada", "openwebtext")
+TRAINING_CORPORA = ("openwebtext", "pydoc-topics")  # evaluated on the validation split the trainer holds out
 LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".raw": "text"}
 
 
@@ -49,7 +51,7 @@ class EvalData:
 
 
 def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | None = None,
-                   split: str | None = None) -> EvalData:
+                   split: str | None = None, val_fraction: float | None = None) -> EvalData:
     """Resolve one --data spec: NAME, NAME=PATH (a local copy of a named set), a path, or a Hub id."""
     head, sep, local = spec.partition("=")
     name = ALIASES.get(head.strip().lower(), head.strip().lower())
@@ -73,7 +75,9 @@ def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | No
         texts = texts[:limit] if limit else texts
         return EvalData(key="lambada", kind="lambada", description=f"{where} test (OpenAI's LAMBADA)",
                         rows=len(texts), texts=texts)
-    return documents_stream(name, _text_documents(name, text_column, split, limit))
+    docs, split = _text_documents(name, text_column, split, limit, val_fraction)
+    return documents_stream(name, docs, f"{name} ({split} split, as the trainer reads it): {len(docs):,} documents, "
+                                        f"each followed by <|endoftext|>")
 
 
 def wikitext_stream(key: str, rows: list[str], description: str) -> EvalData:
@@ -97,16 +101,20 @@ def documents_stream(key: str, docs: list[str], description: str | None = None) 
                     n_words=sum(len(d.split()) for d in docs))
 
 
-def _text_documents(source: str, text_column: str | None, split: str | None, limit: int | None) -> list[str]:
-    """openwebtext's val split, local files and Hub text data sets, read as the trainer reads them."""
+def _text_documents(source: str, text_column: str | None, split: str | None, limit: int | None,
+                    val_fraction: float | None) -> tuple[list[str], str]:
+    """
+    Documents through nanoplay.textdata, the trainer's reader: a training corpus (openwebtext,
+    pydoc-topics) gives its validation split, a file or Hub set the user points at all of itself,
+    unless `split` says otherwise.
+    """
     from .textdata import load_text_dataset
 
-    if split is None:
-        split = "val" if source == "openwebtext" else "train"
-    ds = load_text_dataset(source, split=split, text_column=text_column)
+    split = split or ("val" if source in TRAINING_CORPORA else "all")
+    ds = load_text_dataset(source, split=split, text_column=text_column, val_fraction=val_fraction)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    return list(ds["text"])
+    return list(ds["text"]), split
 
 
 def _hub_rows(key: str, repo: str, config: str, split: str, column: str) -> list[str]:

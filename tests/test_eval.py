@@ -328,6 +328,33 @@ def test_local_copies_of_the_named_sets(tmp_path):
         load_eval_data(f"lambada={tmp_path / 'missing.jsonl'}")
 
 
+def test_training_corpus_is_the_trainers_val_split_token_for_token(tmp_path, monkeypatch):
+    import numpy as np
+
+    from nanoplay.textdata import resolve_source
+    from trainer.data import prepare
+
+    monkeypatch.setenv("NANOPLAY_DATA_CACHE", str(tmp_path / "tokens"))
+    data = load_eval_data("pydoc-topics")
+    shards = prepare(resolve_source("pydoc-topics"), progress=False)
+    meta = json.loads((shards / "meta.json").read_text())
+    val = np.concatenate([np.fromfile(shards / s["file"], dtype=np.uint16) for s in meta["splits"]["val"]])
+    assert data.ids.tolist() == val.tolist()
+    assert "val split" in data.description
+
+
+def test_local_text_files_are_read_whole_or_split_like_the_trainer(tmp_path):
+    from nanoplay.textdata import load_text_dataset
+
+    docs = [topics[k] for k in sorted(topics)[:5]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    whole = load_eval_data(str(tmp_path / "docs.jsonl"), text_column="body")
+    assert whole.rows == 5 and whole.n_bytes == sum(len(d.encode()) for d in docs)
+    val = load_eval_data(str(tmp_path / "docs.jsonl"), text_column="body", split="val")
+    expected = list(load_text_dataset(str(tmp_path / "docs.jsonl"), split="val", text_column="body")["text"])
+    assert val.ids.tolist() == documents_stream("x", expected).ids.tolist()
+
+
 # -----------------------------------------------------------------------------
 # the command, on every checkpoint format side by side
 
@@ -385,9 +412,11 @@ def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
         assert (row["context"], row["stride"]) == (CTX, CTX)
 
 
-def test_eval_markdown_and_table(three_formats, local_sets, capsys):
+def test_eval_markdown_and_table(three_formats, local_sets, capsys, tmp_path):
     data_args, _ = local_sets
-    argv = ["eval", "--model", three_formats[1], "--model", "no-such-model", "--limit", "2"]
+    char_level = write_nanogpt_ckpt(tmp_path / "char.pt", tiny_model(6, vocab_size=65), with_optimizer=False)
+    argv = ["eval", "--model", three_formats[1], "--model", "no-such-model", "--model", str(char_level),
+            "--limit", "2"]
     for spec in data_args:
         argv += ["--data", spec]
     assert main([*argv, "--markdown"]) == 0
@@ -398,6 +427,7 @@ def test_eval_markdown_and_table(three_formats, local_sets, capsys):
         assert f" {col} |" in header
     assert "| tiny@100 | 1.6M | 64 | 32 |" in out
     assert "| no-such-model |" in out and "error: unknown model" in out
+    assert "has a 65-token vocabulary, not GPT-2's BPE" in out
     assert "lm-evaluation-harness" in out and "2 rows" in out
     # the terminal table
     assert main(argv) == 0
@@ -417,5 +447,9 @@ def test_bench_scoring_compares_with_transformers_on_the_same_weights(hf_and_our
     _, loaded = hf_and_ours
     result = ev.bench_scoring(loaded, batch_size=2, seq_len=16, repeats=1)
     assert result["ours_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    # disjoint windows at stride = seq_len: all but each window's first token are scored
+    assert result["ours_scored_tokens_per_s"] == pytest.approx(result["ours_tokens_per_s"] * 30 / 32)
     assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["transformers_tokens_per_s"])
     assert result["max_logit_diff"] < 1e-4  # the twin really computes what we compute
+    half = ev.bench_scoring(loaded, batch_size=3, seq_len=16, repeats=1, stride=8)
+    assert half["ours_scored_tokens_per_s"] == pytest.approx(half["ours_tokens_per_s"] * (15 + 8 + 8) / 48)

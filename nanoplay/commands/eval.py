@@ -15,9 +15,9 @@ def register(subparsers) -> None:
         "eval", help="perplexity, bits per byte and LAMBADA of models on the same data, next to published figures")
     add_model_options(p)
     p.add_argument("--data", "-d", action="append", metavar="SET",
-                   help="wikitext-2, wikitext-103, lambada, openwebtext, NAME=PATH (a local copy of a named set), "
-                        "a .txt/.jsonl/.parquet file or folder, or a Hub dataset id (repeatable; "
-                        f"default: {' '.join(DEFAULT_DATA)})")
+                   help="wikitext-2, wikitext-103, lambada, openwebtext, pydoc-topics, NAME=PATH (a local copy "
+                        "of a named set), a .txt/.jsonl/.parquet file or folder, or a Hub dataset id "
+                        f"(repeatable; default: {' '.join(DEFAULT_DATA)})")
     p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half each model's context)")
     p.add_argument("--lambada-rule", choices=("word", "last-token"), default="word",
                    help="word: the whole last word must be the greedy continuation (lm-evaluation-harness); "
@@ -25,7 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N rows (documents, lines, examples) of each set")
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: about 8k tokens' worth)")
     p.add_argument("--text-column", help="the text column of a local file or Hub data set (default: text)")
-    p.add_argument("--split", help="the split of a Hub data set or local source (default: the trainer's)")
+    p.add_argument("--split", choices=("train", "val", "all"),
+                   help="which of the trainer's splits of a text source to score (default: val for openwebtext and "
+                        "pydoc-topics, all of a file or Hub data set)")
+    p.add_argument("--val-fraction", type=float, help="the --val-fraction the model was trained with, if not the default")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="results as one JSON object")
     out.add_argument("--markdown", action="store_true", help="results as a Markdown table, with notes")
@@ -49,11 +52,13 @@ def run(args) -> int:
     data = []
     for spec in args.data or DEFAULT_DATA:
         with err.status(f"loading {spec}…"):
-            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split))
+            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split,
+                                       val_fraction=args.val_fraction))
     rows = []
     for spec in args.model:
         try:
-            loaded = load_model(spec, device=device, dtype=dtype)
+            with err.status(f"loading {spec}…"):
+                loaded = load_model(spec, device=device, dtype=dtype)
         except NanoplayError as e:  # one bad model must not cost the others their results
             rows.append({"model": spec, "error": str(e)})
             continue
@@ -74,13 +79,17 @@ def evaluate_model(loaded, data, args, console) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .. import evaluation as ev
-    from ..tokenizer import get_tokenizer
+    from ..tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
 
     context = loaded.config.block_size
     stride = args.stride or context // 2
     row = {"model": loaded.name, "params": loaded.num_params, "context": context, "stride": stride, "results": {}}
     if stride > context:
         row["error"] = f"--stride {stride} is longer than {loaded.name}'s context of {context} tokens"
+        return row
+    if loaded.config.vocab_size < GPT2_VOCAB_SIZE:  # a character-level nanoGPT, say
+        row["error"] = (f"{loaded.name} has a {loaded.config.vocab_size}-token vocabulary, not GPT-2's BPE: "
+                        f"it cannot score GPT-2-tokenised text")
         return row
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
