@@ -363,3 +363,42 @@ def test_init_from_a_model_spec_continues_pretraining(env, run_root, tmp_path):
     # it started from the base weights: one tiny step away, not a fresh init
     drift = (trained.model.transformer.wpe.weight - base.transformer.wpe.weight).abs().max().item()
     assert 0 < drift < 0.05
+
+
+def test_parallel_tokenisation_gives_the_same_shards(env, tmp_path, monkeypatch):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    one = data.prepare(resolve_source(str(path), val_fraction=0.1), num_proc=1, progress=False)
+    monkeypatch.setenv("NANOPLAY_DATA_CACHE", str(tmp_path / "other-cache"))
+    two = data.prepare(resolve_source(str(path), val_fraction=0.1), num_proc=2, progress=False)
+    assert one != two
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(one, split), shard_tokens(two, split))
+
+
+def test_live_view_and_tensorboard_without_the_package(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from trainer.monitor import Monitor, _tensorboard_writer
+
+    seen = []
+    monitor = Monitor(run_dir=tmp_path / "run", title="train x", max_iters=100, start_step=0, log_interval=10,
+                      flops_per_token=1e9, device_name="NVIDIA H100 80GB HBM3", tensorboard=False, display="none",
+                      on_progress=seen.append)
+    for step in range(1, 21):
+        monitor.step(step, loss=10.0 - step * 0.3, lr=1e-3, tokens=100_000, seconds=1.0)
+    monitor.evaluation(20, 4.5, 4.5)
+    console = Console(record=True, width=100)
+    console.print(monitor._render())
+    screen = console.export_text()
+    monitor.close()
+    assert "20/100" in screen and "4.0000" in screen and "4.5000 (best 4.5000)" in screen
+    assert "10.1%" in screen  # MFU: 1e9 FLOPs/token x 1e5 tokens/s over the H100's 989 TFLOPS
+    assert "1m20s" in screen  # ETA: 80 steps left at 1 s each
+    assert any(0x2800 < ord(c) <= 0x28FF for c in screen)  # the braille loss curve
+    assert seen[-1].step == 20 and seen[-1].max_steps == 100 and seen[-1].loss == pytest.approx(4.0)
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")][-2:] == [20, 20]
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(NanoplayError, match="pip install tensorboard"):
+        _tensorboard_writer(tmp_path / "tb")
