@@ -145,3 +145,15 @@ def test_export_hf_reads_back_in_transformers(tmp_path, overrides):
         torch.testing.assert_close(hf(IDX).logits, logits(model), atol=1e-4, rtol=1e-4)
     # and nanoplay reads its own export back as an HF-format directory
     torch.testing.assert_close(logits(load_model(str(tmp_path / "hf")).model), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_hub_revision_offline(hf_home, checkpoints):
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    hf = hf_gpt2(seed=9)
+    write_hf_snapshot(hf_home, "someone/tiny-gpt", hf, commit=commit)
+    loaded = load_model(f"someone/tiny-gpt@{commit}")
+    assert loaded.name == f"someone/tiny-gpt@{commit}"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(IDX), hf(IDX).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(NanoplayError, match="someone/tiny-gpt@v2 is not in the local Hugging Face cache"):
+        load_model("someone/tiny-gpt@v2")
