@@ -430,13 +430,20 @@ async def test_welcome_trains_the_demo_preset_and_opens_it(checkpoints, hf_home,
         eval_interval=2, eval_batches=1, checkpoint_interval=0, sample_tokens=0, compile=False))
     monkeypatch.setenv("NANOPLAY_SESSIONS", str(tmp_path / "sessions"))
     monkeypatch.setenv("NANOPLAY_DATA_CACHE", str(tmp_path / "tokens"))
+    shown = []  # (bar progress, status line) after each progress update
+
+    def show_progress(screen, p):
+        WelcomeScreen.show_progress.__wrapped__(screen, p)
+        shown.append((screen.query_one("#train-progress").progress, str(screen.query_one("#train-status").render())))
+
+    show_progress.__wrapped__ = WelcomeScreen.show_progress
+    monkeypatch.setattr(WelcomeScreen, "show_progress", show_progress)
     app = NanoplayApp()
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
-        welcome = app.screen
         await pilot.press("t")
         await until(pilot, lambda: app.screen is app.main and panes(app), timeout=120)
-        assert welcome.query_one("#train-progress").progress == 2
+        assert [bar for bar, _ in shown] == [1, 2] and "step 2/2" in shown[-1][1]
         await loaded(pilot)
         (pane,) = panes(app)
         assert pane.lm is not None and pane.lm.name == "demo@2" and pane.lm.config.n_layer == 1
