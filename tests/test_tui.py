@@ -447,3 +447,18 @@ async def test_welcome_trains_the_demo_preset_and_opens_it(checkpoints, hf_home,
         await loaded(pilot)
         (pane,) = panes(app)
         assert pane.lm is not None and pane.lm.name == "demo@2" and pane.lm.config.n_layer == 1
+
+
+def test_hub_download_progress_goes_to_the_pane_status():
+    """huggingface_hub drives the tqdm class it is given: bytes and speed land in the pane's status line."""
+    from nanoplay.tui.screens.main import progress_class
+    from nanoplay.tui.state import PaneState
+
+    pane = ModelPane(PaneState("gpt2"))
+    bar = progress_class(pane)(total=2_000_000, unit="B", unit_scale=True, desc="model.safetensors",
+                               name="huggingface_hub.http_get")
+    bar.update(500_000)
+    bar.refresh()
+    assert pane.dirty and pane.status.startswith("downloading model.safetensors")
+    assert "500k/2.00M" in pane.status and "B/s" in pane.status
+    bar.close()
