@@ -124,3 +124,17 @@ def test_pull_finds_a_cached_snapshot(hf_home, capsys):
     snap = write_hf_snapshot(hf_home, "gpt2", hf_gpt2())
     code, out, _ = run_cli(capsys, "pull", "gpt2")
     assert code == 0 and out.strip() == f"gpt2: {snap}"
+
+
+def test_command_line_parsing_does_not_import_torch():
+    # `nanoplay` opens the playground in under 1.5 s only if parsing stays light
+    code = "import sys; from nanoplay.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_bench_shape_names_match_the_engine():
+    from nanoplay.bench import SHAPES
+    from nanoplay.commands.bench import SHAPE_NAMES
+
+    assert sorted(SHAPES) == list(SHAPE_NAMES)

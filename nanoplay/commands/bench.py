@@ -5,12 +5,14 @@ from __future__ import annotations
 from .common import add_model_options, resolve_device, torch_dtype
 
 
-def register(subparsers) -> None:
-    from ..bench import SHAPES
+# nanoplay.bench.SHAPES, named here so that parsing the command line does not import torch
+SHAPE_NAMES = ("gpt2-124m", "owt-30m")
 
+
+def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="prefill/decode tokens/s, optionally against transformers generate()")
     add_model_options(p, required=False)
-    p.add_argument("--shape", choices=sorted(SHAPES), action="append",
+    p.add_argument("--shape", choices=SHAPE_NAMES, action="append",
                    help="benchmark a preset shape with random weights (no download needed)")
     p.add_argument("--vs", choices=["transformers"], help="also run the same weights through transformers")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 4)")
