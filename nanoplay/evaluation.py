@@ -350,19 +350,14 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
     stride < seq_len we project only the scored positions, as `nanoplay eval` does by default.
     """
     import statistics
-    import tempfile
 
-    from transformers import GPT2LMHeadModel
-
-    from .export import export_hf
+    from .bench import to_transformers
 
     model = loaded.model
     seq_len = seq_len or loaded.config.block_size
     stride = stride or seq_len
-    device, dtype = loaded.device, loaded.dtype
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp)
-        hf = GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    device = loaded.device
+    hf = to_transformers(loaded)
     n = batch_size * seq_len  # tokens through the model, for both
     ids = torch.randint(0, min(loaded.config.vocab_size, 50257), ((batch_size - 1) * stride + seq_len,))
     windows = sliding_windows(ids.numel(), seq_len, stride)
@@ -395,7 +390,7 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
         plain_s.append(timed(plain))
     ours_tps = n / statistics.median(ours_s)
     plain_tps = n / statistics.median(plain_s)
-    return dict(model=loaded.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+    return dict(model=loaded.name, device=str(device), dtype=str(loaded.dtype).removeprefix("torch."),
                 batch_size=batch_size, seq_len=seq_len, stride=stride, repeats=repeats,
                 ours_tokens_per_s=ours_tps, ours_scored_tokens_per_s=scored / statistics.median(ours_s),
                 transformers_tokens_per_s=plain_tps, ratio=ours_tps / plain_tps, max_logit_diff=diff)

@@ -94,6 +94,11 @@ def test_bench_runs_side_by_side(tiny_run, capsys):
     assert code == 0 and "transformers" in out and "vs batch 1" in out
 
 
+def test_bench_scoring(tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "bench", "-m", "tiny", "--scoring", "--batch", "2")
+    assert code == 0 and "transformers forward" in out and "max logit difference" in out
+
+
 def test_export_cli(tiny_run, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "export", "tiny", "--hf", str(tmp_path / "hf"))
     assert code == 0 and (tmp_path / "hf" / "model.safetensors").is_file()

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best of each is kept")
+    p.add_argument("--scoring", action="store_true",
+                   help="benchmark batched scoring (nanoplay eval's path) against a transformers forward instead")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=run)
 
@@ -26,9 +28,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     from ..bench import random_model, run_bench
+    from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
 
@@ -45,6 +47,9 @@ def run(args) -> int:
                   f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     for model in models:
         model.model.to(device=device, dtype=dtype)
+        if args.scoring:
+            console.print(render_scoring(bench_scoring(model, batch_size=max(args.batch or [4]))))
+            continue
         report = run_bench(model, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, vs_transformers=args.vs == "transformers",
                            repeats=args.repeats)
@@ -72,4 +77,16 @@ def render(model, report):
             f"{r.decode_tok_s / single.decode_tok_s:.2f}x" if single and batch != 1 else "",
             f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 else "",
         )
+    return table
+
+
+def render_scoring(r: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{r['model']}: scoring {r['batch_size']} x {r['seq_len']} tokens (stride {r['stride']}), "
+                        f"median of {r['repeats']}; max logit difference {r['max_logit_diff']:.1e}")
+    for col in ("engine", "tokens/s", "vs transformers"):
+        table.add_column(col, justify="right")
+    table.add_row("nanoplay", f"{r['ours_tokens_per_s']:.0f}", f"{r['ratio']:.2f}x")
+    table.add_row("transformers forward", f"{r['transformers_tokens_per_s']:.0f}", "")
     return table
