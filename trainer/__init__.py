@@ -7,5 +7,5 @@ chat_data.py conversations: validation, chat template, loss masks
 loop.py     the training loop (bf16/compile on CUDA, DDP under torchrun, exact resume, Ctrl+C saves)
 checkpoints.py  step checkpoints in the engine's format with the training state beside them
 monitor.py  the live terminal view, metrics.jsonl, TensorBoard
-pretrain.py / finetune.py  the two commands
+train.py / finetune.py  the two commands (train() is the Python API)
 """
