@@ -345,6 +345,22 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return max(n, 0)
 
 
+@torch.no_grad()
+def use_decode_layout(model) -> None:
+    """
+    Store every weight matrix transposed in memory (the values and shapes stay the same). On CPU,
+    F.linear with such a weight runs as a plain (in, out)-major matrix product, which reads the
+    weights markedly faster when a few sequences decode together (`nanoplay bench` measures it).
+    For inference only: the engine applies it to the models it loads itself.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+            module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+    tied = torch.nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
+    model.transformer.wte.weight = tied
+    model.lm_head.weight = tied
+
+
 class Engine:
     """Loads models once and runs every request of every model through shared, batched decoding."""
 
@@ -363,7 +379,10 @@ class Engine:
     def load(self, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
         key = (spec, str(device), dtype)
         if key not in self._loaded:
-            self._loaded[key] = load_model(spec, device=device, dtype=dtype, progress=progress)
+            loaded = load_model(spec, device=device, dtype=dtype, progress=progress)
+            if loaded.device.type == "cpu":
+                use_decode_layout(loaded.model)
+            self._loaded[key] = loaded
         return self._loaded[key]
 
     def unload(self, model: LoadedModel) -> None:

@@ -264,3 +264,20 @@ def test_score_matches_transformers():
             begin = 8 * ((target - 16) // 8 + 1)
             ref = hf(torch.tensor([seq[begin:target]])).logits[0, -1].log_softmax(-1)[seq[target]]
             assert scored[target - 1].logprob == pytest.approx(float(ref), abs=1e-4)
+
+
+def test_engine_loaded_models_compute_the_same(tiny_run):
+    from nanoplay.loading import load_model
+
+    engine = Engine()
+    fast = engine.load("tiny")
+    plain = load_model("tiny")
+    w = fast.model.transformer.h[0].attn.c_attn.weight
+    assert w.shape == plain.model.transformer.h[0].attn.c_attn.weight.shape and w.stride() == (1, w.shape[0])
+    assert fast.model.lm_head.weight is fast.model.transformer.wte.weight
+    idx = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.model(idx), plain.model(idx), atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_on_eot=False)
+    assert [t.id for t in engine.generate(fast, "Hello", params).tokens] == \
+        [t.id for t in Engine().generate(plain, "Hello", params).tokens]
