@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, use_decode_layout
 from .loading import LoadedModel
 from .model import GPT, GPTConfig
 from .sampling import SamplingParams
@@ -28,6 +28,7 @@ def random_model(shape: str, seed: int = 0) -> LoadedModel:
     """A model of a named shape with random weights: the speed does not depend on the values."""
     torch.manual_seed(seed)
     model = GPT(SHAPES[shape]).eval()
+    use_decode_layout(model)  # as Engine.load does for CPU models
     return LoadedModel(name=f"{shape} (random weights)", model=model, source="random", location=shape)
 
 

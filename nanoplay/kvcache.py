@@ -55,11 +55,12 @@ class KVCache:
             rows = slice(first, first + len(slots))  # contiguous slots: a view, no copy
         else:
             rows = torch.tensor(slots, device=self.device)
+        if min(positions) == max(positions) and isinstance(rows, slice):
+            # the common case (one sequence, or equal lengths): plain slices, no index tensors
+            self._bound = ("decode", rows, rows, positions[0], length, None)
+            return
         pos = torch.tensor(positions, device=self.device)
-        if min(positions) == max(positions):
-            mask = None  # every row sees all `length` keys
-        else:
-            mask = (torch.arange(length, device=self.device) <= pos.unsqueeze(1)).view(len(slots), 1, 1, length)
+        mask = (torch.arange(length, device=self.device) <= pos.unsqueeze(1)).view(len(slots), 1, 1, length)
         self._bound = ("decode", rows, torch.tensor(slots, device=self.device), pos, length, mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
