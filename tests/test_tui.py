@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from nanoplay.checkpoint import save_checkpoint, step_dir_name
 from nanoplay.tui.app import NanoplayApp
-from nanoplay.tui.state import Settings
+from nanoplay.tui.state import Settings, format_perplexity
 from nanoplay.tui.widgets.inspector import prob
 from nanoplay.tui.widgets.pane import ModelPane
 
@@ -88,7 +88,7 @@ async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
             assert run.finish_reason == ref.finish_reason
             assert run.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
             header = str(pane.header_text())
-            assert f"{len(ref.tokens)} tok" in header and f"ppl {ref.perplexity:.2f}" in header
+            assert f"{len(ref.tokens)} tok" in header and f"ppl {format_perplexity(ref.perplexity)}" in header
             assert f"ctx {len(ref.prompt_ids) + len(ref.tokens) - 1}/64" in header
             # the prompt is scored by the pane's own model
             assert [t.id for t in run.prompt_toks] == ref.prompt_ids
@@ -462,3 +462,7 @@ def test_hub_download_progress_goes_to_the_pane_status():
     assert pane.dirty and pane.status.startswith("downloading model.safetensors")
     assert "500k/2.00M" in pane.status and "B/s" in pane.status
     bar.close()
+
+
+def test_perplexity_shows_four_significant_figures_at_most():
+    assert [format_perplexity(v) for v in (3.14159, 42.123, 123.456, 28866.846)] == ["3.14", "42.12", "123.5", "28867"]

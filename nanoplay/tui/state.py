@@ -140,6 +140,11 @@ def perplexity(toks: list[Tok]) -> float | None:
     return math.exp(-sum(lps) / len(lps))
 
 
+def format_perplexity(value: float) -> str:
+    """Four significant figures at most: the digits beyond them are float noise, not information."""
+    return f"{value:.2f}" if value < 100 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
 @dataclass
 class Message:
     role: str  # system | user | assistant

@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..state import PaneState, Tok, perplexity
+from ..state import PaneState, Tok, format_perplexity, perplexity
 from ..widgets.inspector import prob
 
 
@@ -102,14 +102,14 @@ class CrossScoreScreen(ModalScreen[None]):
         ppl = Table(title="perplexity of the completion", title_justify="left")
         ppl.add_column("model")
         ppl.add_column("perplexity", justify="right")
-        ppl.add_row(f"{self.source} (its own)", f"{perplexity(self.toks):.2f}")
+        ppl.add_row(f"{self.source} (its own)", format_perplexity(perplexity(self.toks)))
         grid = Table.grid(padding=(1, 0))
         grid.add_row(ppl)
         for r in self.results:
             if r.toks is None:
                 ppl.add_row(r.model, r.skipped)
                 continue
-            ppl.add_row(r.model, f"{perplexity(r.toks):.2f}")
+            ppl.add_row(r.model, format_perplexity(perplexity(r.toks)))
             grid.add_row(self.disagreements(r))
         return grid
 

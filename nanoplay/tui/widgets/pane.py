@@ -20,7 +20,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from ..colors import token_style
-from ..state import PaneState, Run, Tok
+from ..state import PaneState, Run, Tok, format_perplexity
 
 CURSOR = Style(color="black", bgcolor="bright_white", bold=True, underline=True)
 DIVERGE = Style(underline=True, bold=True, color="magenta")
@@ -166,9 +166,9 @@ class ModelPane(Vertical, can_focus=True):
             if run.tok_per_s:
                 text.append(f" · {run.tok_per_s:.0f} tok/s")
             if run.perplexity is not None:
-                text.append(f" · ppl {run.perplexity:.2f}")
+                text.append(f" · ppl {format_perplexity(run.perplexity)}")
             if run.prompt_perplexity is not None and not run.chat:
-                text.append(f" (prompt {run.prompt_perplexity:.2f})", "dim")
+                text.append(f" (prompt {format_perplexity(run.prompt_perplexity)})", "dim")
             if lm is not None:
                 used = run.context_used or len(run.prompt_ids) + len(run.toks)
                 text.append(f" · ctx {min(used, lm.config.block_size)}/{lm.config.block_size}")
