@@ -25,6 +25,7 @@ from .errors import NanoplayError
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 OPENWEBTEXT_REPO = "Skylion007/openwebtext"
 OPENWEBTEXT_VAL_FRACTION = 0.0005
+PYDOC_VAL_FRACTION = 0.1  # 8 of the 79 topics: nanoGPT's 0.05% would hold out none
 DEFAULT_VAL_FRACTION = 0.0005
 SPLIT_SEED = 2357  # nanoGPT's
 
@@ -49,7 +50,8 @@ class TextSource:
 
 def resolve_source(data: str, text_column: str | None = None, val_fraction: float | None = None) -> TextSource:
     column = text_column or ""
-    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    # None or 0: the source's own default, so that the trainer and `nanoplay eval` agree unless told otherwise
+    fraction = val_fraction or (PYDOC_VAL_FRACTION if data == "pydoc-topics" else DEFAULT_VAL_FRACTION)
     if data == "openwebtext":
         return TextSource(data, "hub", OPENWEBTEXT_REPO, [], None, column or "text", OPENWEBTEXT_VAL_FRACTION)
     if data == "pydoc-topics":

@@ -402,3 +402,13 @@ def test_live_view_and_tensorboard_without_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(NanoplayError, match="pip install tensorboard"):
         _tensorboard_writer(tmp_path / "tb")
+
+
+def test_eval_and_trainer_agree_on_the_pydoc_validation_split():
+    # the demo preset states no fraction: it and `nanoplay eval --data pydoc-topics` use the source's default
+    from trainer.config import load_preset
+
+    cfg = load_preset("demo")
+    trainer_source = resolve_source(cfg.data, cfg.text_column, cfg.val_fraction)
+    assert trainer_source.val_fraction == resolve_source("pydoc-topics").val_fraction == 0.1
+    assert len(load_text_dataset("pydoc-topics", "val")) == 8
