@@ -284,32 +284,28 @@ class ModelRunner:
         tokenizer = get_tokenizer()
         raw = logits.float()
         logprobs = raw.log_softmax(-1)  # (B, vocab)
-        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B,)
-        n_top = max(r.params.top_logprobs for r in batch)
-        top_lp, top_ids = torch.topk(logprobs, n_top, dim=-1) if n_top else (None, None)
-        for i, r in enumerate(batch):
+        tokens, sampling = self._choose(batch, raw)  # (B,), (B, vocab) or None for plain greedy
+        picked = tokens.unsqueeze(1)  # (B, 1)
+        top_lp, top_ids = torch.topk(logprobs, max(r.params.top_logprobs for r in batch), dim=-1)  # (B, k)
+        if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
+            chosen_slp = torch.zeros_like(tokens, dtype=raw.dtype)
+            top_slp = torch.where(top_ids == picked, 0.0, float("-inf"))
+        else:
+            chosen_slp, top_slp = sampling.gather(1, picked).squeeze(1), sampling.gather(1, top_ids)
+        # every statistic for the whole batch, moved to Python in one go
+        columns = (tokens, logprobs.gather(1, picked).squeeze(1), chosen_slp,
+                   (raw > raw.gather(1, picked)).sum(1) + 1, -(logprobs.exp() * logprobs).sum(-1),
+                   top_ids, top_lp, top_slp)
+        for r, (token, lp, slp, rank, entropy, alt_ids, alt_lp, alt_slp) in zip(batch, zip(*(c.tolist() for c in columns))):
             p = r.params
-            noise = None if p.temperature == 0 else draw_noise(r._generator, raw.size(-1), raw.device)
-            seen = torch.tensor(r._ids, device=raw.device) if p.repetition_penalty != 1.0 else None
-            penalised = apply_penalties(raw[i], p, seen, r._counts)
-            token, sampling_lp = choose(penalised, p, noise)
             if (token == tokenizer.eot_id and p.stop_on_eot) or token in p.stop_token_ids:
                 self._complete(r, "eot" if token == tokenizer.eot_id else "stop")
                 continue
-            info = TokenInfo(
-                id=token,
-                text=r._stream.push(token),
-                bytes=tokenizer.token_bytes(token),
-                logprob=float(logprobs[i, token]),
-                sampling_logprob=float(sampling_lp[token]),
-                rank=int((raw[i] > raw[i, token]).sum()) + 1,
-                entropy=float(entropy[i]),
-            )
-            if n_top:
-                ids = top_ids[i, :p.top_logprobs].tolist()
-                info.top = [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), lp, slp)
-                            for t, lp, slp in zip(ids, top_lp[i, :p.top_logprobs].tolist(),
-                                                  sampling_lp[ids].tolist())]
+            k = p.top_logprobs
+            info = TokenInfo(id=token, text=r._stream.push(token), bytes=tokenizer.token_bytes(token), logprob=lp,
+                             sampling_logprob=slp, rank=rank, entropy=entropy,
+                             top=[Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), a, b)
+                                  for t, a, b in zip(alt_ids[:k], alt_lp[:k], alt_slp[:k])])
             new_text = r._accept(info)
             if r.finish_reason is None and len(r.tokens) >= p.max_new_tokens:
                 new_text += r._finish("length")
@@ -320,6 +316,21 @@ class ModelRunner:
             r._notify([info], new_text)
             if r.finish_reason is not None:
                 r._done.set()
+
+    @staticmethod
+    def _choose(batch: list[Request], raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens (B,) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
+        if all(r.params.is_plain_greedy for r in batch):
+            return raw.argmax(-1), None
+        tokens, rows = [], []
+        for i, r in enumerate(batch):
+            p = r.params
+            noise = None if p.temperature == 0 else draw_noise(r._generator, raw.size(-1), raw.device)
+            seen = torch.tensor(r._ids, device=raw.device) if p.repetition_penalty != 1.0 else None
+            token, sampling_lp = choose(apply_penalties(raw[i], p, seen, r._counts), p, noise)
+            tokens.append(token)
+            rows.append(sampling_lp)
+        return torch.tensor(tokens, device=raw.device), torch.stack(rows)
 
     def _complete(self, r: Request, reason: str, error: str | None = None) -> None:
         tail = r._finish(reason, error)

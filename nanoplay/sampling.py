@@ -69,6 +69,12 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy on the raw logits: no penalty can change the argmax."""
+        return (self.temperature == 0 and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty)
+
     def with_seed(self) -> "SamplingParams":
         """A copy whose seed is fixed (a fresh random one if unset)."""
         d = asdict(self)

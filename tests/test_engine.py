@@ -74,6 +74,26 @@ def test_greedy_matches_transformers_generate():
     req = Engine().generate(ours, prompt, SamplingParams(max_new_tokens=12, temperature=0, stop_on_eot=False))
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert [t.id for t in req.tokens] == ref[0, len(prompt):].tolist()
+    for t in req.tokens:  # plain greedy: rank 1, and the sampling distribution is a point mass
+        assert t.rank == 1 and t.top[0].id == t.id and t.sampling_logprob == 0.0
+        assert [a.sampling_logprob for a in t.top] == [0.0] + [float("-inf")] * (len(t.top) - 1)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers_generate():
+    hf = hf_gpt2(seed=4)
+    from nanoplay.checkpoint import build_model
+    from nanoplay.loading import config_from_hf, state_from_hf
+
+    ours = loaded(build_model(config_from_hf(hf.config.to_dict(), "t"), state_from_hf(hf.state_dict()), "t"))
+    prompt = get_tokenizer().encode("the the the the")
+    req = Engine().generate(ours, prompt, SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.5,
+                                                         stop_on_eot=False, top_logprobs=3))
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      repetition_penalty=1.5, pad_token_id=0)
+    assert [t.id for t in req.tokens] == ref[0, len(prompt):].tolist()
+    for t in req.tokens:  # greedy samples from a point mass
+        assert t.sampling_logprob == 0.0
+        assert all(a.sampling_logprob == (0.0 if a.id == t.id else float("-inf")) for a in t.top)
 
 
 def test_token_data_is_consistent_with_the_model():
