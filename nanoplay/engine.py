@@ -59,12 +59,12 @@ UpdateCallback = Callable[["Request", list[TokenInfo], str], None]
 class Request:
     """One completion being generated. Read its fields; call cancel() to stop it."""
 
-    _ids = itertools.count(1)
+    _id_counter = itertools.count(1)
 
     def __init__(self, runner: "ModelRunner", prompt_ids: list[int], params: SamplingParams,
                  on_update: UpdateCallback | None):
         block = runner.loaded.config.block_size
-        self.id = next(self._ids)
+        self.id = next(self._id_counter)
         self.model = runner.loaded
         self.params = params.with_seed()
         self.seed = self.params.seed
