@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanoplayError
+from .textdata import load_hub_dataset
 from .tokenizer import get_tokenizer
 
 WIKITEXT_HUB = "Salesforce/wikitext"
@@ -121,7 +122,7 @@ def _hub_rows(key: str, repo: str, config: str, split: str, column: str) -> list
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, config, split=split)
+        ds = load_hub_dataset(repo, config, split=split)
     except ConnectionError as e:  # offline (or the Hub unreachable) and not in the datasets cache
         raise NanoplayError(
             f"{key} ({repo}, {config}) is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) and the "

@@ -282,7 +282,7 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
         try:
             weights = download(local_only=True)  # the cache first: no network round trip when it is there
         except LocalEntryNotFoundError:
-            if not _hub_reachable():
+            if not hub_reachable():
                 raise offline from None
             weights = download(local_only=False)
     except LocalEntryNotFoundError as e:
@@ -298,7 +298,7 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
     return Path(weights).parent
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick connection test, so that no network fails in seconds rather than after minutes of retries."""
     import socket
     from urllib.parse import urlparse

@@ -93,7 +93,7 @@ def load_documents(source: TextSource):
             kwargs = {"sample_by": "document"} if source.path == "text" else {}
             ds = datasets.load_dataset(source.path, data_files=source.files, split="train", **kwargs)
         else:
-            ds = datasets.load_dataset(source.path, source.config_name, split="train")
+            ds = load_hub_dataset(source.path, source.config_name, split="train")
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         if source.kind == "hub":
             raise NanoplayError(
@@ -121,6 +121,28 @@ def _text_column(ds, source: TextSource) -> str:
     if len(strings) == 1:
         return strings[0]
     raise NanoplayError(f"{source.name}: which column is the text? pass --text-column (string columns: {strings})")
+
+
+def load_hub_dataset(*args, **kwargs):
+    """
+    `datasets.load_dataset` for a Hub data set. When the Hub cannot be reached, only the local cache is
+    tried, so a data set that is not there fails in seconds with our one line, instead of after a
+    minute of retries and warnings.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    from .loading import hub_reachable
+
+    if hub_reachable():
+        return datasets.load_dataset(*args, **kwargs)
+    # datasets and huggingface_hub read their offline switch at call time from these two attributes
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def split_documents(docs, val_fraction: float) -> dict:

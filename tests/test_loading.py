@@ -157,3 +157,28 @@ def test_hub_revision_offline(hf_home, checkpoints):
         torch.testing.assert_close(loaded.model(IDX), hf(IDX).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(NanoplayError, match="someone/tiny-gpt@v2 is not in the local Hugging Face cache"):
         load_model("someone/tiny-gpt@v2")
+
+
+def test_unreachable_hub_data_set_fails_without_a_request(monkeypatch):
+    import datasets
+    import huggingface_hub.constants as constants
+    import huggingface_hub.utils._http as http
+
+    import nanoplay.loading as loading
+    from nanoplay.textdata import load_text_dataset
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
+    requests = []
+
+    def no_network():
+        requests.append(1)
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(http, "get_session", no_network)
+    with pytest.raises(NanoplayError, match="someone/not-cached is not in the local caches and the Hub cannot be reached"):
+        load_text_dataset("someone/not-cached")
+    assert requests == []  # only the cache was tried
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # switch restored

@@ -22,6 +22,7 @@ import torch
 
 from nanoplay.chat import ROLES, encode_conversation
 from nanoplay.errors import NanoplayError
+from nanoplay.textdata import load_hub_dataset
 from nanoplay.tokenizer import EOT_ID
 
 MAX_REPORTED = 20
@@ -116,7 +117,7 @@ def _dataset_rows(data: str) -> list:
             files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
         else:
-            ds = datasets.load_dataset(data, split="train")
+            ds = load_hub_dataset(data, split="train")
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise NanoplayError(f"{data}: no such file, and not a dataset in the local caches or on a reachable Hub") from e
     rows = []
