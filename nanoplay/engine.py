@@ -187,6 +187,23 @@ class Request:
             self.on_update(self, new_tokens, new_text)
 
 
+def token_statistics(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """
+    For rows of log-probabilities (N, vocab) and the token taken at each row (N,): the token's
+    log-probability (N,), its rank (N,; 1 = most likely), the entropy in nats (N,), and the k most
+    likely ids and their log-probabilities (N, k).
+    """
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))  # (N, 1)
+    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
+    return [chosen.squeeze(1), (logprobs > chosen).sum(1) + 1, -(logprobs.exp() * logprobs).sum(-1), top_ids, top_lp]
+
+
+def alternatives(ids: list[int], logprobs: list[float], sampling_logprobs: list[float]) -> list[Alternative]:
+    tokenizer = get_tokenizer()
+    return [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), lp, slp)
+            for t, lp, slp in zip(ids, logprobs, sampling_logprobs)]
+
+
 class ModelRunner:
     """One loaded model's KV cache, its slots, and the requests running on it."""
 
@@ -286,16 +303,15 @@ class ModelRunner:
         logprobs = raw.log_softmax(-1)  # (B, vocab)
         tokens, sampling = self._choose(batch, raw)  # (B,), (B, vocab) or None for plain greedy
         picked = tokens.unsqueeze(1)  # (B, 1)
-        top_lp, top_ids = torch.topk(logprobs, max(r.params.top_logprobs for r in batch), dim=-1)  # (B, k)
+        chosen_lp, rank, entropy, top_ids, top_lp = token_statistics(
+            logprobs, tokens, max(r.params.top_logprobs for r in batch))
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
             chosen_slp = torch.zeros_like(tokens, dtype=raw.dtype)
             top_slp = torch.where(top_ids == picked, 0.0, float("-inf"))
         else:
             chosen_slp, top_slp = sampling.gather(1, picked).squeeze(1), sampling.gather(1, top_ids)
         # every statistic for the whole batch, moved to Python in one go
-        columns = (tokens, logprobs.gather(1, picked).squeeze(1), chosen_slp,
-                   (raw > raw.gather(1, picked)).sum(1) + 1, -(logprobs.exp() * logprobs).sum(-1),
-                   top_ids, top_lp, top_slp)
+        columns = (tokens, chosen_lp, chosen_slp, rank, entropy, top_ids, top_lp, top_slp)
         for r, (token, lp, slp, rank, entropy, alt_ids, alt_lp, alt_slp) in zip(batch, zip(*(c.tolist() for c in columns))):
             p = r.params
             if (token == tokenizer.eot_id and p.stop_on_eot) or token in p.stop_token_ids:
@@ -304,8 +320,7 @@ class ModelRunner:
             k = p.top_logprobs
             info = TokenInfo(id=token, text=r._stream.push(token), bytes=tokenizer.token_bytes(token), logprob=lp,
                              sampling_logprob=slp, rank=rank, entropy=entropy,
-                             top=[Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), a, b)
-                                  for t, a, b in zip(alt_ids[:k], alt_lp[:k], alt_slp[:k])])
+                             top=alternatives(alt_ids[:k], alt_lp[:k], alt_slp[:k]))
             new_text = r._accept(info)
             if r.finish_reason is None and len(r.tokens) >= p.max_new_tokens:
                 new_text += r._finish("length")
@@ -521,17 +536,12 @@ class Engine:
             logprobs = model.model(idx)[0].float().log_softmax(-1)  # (T, vocab): predicts seq[begin+1:end+1]
             rows = logprobs[first_target - 1 - begin:end - 1 - begin]  # predictions of seq[first_target:end]
             targets = torch.tensor(seq[first_target:end], device=model.device)
-            chosen = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
-            ranks = (rows > chosen.unsqueeze(1)).sum(1) + 1
-            entropy = -(rows.exp() * rows).sum(1)
-            top_lp, top_ids = torch.topk(rows, top_logprobs, dim=-1)
-            for j, token in enumerate(seq[first_target:end]):
-                lp = float(chosen[j])
-                alternatives = [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), a, a)
-                                for t, a in zip(top_ids[j].tolist(), top_lp[j].tolist())]
+            columns = [c.tolist() for c in token_statistics(rows, targets, top_logprobs)]
+            for token, lp, rank, entropy, alt_ids, alt_lp in zip(seq[first_target:end], *columns):
+                # nothing is sampled: the sampling distribution is the model's own
                 out.append(TokenInfo(id=token, text=stream.push(token), bytes=tokenizer.token_bytes(token),
-                                     logprob=lp, sampling_logprob=lp, rank=int(ranks[j]),
-                                     entropy=float(entropy[j]), top=alternatives))
+                                     logprob=lp, sampling_logprob=lp, rank=rank, entropy=entropy,
+                                     top=alternatives(alt_ids, alt_lp, alt_lp)))
             first_target = end
             begin += stride
         return out
