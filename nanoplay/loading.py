@@ -152,11 +152,7 @@ def _load_our_dir(directory: Path, name: str) -> LoadedModel:
 
 def load_nanogpt(path: Path) -> LoadedModel:
     """A nanoGPT ckpt.pt: read without unpickling code; works with or without optimizer state."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated / foreign files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise NanoplayError(f"{path} is not a loadable checkpoint ({reason}): it may be truncated; re-copy it") from e
+    data = _torch_load(path)
     if not isinstance(data, dict) or "model" not in data or "model_args" not in data:
         raise NanoplayError(f"{path} is not a nanoGPT checkpoint (no 'model' and 'model_args' entries)")
     args = data["model_args"]
@@ -222,18 +218,20 @@ def load_hf_dir(directory: Path, name: str, source: str, location: str | None = 
     if weights.is_file():
         state = ckpt.load_safetensors(weights)
     elif (directory / "pytorch_model.bin").is_file():
-        state = _torch_load_weights(directory / "pytorch_model.bin")
+        state = _torch_load(directory / "pytorch_model.bin")
     else:
         raise NanoplayError(f"{directory} has no model.safetensors")
     model = ckpt.build_model(config, state_from_hf(state), name)
     return LoadedModel(name=name, model=model, source=source, location=location or str(directory))
 
 
-def _torch_load_weights(path: Path) -> dict:
+def _torch_load(path: Path):
+    """A pickled torch file, read with weights_only=True: tensors and plain data, never code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NanoplayError(f"{path} is truncated or corrupt ({type(e).__name__}): re-download it") from e
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise NanoplayError(f"{path} is not a loadable checkpoint ({reason}): it may be truncated; re-copy it") from e
 
 
 def load_safetensors_file(path: Path) -> LoadedModel:
