@@ -70,7 +70,8 @@ class Result:
     decode_tok_s: float  # aggregate over the batch
 
 
-def bench_ours(engine: Engine, model: LoadedModel, batch: int, prompt_tokens: int, new_tokens: int) -> Result:
+def bench_ours(engine: Engine, model: LoadedModel, batch: int, prompt_tokens: int, new_tokens: int,
+               label: str = "nanoplay") -> Result:
     """Greedy decoding of `batch` different prompts at once; decode speed from first to last token."""
     prompts = [[(1000 + 17 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_on_eot=False, top_logprobs=5)
@@ -82,7 +83,7 @@ def bench_ours(engine: Engine, model: LoadedModel, batch: int, prompt_tokens: in
     start = max(r.first_token_at for r in requests)  # all prefilled: from here on every step is batched
     end = max(r.finished_at for r in requests)
     decoded = sum(len(r.tokens) for r in requests) - batch
-    return Result("nanoplay", batch, prefill, decoded / (end - start))
+    return Result(label, batch, prefill, decoded / (end - start))
 
 
 @torch.inference_mode()
@@ -101,13 +102,17 @@ def bench_transformers(hf, batch: int, prompt_tokens: int, new_tokens: int, devi
 
 def run_bench(model: LoadedModel, batches=(1, 4), prompt_tokens: int = 128, new_tokens: int = 128,
               vs_transformers: bool = False, repeats: int = 3, on_result=None) -> dict:
-    engine = Engine()
+    engines = {"nanoplay": Engine()}
+    if model.device.type == "cuda":  # what the CUDA graphs buy: the same engine with ordinary eager steps
+        engines["nanoplay, eager steps"] = Engine(static_decode=False)
     hf = to_transformers(model) if vs_transformers else None
-    bench_ours(engine, model, 1, 16, 8)  # warm up: allocate the cache, touch the weights
+    for engine in engines.values():  # warm up: allocate the cache, touch the weights, capture graphs
+        for b in batches:
+            bench_ours(engine, model, b, prompt_tokens, 8)
     best: dict[tuple[str, int], Result] = {}
     for _ in range(repeats):
         for b in batches:
-            runs = [bench_ours(engine, model, b, prompt_tokens, new_tokens)]
+            runs = [bench_ours(engine, model, b, prompt_tokens, new_tokens, label) for label, engine in engines.items()]
             if hf is not None:
                 runs.append(bench_transformers(hf, b, prompt_tokens, new_tokens, model.device))
             for r in runs:

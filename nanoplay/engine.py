@@ -27,6 +27,7 @@ from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model
 from .sampling import SamplingParams, apply_penalties, choose, draw_noise
+from .static_decode import StaticDecoder
 from .tokenizer import TextStream, get_tokenizer
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3  # bytes of KV cache per model, which sets its number of slots
@@ -213,6 +214,9 @@ class ModelRunner:
         per_slot = KVCache.bytes_per_slot(loaded.config, loaded.dtype)
         self.num_slots = max(1, min(max_slots, cache_budget // per_slot))
         self._cache: KVCache | None = None  # allocated on first use, then reused for the process's life
+        self._static: StaticDecoder | None = None
+        use_static = engine.static_decode
+        self.use_static_decode = loaded.device.type == "cuda" if use_static is None else use_static
         self.queue: list[Request] = []
         self.running: list[Request] = []
         self.owner: list[Request | None] = [None] * self.num_slots
@@ -287,11 +291,16 @@ class ModelRunner:
         cache = self.cache
         slots = [r._slot for r in batch]
         positions = [len(cache.tokens[s]) for s in slots]
-        cache.bind_decode(slots, positions)
-        device = self.loaded.device
-        idx = torch.tensor([[r._next_token] for r in batch], device=device)  # (B, 1)
-        pos = torch.tensor(positions, device=device).unsqueeze(1)  # (B, 1)
-        logits = self.loaded.model(idx, positions=pos, cache=cache)[:, -1]  # (B, vocab)
+        if self.use_static_decode:
+            if self._static is None:
+                self._static = StaticDecoder(self.loaded.model, cache)
+            logits = self._static.decode(slots, [r._next_token for r in batch], positions)  # (B, vocab)
+        else:
+            cache.bind_decode(slots, positions)
+            device = self.loaded.device
+            idx = torch.tensor([[r._next_token] for r in batch], device=device)  # (B, 1)
+            pos = torch.tensor(positions, device=device).unsqueeze(1)  # (B, 1)
+            logits = self.loaded.model(idx, positions=pos, cache=cache)[:, -1]  # (B, vocab)
         for r in batch:
             cache.tokens[r._slot].append(r._next_token)
         self._sample(batch, logits)
@@ -390,9 +399,16 @@ def use_decode_layout(model) -> None:
 class Engine:
     """Loads models once and runs every request of every model through shared, batched decoding."""
 
-    def __init__(self, max_slots: int = MAX_SLOTS, cache_budget: int = DEFAULT_CACHE_BUDGET):
+    def __init__(self, max_slots: int = MAX_SLOTS, cache_budget: int = DEFAULT_CACHE_BUDGET,
+                 static_decode: bool | None = None):
+        """
+        static_decode: decode every slot in one fixed-shape step (static_decode.py), replayed as CUDA
+        graphs on a GPU. None, the default, uses it on CUDA devices only: on a CPU the ordinary step,
+        which reads only the keys each batch needs, is faster.
+        """
         self.max_slots = max_slots
         self.cache_budget = cache_budget
+        self.static_decode = static_decode
         self._runners: dict[int, ModelRunner] = {}
         self._loaded: dict[tuple, LoadedModel] = {}
         self._cond = threading.Condition()

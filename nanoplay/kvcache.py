@@ -1,8 +1,9 @@
 """
 A static (preallocated) key/value cache for one model, divided into slots: one sequence per slot.
 
-Each layer's keys and values live in tensors of shape (slots, n_head, block_size, head_dim), allocated
-once. A forward pass is bound to a set of slots and positions first (`bind_prefill` for one sequence,
+Each layer's keys and values live in tensors of shape (slots, n_head, block_size + 1, head_dim), allocated
+once; the extra position is a scratch column that idle slots write into during a fixed-shape decode
+step (see static_decode.py). A forward pass is bound to a set of slots and positions first (`bind_prefill` for one sequence,
 `bind_decode` for one new token in each of several sequences); the attention layers then call
 `update`, which writes the new keys/values in place and returns what each query may attend to.
 
@@ -21,19 +22,19 @@ from .model import GPTConfig
 class KVCache:
     def __init__(self, config: GPTConfig, slots: int, device, dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (slots, config.n_head, config.block_size, head_dim)
+        shape = (slots, config.n_head, config.block_size + 1, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.slots = slots
         self.block_size = config.block_size
-        self.device = device
+        self.device = torch.device(device)
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # ids whose K/V each slot holds
         self._bound = None
 
     @staticmethod
     def bytes_per_slot(config: GPTConfig, dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layer * config.block_size * config.n_embd * itemsize
+        return 2 * config.n_layer * (config.block_size + 1) * config.n_embd * itemsize
 
     # -- binding a forward pass ------------------------------------------------------------------
 
@@ -63,9 +64,25 @@ class KVCache:
         mask = (torch.arange(length, device=self.device) <= pos.unsqueeze(1)).view(len(slots), 1, 1, length)
         self._bound = ("decode", rows, torch.tensor(slots, device=self.device), pos, length, mask)
 
+    def bind_static_decode(self, positions: torch.Tensor, write_positions: torch.Tensor, length: int) -> None:
+        """
+        The next forward feeds one token for every slot: positions (slots,) is where each row's token
+        sits and the last key it may see; write_positions (slots,) is where its key/value are stored
+        (block_size, the scratch column, for idle slots). Keys are read from positions 0..length-1.
+        Only tensor operations, so a CUDA graph can capture the whole step.
+        """
+        visible = torch.arange(length, device=self.device) <= positions.unsqueeze(1)  # (slots, length)
+        rows = torch.arange(self.slots, device=self.device)
+        self._bound = ("static", rows, write_positions, length, visible.view(self.slots, 1, 1, length))
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new k, v (B, nh, T, hs); return (keys, values, mask, is_causal) to attend to."""
         kc, vc = self.k[layer], self.v[layer]
+        if self._bound[0] == "static":
+            _, rows, write_positions, length, mask = self._bound
+            kc[rows, :, write_positions] = k[:, :, 0]
+            vc[rows, :, write_positions] = v[:, :, 0]
+            return kc[:, :, :length], vc[:, :, :length], mask, False
         if self._bound[0] == "prefill":
             _, slot, start, end, mask, is_causal = self._bound
             kc[slot, :, start:end] = k[0]

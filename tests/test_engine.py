@@ -11,6 +11,7 @@ from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
 from nanoplay.sampling import SamplingParams
+from nanoplay.static_decode import StaticDecoder
 from nanoplay.tokenizer import get_tokenizer
 from tests.conftest import hf_gpt2, tiny_model
 
@@ -54,6 +55,51 @@ def test_prefill_after_cached_prefix_matches_full_forward():
     out = model(torch.tensor([ids[12:]]), positions=torch.arange(12, 30).unsqueeze(0), cache=cache)
     torch.testing.assert_close(out, model(torch.tensor([ids]))[:, 12:], atol=1e-5, rtol=1e-5)
 
+
+
+@torch.no_grad()
+def test_static_decode_step_matches_full_forward_and_spares_idle_slots():
+    # the fixed-shape step that CUDA graphs replay, run eagerly: every slot is fed, busy or not
+    model = tiny_model()  # context 64: sequences cross the 16- and 32-key buckets
+    cache = KVCache(model.config, slots=4, device="cpu", dtype=torch.float32)
+    decoder = StaticDecoder(model, cache)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {0: [5, 6, 7], 1: list(range(200, 240)), 3: list(range(100, 110))}  # slot 2 stays empty
+    seqs = {}
+    for slot, ids in prompts.items():
+        cache.bind_prefill(slot, 0, len(ids))
+        model(torch.tensor([ids]), positions=torch.arange(len(ids)).unsqueeze(0), cache=cache)
+        seqs[slot] = list(ids)
+    idle_keys = [k[1, :, :40].clone() for k in cache.k]  # slot 1 holds a cached prefix but sits idle
+    busy = [0, 3]
+    for _ in range(20):
+        new = [int(torch.randint(0, 50257, (1,), generator=gen)) for _ in busy]
+        positions = [len(seqs[s]) for s in busy]
+        out = decoder.decode(busy, new, positions)
+        for row, (s, token) in enumerate(zip(busy, new)):
+            seqs[s].append(token)
+            torch.testing.assert_close(out[row], model(torch.tensor([seqs[s]]))[0, -1], atol=1e-5, rtol=1e-5)
+    assert {decoder.bucket(n) for n in (4, 17, 30)} == {16, 32}
+    for before, k in zip(idle_keys, cache.k):
+        assert torch.equal(k[1, :, :40], before)
+
+
+def test_static_decode_engine_generates_what_the_ordinary_one_does():
+    model = loaded(tiny_model())
+    requests = [("Once upon a time", SamplingParams(max_new_tokens=40, temperature=0.9, top_k=50, seed=3)),
+                ("A", SamplingParams(max_new_tokens=70, temperature=0, stop_on_eot=False)),  # slides at 64
+                ("Two words and then some more of them", SamplingParams(max_new_tokens=25, seed=5))]
+    runs = []
+    for static in (False, True):
+        engine = Engine(static_decode=static)
+        reqs = [engine.submit(model, prompt, params) for prompt, params in requests]
+        engine.run_until_done(reqs)
+        runs.append(reqs)
+    assert engine._runner(model).use_static_decode and engine._runner(model)._static is not None
+    for ordinary, static in zip(*runs):
+        assert [t.id for t in static.tokens] == [t.id for t in ordinary.tokens]
+        assert [t.logprob for t in static.tokens] == pytest.approx([t.logprob for t in ordinary.tokens], abs=1e-4)
+    assert runs[1][1].window_slides >= 1
 
 def greedy_reference(model, ids, steps):
     out = []

@@ -73,7 +73,7 @@ def render(model, report):
         single = results.get((label, 1))
         table.add_row(
             str(batch), label, f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
-            f"{r.decode_tok_s / theirs.decode_tok_s:.2f}x" if theirs and label == "nanoplay" else "",
+            f"{r.decode_tok_s / theirs.decode_tok_s:.2f}x" if theirs and label != "transformers" else "",
             f"{r.decode_tok_s / single.decode_tok_s:.2f}x" if single and batch != 1 else "",
             f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 else "",
         )
