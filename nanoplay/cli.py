@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pane's model (repeatable); default: every local checkpoint plus gpt2")
     parser.add_argument("--chat", action="store_true", help="open in chat mode")
     parser.add_argument("--session", metavar="NAME", help="reopen a saved session")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)

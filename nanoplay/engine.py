@@ -25,7 +25,7 @@ import torch
 
 from .errors import NanoplayError
 from .kvcache import KVCache
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, resolve_device
 from .sampling import SamplingParams, apply_penalties, choose, draw_noise
 from .static_decode import StaticDecoder
 from .tokenizer import TextStream, get_tokenizer
@@ -418,7 +418,10 @@ class Engine:
 
     # -- models ------------------------------------------------------------------------------------
 
-    def load(self, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+    def load(self, spec: str, device: str | None = None, dtype: torch.dtype = torch.float32,
+             progress=None) -> LoadedModel:
+        """Load `spec` once (None: onto the GPU when there is one, else the CPU); later calls share it."""
+        device = resolve_device(device)
         key = (spec, str(device), dtype)
         if key not in self._loaded:
             loaded = load_model(spec, device=device, dtype=dtype, progress=progress)

@@ -72,9 +72,28 @@ def local_run_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and (ckpt.list_steps(p) or ckpt.is_checkpoint_dir(p)))
 
 
-def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None: the CUDA GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise NanoplayError(f"device {device!r}: give cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoplayError(f"device {device}: CUDA is not available on this machine; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise NanoplayError(f"device {device}: nanoplay runs on cpu or cuda[:N]")
+    return device
+
+
+def load_model(spec: str, *, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32,
                progress=None) -> LoadedModel:
-    """Resolve a spec and load it. `progress` is a tqdm class for Hub downloads (None: the default bar)."""
+    """
+    Resolve a spec and load it onto `device` (None: the GPU when there is one). `progress` is a tqdm
+    class for Hub downloads (None: the default bar).
+    """
+    device = resolve_device(device)
     loaded = _load_on_cpu(spec, progress)
     loaded.model = loaded.model.to(device=device, dtype=dtype)
     return loaded

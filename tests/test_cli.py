@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanoplay.cli import main
 
@@ -143,3 +144,16 @@ def test_bench_shape_names_match_the_engine():
     from nanoplay.commands.bench import SHAPE_NAMES
 
     assert sorted(SHAPES) == list(SHAPE_NAMES)
+
+
+def test_device_is_the_gpu_when_present_and_bad_devices_are_one_line(tiny_run, capsys, monkeypatch):
+    from nanoplay.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    for device, message in (("cuda", "CUDA is not available on this machine; use cpu"),
+                            ("tpu", "give cpu or cuda[:N]"), ("mps", "nanoplay runs on cpu or cuda[:N]")):
+        code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hi", "--device", device)
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda")

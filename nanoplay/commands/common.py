@@ -11,7 +11,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", "-m", action="append", required=required, metavar="SPEC",
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute precision")
 
 
@@ -22,13 +22,8 @@ def torch_dtype(name: str):
 
 
 def resolve_device(name: str | None) -> str:
-    """CPU by default: the product's promise is that everything works there."""
-    import torch
+    """The device the command runs on: --device, or the GPU when there is one (else the CPU).
+    A wrapper so that parsing the command line does not import torch."""
+    from ..loading import resolve_device as resolve
 
-    from ..errors import NanoplayError
-
-    if name is None or name == "cpu":
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NanoplayError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
+    return str(resolve(name))

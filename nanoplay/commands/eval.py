@@ -151,7 +151,7 @@ def build_report(rows: list[dict], data, args) -> dict:
             "context": "each model's own (block_size)",
             "stride": args.stride or "half of each model's context",
             "lambada_rule": args.lambada_rule,
-            "dtype": args.dtype, "device": args.device or "cpu", "limit": args.limit,
+            "dtype": args.dtype, "device": device, "limit": args.limit,
         },
         "models": rows,
     }

@@ -51,7 +51,7 @@ class NanoplayApp(App):
         super().__init__()
         self.requested_models = models
         self.requested_session = session
-        self.device = device or "cpu"
+        self.device = device  # None: the GPU when there is one, else the CPU
         self.mode = "chat" if chat else "compare"
         self.settings = Settings()
         self.colour_mode = "off"
