@@ -283,6 +283,33 @@ async def test_chat_mode_turns_reuse_the_conversation(models):
         assert [m.content for m in pane.state.chat if m.role == "user"] == ["Hi", "Other"]
 
 
+
+async def test_chat_inspector_reaches_every_answer(models):
+    app = NanoplayApp(models=["alpha"], chat=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 4
+        app.settings.temperature = 0  # no end-of-text: every answer has its 4 tokens
+        (pane,) = panes(app)
+        await send(pilot, "Hi")
+        await until(pilot, lambda: idle(app))
+        await send(pilot, "More")
+        await until(pilot, lambda: idle(app))
+        first, second = [m.toks for m in pane.state.chat if m.role == "assistant"]
+        assert len(first) == len(second) == 4
+        pane.focus()
+        await pilot.press("end")  # the newest answer's last token
+        assert pane.cursor_tok() == (second[-1], False, 3)
+        await pilot.press(*["left"] * 5)  # back across the turn boundary into the first answer
+        assert pane.cursor_tok() == (first[-2], False, 2)
+        assert "answer token 2" in _plain(app.main.query_one("#inspector").render_tok(pane, first[-2], False, 2))
+        # the cursor is drawn on that token of the first answer, and a click there finds it too
+        body = pane.body_text()
+        (cursor_span,) = [sp for sp in body.spans
+                          if not isinstance(sp.style, str) and sp.style.bgcolor and sp.style.bgcolor.name == "bright_white"]
+        assert body.plain[cursor_span.start:cursor_span.end] == first[-2].text
+        assert cursor_span.style.meta["tok"] == 2
+
 async def test_chat_drops_oldest_turns_when_the_context_is_full(models):
     app = NanoplayApp(models=["alpha"], chat=True)
     async with app.run_test(size=SIZE) as pilot:

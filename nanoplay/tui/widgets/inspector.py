@@ -33,7 +33,8 @@ class TokenInspector(Static):
     def render_tok(self, pane, tok, is_prompt: bool, index: int):
         head = Text()
         head.append(f"{pane.state.spec} ", "bold")
-        head.append("prompt token" if is_prompt else f"completion token {index}", "dim")
+        kind = "prompt token" if is_prompt else f"answer token {index}" if pane.chat_mode else f"completion token {index}"
+        head.append(kind, "dim")
         head.append("  ")
         head.append(repr(tok.text), token_style(tok, "probability") or "bold")
         head.append(f"  id {tok.id}")

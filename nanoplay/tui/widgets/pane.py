@@ -135,17 +135,26 @@ class ModelPane(Vertical, can_focus=True):
         return bool(self.active)
 
     def display_toks(self) -> list[Tok]:
+        """The tokens the cursor moves over: prompt and completion, or in chat mode every answer."""
+        if self.chat_mode:
+            return [t for m in self.state.chat if m.role == "assistant" for t in m.toks]
         run = self.state.run
         if run is None:
             return []
-        return (run.prompt_toks if not self.chat_mode else []) + run.toks
+        return run.prompt_toks + run.toks
 
     def cursor_tok(self) -> tuple[Tok, bool, int] | None:
-        """(token, is_prompt, completion index) under the cursor."""
+        """(token, is_prompt, index in its completion or chat answer) under the cursor."""
         toks = self.display_toks()
         if self.cursor is None or not toks:
             return None
         i = min(self.cursor, len(toks) - 1)
+        if self.chat_mode:
+            for m in self.state.chat:
+                if m.role == "assistant":
+                    if i < len(m.toks):
+                        return m.toks[i], False, i
+                    i -= len(m.toks)
         n_prompt = len(toks) - len(self.state.run.toks)
         return toks[i], i < n_prompt, i - n_prompt
 
@@ -214,6 +223,7 @@ class ModelPane(Vertical, can_focus=True):
                         "italic yellow")
         run = self.state.run
         chat = self.state.chat
+        index = 0  # of the token across all answers, as display_toks() counts
         for j, m in enumerate(chat):
             if m.role == "user":
                 text.append("you: ", "bold cyan")
@@ -221,11 +231,12 @@ class ModelPane(Vertical, can_focus=True):
             elif m.role == "assistant":
                 live = j == len(chat) - 1 and run is not None and m.toks is run.toks
                 text.append("model: ", "bold green")
-                for i, tok in enumerate(m.toks):
+                for tok in m.toks:
                     style = token_style(tok, self.colour_mode) or Style()
-                    if live and i == self.cursor:
+                    if index == self.cursor:
                         style += CURSOR
-                    text.append(visible(tok.text), style + (Style(meta={"tok": i}) if live else Style()))
+                    text.append(visible(tok.text), style + Style(meta={"tok": index}))
+                    index += 1
                 if not m.toks:
                     text.append(m.content)
                 if live and self.busy:
@@ -276,7 +287,7 @@ class ModelPane(Vertical, can_focus=True):
         self._cursor_changed()
 
     def action_cursor(self, delta: int) -> None:
-        n = len(self.display_toks()) if not self.chat_mode else len(self.state.run.toks) if self.state.run else 0
+        n = len(self.display_toks())
         if not n:
             return
         start = self.cursor if self.cursor is not None else (n if delta < 0 else -1)
@@ -284,7 +295,7 @@ class ModelPane(Vertical, can_focus=True):
         self._cursor_changed()
 
     def action_cursor_to(self, index: int) -> None:
-        n = len(self.display_toks()) if not self.chat_mode else len(self.state.run.toks) if self.state.run else 0
+        n = len(self.display_toks())
         if n:
             self.cursor = index % n
             self._cursor_changed()
