@@ -309,6 +309,25 @@ async def test_chat_inspector_reaches_every_answer(models):
                           if not isinstance(sp.style, str) and sp.style.bgcolor and sp.style.bgcolor.name == "bright_white"]
         assert body.plain[cursor_span.start:cursor_span.end] == first[-2].text
         assert cursor_span.style.meta["tok"] == 2
+        # forking is from the latest answer only
+        await pilot.press("2")
+        await pilot.pause()
+        assert len(pane.state.runs) == 2
+        await pilot.press("end", "left", "left")  # token 1 of the latest answer
+        alt = second[1].top[1]
+        await pilot.press("2")
+        await until(pilot, lambda: len(pane.state.runs) == 3 and idle(app))
+        fork, answer = pane.state.run, pane.state.chat[-1]
+        assert fork.parent == 1 and fork.fork_at == 1 and len(pane.state.chat) == 4
+        assert [t.id for t in answer.toks[:2]] == [second[0].id, alt[0]] and len(answer.toks) == 2 + 4
+        assert answer.content == "".join(t.text for t in answer.toks)
+        # the continuation is what the engine makes from the conversation + kept prefix + choice
+        _, _, ref = reference("alpha", fork.prompt_ids + [t.id for t in answer.toks[:2]], Settings.from_dict(fork.settings))
+        assert [t.id for t in answer.toks[2:]] == [t.id for t in ref.tokens]
+        # the branch list brings the first version of the answer back into the conversation
+        await pilot.press("b")
+        await pilot.press("up", "enter")
+        assert pane.state.current == 1 and [t.id for t in pane.state.chat[-1].toks] == [t.id for t in second]
 
 async def test_chat_drops_oldest_turns_when_the_context_is_full(models):
     app = NanoplayApp(models=["alpha"], chat=True)

@@ -169,7 +169,7 @@ class MainScreen(Screen):
         if run.chat and pane.state.chat and pane.state.chat[-1].role == "assistant":
             answer = pane.state.chat[-1]
             answer.toks = run.toks
-            answer.content = req.text
+            answer.content = "".join(t.text for t in run.toks[:run.prefix_len]) + req.text  # a fork's kept prefix
 
     def mark_divergence(self) -> None:
         """First completion position where each pane departs from the first pane (same vocabulary)."""
@@ -301,7 +301,7 @@ class MainScreen(Screen):
 
     def start_chat_turn(self, pane: ModelPane) -> None:
         """Render the conversation with the model's template (dropping the oldest turns that no longer fit)."""
-        from ...chat import render_prompt, stop_strings, stop_token_ids
+        from ...chat import render_prompt
         from ...tokenizer import get_tokenizer
 
         settings = self.app.settings.merged(pane.state.overrides)
@@ -321,6 +321,13 @@ class MainScreen(Screen):
         run = Run(prompt=pane.state.chat[-1].content, settings=settings.to_dict())
         run.chat, run.chat_ids, run.prompt_ids = True, ids, ids
         pane.state.chat.append(Message("assistant", "", toks=run.toks))
+        self.start_chat_run(pane, run, settings)
+
+    def start_chat_run(self, pane: ModelPane, run: Run, settings) -> None:
+        """Generate `run`, whose message is the conversation's last, with the template's stops."""
+        from ...chat import stop_strings, stop_token_ids
+
+        template = pane.lm.chat_template
         pane.start_run(run)
         self.submit_worker(pane, run, settings, stop_token_ids(template), stop_strings(template))
 
@@ -380,11 +387,12 @@ class MainScreen(Screen):
         getattr(self, f"pane_{message.action}")(message.pane, message.arg)
 
     def pane_fork(self, pane: ModelPane, k: int | None) -> None:
-        found = pane.cursor_tok()
-        if found is None or found[1] or pane.lm is None or self.app.mode == "chat":
-            self.notify("put the cursor on a completion token first (←/→ or click)", severity="warning")
+        chat = self.app.mode == "chat"
+        if not pane.can_fork_at_cursor():
+            where = "a token of the latest answer" if chat else "a completion token"
+            self.notify(f"put the cursor on {where} first (←/→ or click)", severity="warning")
             return
-        tok, _, at = found
+        tok, _, at = pane.cursor_tok()
         alts = [a for a in tok.top if a[0] != tok.id] if k is None else tok.top[k - 1:k]
         if not alts:
             self.notify("no such alternative", severity="warning")
@@ -393,7 +401,17 @@ class MainScreen(Screen):
         rank = next(i for i, a in enumerate(tok.top, 1) if a[0] == tid)
         chosen = Tok(tid, text, lp, slp, rank, tok.entropy, list(tok.top))
         self.action_stop()
-        self.start_generation(pane, pane.state.run.prompt, fork=(pane.state.current, at, chosen))
+        if not chat:
+            self.start_generation(pane, pane.state.run.prompt, fork=(pane.state.current, at, chosen))
+            return
+        # chat: the answer is rewritten from that token on; the old one stays a branch
+        parent = pane.state.run
+        settings = self.app.settings.merged(pane.state.overrides)
+        run = Run(prompt=parent.prompt, settings=settings.to_dict(), chat=True, chat_ids=parent.chat_ids,
+                  prompt_ids=parent.prompt_ids, toks=parent.toks[:at] + [chosen], parent=pane.state.current,
+                  fork_at=at, prefix_len=at + 1)
+        pane.state.chat[-1] = Message("assistant", "", toks=run.toks)
+        self.start_chat_run(pane, run, settings)
 
     def pane_branches(self, pane: ModelPane, _=None) -> None:
         from .dialogs import BranchesScreen
@@ -403,11 +421,19 @@ class MainScreen(Screen):
             return
 
         def chosen(index: int | None) -> None:
-            if index is not None:
-                pane.state.current = index
-                pane.cursor = None
-                pane.refresh_view()
-                self.mark_divergence()
+            if index is None:
+                return
+            if self.app.mode == "chat":
+                run, chat = pane.state.runs[index], pane.state.chat
+                latest = chat and chat[-1].role == "assistant" and run.chat and run.prompt_ids == pane.state.run.prompt_ids
+                if not latest:
+                    self.notify("in chat mode, pick a branch of the latest answer", severity="warning")
+                    return
+                chat[-1] = Message("assistant", run.text, toks=run.toks)
+            pane.state.current = index
+            pane.cursor = None
+            pane.refresh_view()
+            self.mark_divergence()
 
         self.app.push_screen(BranchesScreen(pane.state), chosen)
 

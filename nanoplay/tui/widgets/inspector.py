@@ -60,7 +60,7 @@ class TokenInspector(Static):
         cover = Text(f"top {len(tok.top)} cover {raw_mass:.1%} of the raw distribution", "dim")
         if not is_prompt:
             cover.append(f", {samp_mass:.1%} of the sampling one", "dim")
-            if not pane.chat_mode:
+            if pane.can_fork_at_cursor():
                 cover.append(f" · press 1-{len(tok.top)} to fork with one", "dim")
         grid = Table.grid()
         grid.add_row(head)

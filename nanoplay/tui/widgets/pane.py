@@ -158,6 +158,16 @@ class ModelPane(Vertical, can_focus=True):
         n_prompt = len(toks) - len(self.state.run.toks)
         return toks[i], i < n_prompt, i - n_prompt
 
+    def can_fork_at_cursor(self) -> bool:
+        """A completion token is under the cursor; in chat mode, one of the latest answer."""
+        found = self.cursor_tok()
+        if found is None or found[1] or self.lm is None:
+            return False
+        if not self.chat_mode:
+            return True
+        last = self.state.chat[-1]
+        return last.role == "assistant" and self.cursor >= len(self.display_toks()) - len(last.toks)
+
     def header_text(self) -> Text:
         lm, run = self.lm, self.state.run
         text = Text()
