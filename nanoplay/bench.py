@@ -32,15 +32,21 @@ def random_model(shape: str, seed: int = 0) -> LoadedModel:
     return LoadedModel(name=f"{shape} (random weights)", model=model, source="random", location=shape)
 
 
-def measure_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes, including the GPU work it queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s of a streaming read through a buffer larger than any cache (a sum over 1 GiB)."""
-    x = torch.ones(size_bytes // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return size_bytes / best
+    x = torch.ones(size_bytes // 4, device=device)
+    return size_bytes / min(timed(x.sum, device) for _ in range(repeats))
 
 
 def weight_bytes(model: LoadedModel) -> int:
@@ -91,12 +97,9 @@ def bench_transformers(hf, batch: int, prompt_tokens: int, new_tokens: int, devi
     prompts = torch.tensor([[(1000 + 17 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)],
                            device=device)
     common = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
-    t = time.perf_counter()
-    hf.generate(prompts, max_new_tokens=1, **common)
-    one = time.perf_counter() - t
-    t = time.perf_counter()
-    hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
-    full = time.perf_counter() - t
+    one = timed(lambda: hf.generate(prompts, max_new_tokens=1, **common), prompts.device)
+    full = timed(lambda: hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common),
+                 prompts.device)
     return Result("transformers", batch, batch * prompt_tokens / one, batch * (new_tokens - 1) / (full - one))
 
 
@@ -121,5 +124,5 @@ def run_bench(model: LoadedModel, batches=(1, 4), prompt_tokens: int = 128, new_
                     best[key] = r
         if on_result:
             on_result(best)
-    bandwidth = measure_bandwidth() if model.device.type == "cpu" else None
+    bandwidth = measure_bandwidth(model.device)
     return {"results": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes(model)}

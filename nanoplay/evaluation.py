@@ -26,7 +26,6 @@ text's final BPE token is predicted from everything before it.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -351,7 +350,7 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
     """
     import statistics
 
-    from .bench import to_transformers
+    from .bench import timed, to_transformers
 
     model = loaded.model
     seq_len = seq_len or loaded.config.block_size
@@ -372,22 +371,13 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
     def plain():
         hf(hf_input).logits
 
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
     with torch.inference_mode():  # the twin must compute what we compute, or the comparison means nothing
         diff = (hf(hf_input).logits.float() - model(hf_input).float()).abs().max().item()
-    timed(ours), timed(plain)  # warm-up: allocator, kernels, caches
+    timed(ours, device), timed(plain, device)  # warm-up: allocator, kernels, caches
     ours_s, plain_s = [], []
     for _ in range(repeats):
-        ours_s.append(timed(ours))
-        plain_s.append(timed(plain))
+        ours_s.append(timed(ours, device))
+        plain_s.append(timed(plain, device))
     ours_tps = n / statistics.median(ours_s)
     plain_tps = n / statistics.median(plain_s)
     return dict(model=loaded.name, device=str(device), dtype=str(loaded.dtype).removeprefix("torch."),
