@@ -60,9 +60,9 @@ def to_transformers(loaded: LoadedModel):
 
     from transformers import GPT2LMHeadModel
 
-    from .export import export_hf
+    from .export import export_hf, transformers_quiet
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, transformers_quiet():
         export_hf(loaded.model, tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp, dtype=loaded.dtype)
     return hf.eval().to(loaded.device)

@@ -1,6 +1,7 @@
 """Every on-disk format, and every bad input with its one-line message."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +147,33 @@ def test_export_hf_reads_back_in_transformers(tmp_path, overrides):
     # and nanoplay reads its own export back as an HF-format directory
     torch.testing.assert_close(logits(load_model(str(tmp_path / "hf")).model), logits(model), atol=1e-5, rtol=1e-5)
 
+
+
+def test_export_never_replaces_what_is_not_an_earlier_export(tmp_path, capfd):
+    from nanoplay.export import export_hf
+
+    model = tiny_model()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("important")
+    with pytest.raises(NanoplayError, match=r"project already holds other files \(notes.txt\): give a new or empty"):
+        export_hf(model, project)
+    assert (project / "notes.txt").read_text() == "important"
+    (tmp_path / "README.md").write_text("a file")
+    with pytest.raises(NanoplayError, match="README.md is a file, not a folder"):
+        export_hf(model, tmp_path / "README.md")
+    assert (tmp_path / "README.md").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "project"]  # no leftovers either
+    # an earlier export is replaced, an empty folder is filled, and "." has a name once resolved
+    export_hf(tiny_model(seed=1), tmp_path / "hf")
+    export_hf(model, tmp_path / "hf")
+    torch.testing.assert_close(logits(load_model(str(tmp_path / "hf")).model), logits(model), atol=1e-5, rtol=1e-5)
+    (tmp_path / "empty").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "empty")
+        assert export_hf(model, Path(".")) == tmp_path / "empty"
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    assert "Writing" not in capfd.readouterr().err  # no progress bars from transformers
 
 def test_hub_revision_offline(hf_home, checkpoints):
     commit = "fedcba9876543210fedcba9876543210fedcba98"
