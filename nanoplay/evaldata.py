@@ -77,8 +77,9 @@ def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | No
         return EvalData(key="lambada", kind="lambada", description=f"{where} test (OpenAI's LAMBADA)",
                         rows=len(texts), texts=texts)
     docs, split = _text_documents(name, text_column, split, limit, val_fraction)
-    return documents_stream(name, docs, f"{name} ({split} split, as the trainer reads it): {len(docs):,} documents, "
-                                        f"each followed by <|endoftext|>")
+    part = "all of it" if split == "all" else f"its {split} split"
+    return documents_stream(name, docs, f"{part}, read as the trainer reads it (each document followed by "
+                                        f"<|endoftext|>)")
 
 
 def wikitext_stream(key: str, rows: list[str], description: str) -> EvalData:
@@ -97,7 +98,7 @@ def documents_stream(key: str, docs: list[str], description: str | None = None) 
         ids.extend(tok.encode(doc))
         ids.append(tok.eot_id)
     return EvalData(key=key, kind="stream", rows=len(docs),
-                    description=description or f"{key}: {len(docs)} documents, each followed by <|endoftext|>",
+                    description=description or "each document followed by <|endoftext|>",
                     ids=torch.tensor(ids, dtype=torch.long), n_bytes=sum(len(d.encode("utf-8")) for d in docs),
                     n_words=sum(len(d.split()) for d in docs))
 

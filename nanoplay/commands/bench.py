@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_options, resolve_device, torch_dtype
+from .common import add_model_options, resolve_device, stdout_console, torch_dtype
 
 
 # nanoplay.bench.SHAPES, named here so that parsing the command line does not import torch
@@ -27,8 +27,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from rich.console import Console
-
     from ..bench import random_model, run_bench
     from ..evaluation import bench_scoring
     from ..engine import Engine
@@ -42,7 +40,7 @@ def run(args) -> int:
     engine = Engine()
     models = [engine.load(s, device=device, dtype=dtype) for s in args.model or []]
     models += [random_model(s) for s in args.shape or []]
-    console = Console()
+    console = stdout_console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, {args.dtype}; "
                   f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     for model in models:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -27,3 +29,27 @@ def resolve_device(name: str | None) -> str:
     from ..loading import resolve_device as resolve
 
     return str(resolve(name))
+
+
+def stdout_console():
+    """A rich console for results on stdout; piped into a file it is wide, so tables never fold or crop."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=1000)
+
+
+def json_line(record: dict) -> str:
+    """One JSONL record in strict JSON, which every parser reads: non-finite numbers (the -inf
+    sampling log-probability of a token the sampling filters removed, say) are written as null."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

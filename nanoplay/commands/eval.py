@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import NanoplayError
-from .common import add_model_options, resolve_device, torch_dtype
+from .common import add_model_options, resolve_device, stdout_console, torch_dtype
 
 DEFAULT_DATA = ["wikitext-2", "lambada"]
 
@@ -47,6 +47,8 @@ def run(args) -> int:
         raise NanoplayError("--limit must be at least 1")
     if args.stride is not None and args.stride < 1:
         raise NanoplayError("--stride must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise NanoplayError("--batch-size must be at least 1")
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     err = Console(stderr=True)
     data = []
@@ -65,14 +67,14 @@ def run(args) -> int:
         rows.append(evaluate_model(loaded, data, args, err))
         del loaded
         gc.collect()
-    report = build_report(rows, data, args)
+    report = build_report(rows, data, args, device)
     if args.json:
         print(json.dumps(report, indent=2))
     elif args.markdown:
         print(render_markdown(report))
     else:
-        render_table(report, Console())
-    return 2 if all("error" in r for r in rows) else 0  # 2: as for any other user-facing error
+        render_table(report, stdout_console())
+    return 2 if any("error" in r for r in rows) else 0  # 2: as for any other bad input; the rest still reported
 
 
 def evaluate_model(loaded, data, args, console) -> dict:
@@ -131,7 +133,7 @@ def _progress_callback(progress, task):
 # the report: JSON as it is, or rendered as a rich or Markdown table
 
 
-def build_report(rows: list[dict], data, args) -> dict:
+def build_report(rows: list[dict], data, args, device: str) -> dict:
     from .. import evaluation as ev
 
     for row in rows:
@@ -187,14 +189,18 @@ def cell(row: dict, key: str, metric: str, fmt: str, sep: str = " ") -> str:
     return text
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def human_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 100e6 else f"{n / 1e6:.0f}M"
 
 
 def notes(report: dict) -> list[str]:
     method = report["method"]
-    lines = [f"{d['key']}: {d['description']}, {d['rows']:,} rows"
-             + (f", {d['tokens']:,} tokens" if "tokens" in d else "") for d in report["data"]]
+    lines = [f"{d['key']}: {d['description']}, {plural(d['rows'], 'row')}"
+             + (f", {plural(d['tokens'], 'token')}" if "tokens" in d else "") for d in report["data"]]
     lines.append(f"context: {method['context']}; stride: {method['stride']} (sliding window, each token scored once "
                  f"with at least context - stride tokens of history)")
     lines.append("loss: nats per token; bits/byte: loss / ln 2 x tokens / UTF-8 bytes (fair across tokenizers); "
@@ -227,8 +233,7 @@ def render_table(report: dict, console) -> None:
     shown_cols = [c for c in LONG_COLUMNS if (c[1] != "word_ppl" or any(k.startswith("wikitext") for k in keys))
                   and (c[1] != "acc" or "lambada" in keys) and (c[1] not in ("loss", "bits_per_byte") or
                                                                  any(k != "lambada" for k in keys))]
-    table = Table(title="nanoplay eval", caption="\n".join(notes(report)), caption_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    table = Table(title="nanoplay eval", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     table.add_column("model", overflow="fold", min_width=10)
     for name in ("params", "ctx/stride"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -254,6 +259,8 @@ def render_table(report: dict, console) -> None:
     console.print(table)
     for row in failed:
         console.print(f"[red]{row['model']}: {row['error']}[/red]")
+    for line in notes(report):  # below the table, not its caption: rich would crop a caption to the table's width
+        console.print(line, highlight=False)
 
 
 def render_markdown(report: dict) -> str:

@@ -20,10 +20,10 @@ def human_size(n: int) -> str:
 
 
 def run_models(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..loading import GPT2_FAMILY, checkpoints_root, list_local_models
+    from .common import stdout_console
 
     models = list_local_models()
     table = Table(title=f"Local models (checkpoints: {checkpoints_root()}/, and the Hugging Face cache)")
@@ -32,7 +32,7 @@ def run_models(args) -> int:
     for m in models:
         steps = ", ".join(map(str, m.steps[-5:])) + (" …" if len(m.steps) > 5 else "")
         table.add_row(m.spec, m.kind, human_size(m.size_bytes), steps, m.detail)
-    console = Console()
+    console = stdout_console()
     if models:
         console.print(table)
     else:
