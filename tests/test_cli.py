@@ -23,6 +23,14 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def strict_json(line):
+    """Parse as strict JSON readers do (JavaScript's JSON.parse): no NaN or Infinity."""
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=reject)
+
+
 def test_gen_json(tiny_run, capsys):
     argv = ["gen", "-m", "tiny", "-m", "tiny@100", "--prompt", "The future of AI is", "--max-new-tokens", "6",
             "--temperature", "0.8", "--top-k", "200", "--seed", "1337", "--n", "2", "--json", "--top-logprobs", "3"]
@@ -40,6 +48,17 @@ def test_gen_json(tiny_run, capsys):
     # same seed, same tokens: a second run reproduces the first
     _, again, _ = run_cli(capsys, *argv)
     assert [json.loads(line)["text"] for line in again.splitlines()] == [r["text"] for r in records]
+
+
+def test_gen_json_is_strict_with_null_for_filtered_alternatives(tiny_run, capsys):
+    # greedy: the sampled distribution puts all mass on the top token, -inf on the others
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "The class", "--max-new-tokens", "2",
+                           "--temperature", "0", "--top-logprobs", "2", "--json")
+    assert code == 0
+    for token in strict_json(out)["tokens"]:
+        best, second = token["top_logprobs"]
+        assert token["sampling_logprob"] == best["sampling_logprob"] == 0.0 and token["rank"] == 1
+        assert second["sampling_logprob"] is None and second["logprob"] < best["logprob"] <= 0
 
 
 def test_gen_prompts_jsonl_and_text(tiny_run, tmp_path, capsys):

@@ -42,7 +42,7 @@ def stdout_console():
 def json_line(record: dict) -> str:
     """One JSONL record in strict JSON, which every parser reads: non-finite numbers (the -inf
     sampling log-probability of a token the sampling filters removed, say) are written as null."""
-    return json.dumps(record, ensure_ascii=False)
+    return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
 
 
 def _finite(value):

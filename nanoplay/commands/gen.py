@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, resolve_device, torch_dtype
+from .common import add_model_options, json_line, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -149,7 +149,7 @@ def run(args) -> int:
     if args.json:
         engine.run_until_done([r for r, _, _ in jobs])
         for request, prompt, i in jobs:
-            print(json.dumps(completion_record(request, prompt, i), ensure_ascii=False))
+            print(json_line(completion_record(request, prompt, i)))
     else:
         stream_text(engine, jobs, show_headers=len(jobs) > 1)
     failed = [r for r, _, _ in jobs if r.finish_reason == "error"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, resolve_device, torch_dtype
+from .common import add_model_options, json_line, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -74,7 +73,7 @@ def run(args) -> int:
                  **({"top_logprobs": [{"token": a.text, "id": a.id, "logprob": a.logprob}
                                       for a in t.top[:args.top_logprobs]]} if args.top_logprobs else {})}
                 for t in tokens]}
-            print(json.dumps(record, ensure_ascii=False))
+            print(json_line(record))
             continue
         worst = sorted(tokens, key=lambda t: t.logprob)[:3]
         table.add_row(model.name, str(totals["tokens"]), f"{totals['loss']:.4f}", f"{totals['perplexity']:.2f}",
