@@ -86,6 +86,14 @@ def test_gen_streams_text(tiny_run, capsys):
     assert code == 0 and out == "Hello" + json.loads(js)["text"] + "\n"
 
 
+def test_gen_text_reports_its_random_seed(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "5")
+    seed = int(err.split()[2])
+    assert code == 0 and err == f"nanoplay: seed {seed} (--seed {seed} repeats this run)\n"
+    _, again, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "5", "--seed", str(seed))
+    assert again == out and err == ""
+
+
 def test_gen_long_prompt_says_so(tiny_run, capsys):
     code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "word " * 200, "--max-new-tokens", "4", "--json")
     assert code == 0 and "longer than tiny@200's context of 64 tokens" in err

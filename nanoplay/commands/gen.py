@@ -146,6 +146,8 @@ def run(args) -> int:
             print(f"nanoplay: note: prompt longer than {request.model.name}'s context of "
                   f"{request.model.config.block_size} tokens: kept its last {len(request.prompt_ids)} tokens; "
                   f"the window slides as it generates", file=sys.stderr)
+    if args.seed is None and not args.json:  # JSON records carry their seeds
+        print(f"nanoplay: seed {base_seed} (--seed {base_seed} repeats this run)", file=sys.stderr)
     if args.json:
         engine.run_until_done([r for r, _, _ in jobs])
         for request, prompt, i in jobs:
