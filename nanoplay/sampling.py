@@ -62,6 +62,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
             (0 <= self.top_logprobs <= 20, "top_logprobs must be between 0 and 20"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be between 0 and 2**63 - 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -106,7 +106,12 @@ def test_noise_is_shared_across_vocab_sizes():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(max_new_tokens=0),
-                                 dict(stop=[""]), dict(repetition_penalty=0)])
+                                 dict(stop=[""]), dict(repetition_penalty=0), dict(seed=-1), dict(seed=2**63)])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NanoplayError, match="invalid sampling setting"):
         SamplingParams(**bad)
+
+
+def test_the_largest_seed_works():
+    params = SamplingParams(seed=2**63 - 1, max_new_tokens=1)
+    torch.Generator().manual_seed(params.seed)

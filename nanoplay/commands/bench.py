@@ -36,10 +36,20 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.model and not args.shape:
         raise NanoplayError("nothing to benchmark: give --model SPEC or --shape owt-30m / gpt2-124m")
+    checks = (("--batch", args.batch or [1], 1), ("--threads", [1 if args.threads is None else args.threads], 1),
+              ("--repeats", [args.repeats], 1), ("--prompt-tokens", [args.prompt_tokens], 1),
+              ("--new-tokens", [args.new_tokens], 2))  # decode speed is measured from the second token on
+    for flag, values, least in checks:
+        if min(values) < least:
+            raise NanoplayError(f"{flag} must be at least {least}")
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     engine = Engine()
     models = [engine.load(s, device=device, dtype=dtype) for s in args.model or []]
     models += [random_model(s) for s in args.shape or []]
+    for model in models:
+        if not args.scoring and args.prompt_tokens + 1 >= model.config.block_size:
+            raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} does not fit {model.name}'s context of "
+                                f"{model.config.block_size} tokens: give at most {model.config.block_size - 2}")
     console = stdout_console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, {args.dtype}; "
                   f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
