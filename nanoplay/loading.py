@@ -159,7 +159,11 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedModel:
     if step is None:
         step = max(steps)
     elif step not in steps:
-        raise NanoplayError(f"{run_dir.name} has no step {step}; available steps: {', '.join(map(str, steps))}")
+        available = f"available steps: {', '.join(map(str, steps))}"
+        if (run_dir / ckpt.step_dir_name(step)).is_dir():  # there, but not loadable: say so, not "no step"
+            raise NanoplayError(f"{run_dir / ckpt.step_dir_name(step)} is damaged or incomplete (config.json or "
+                                f"model.safetensors missing or unreadable); {available}")
+        raise NanoplayError(f"{run_dir.name} has no step {step}; {available}")
     return _load_our_dir(steps[step], name=f"{run_dir.name}@{step}")
 
 
@@ -310,7 +314,9 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
         raise NanoplayError(f"{where}: no such revision on the Hub") from e
     except GatedRepoError as e:
         raise NanoplayError(f"{where} is gated on the Hub: accept its terms and log in with `hf auth login`") from e
-    except (RepositoryNotFoundError, HFValidationError) as e:
+    except HFValidationError as e:
+        raise NanoplayError(f"{where!r} is not a Hub repo id: give owner/name (or a GPT-2 name like gpt2-medium)") from e
+    except RepositoryNotFoundError as e:
         raise NanoplayError(f"unknown model {where!r}: not a local checkpoint and no such repo on the Hub") from e
     return Path(weights).parent
 

@@ -38,6 +38,10 @@ def test_checkpoint_names_and_steps(tiny_run):
     torch.testing.assert_close(logits(older.model), logits(tiny_model(1)))
     with pytest.raises(NanoplayError, match="no step 300; available steps: 100, 200"):
         load_model("tiny@300")
+    (tiny_run / "step-00000100" / "config.json").write_text("{not json")
+    with pytest.raises(NanoplayError, match=r"step-00000100 is damaged or incomplete \(config.json or model.safetensors "
+                                            r"missing or unreadable\); available steps: 200"):
+        load_model("tiny@100")
 
 
 def test_safetensors_file_alone(tmp_path):
@@ -210,3 +214,10 @@ def test_unreachable_hub_data_set_fails_without_a_request(monkeypatch):
         load_text_dataset("someone/not-cached")
     assert requests == []  # only the cache was tried
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # switch restored
+
+
+def test_a_malformed_hub_id_is_named_as_such(hf_home):
+    from nanoplay.loading import hub_download
+
+    with pytest.raises(NanoplayError, match=r"'a/b/c' is not a Hub repo id: give owner/name"):
+        hub_download("a/b/c")
