@@ -512,3 +512,43 @@ def test_hub_download_progress_goes_to_the_pane_status():
 
 def test_perplexity_shows_four_significant_figures_at_most():
     assert [format_perplexity(v) for v in (3.14159, 42.123, 123.456, 28866.846)] == ["3.14", "42.12", "123.5", "28867"]
+
+
+async def test_opening_a_session_replaces_a_full_set_of_panes(models):
+    """Ctrl+L with six panes open: the saved six replace them (the old ones are gone before the new count)."""
+    from nanoplay.tui.sessions import save_session
+    from nanoplay.tui.state import PaneState, Run
+
+    specs = ["beta", "beta@100", "alpha@100", "beta", "alpha@100", "beta@100"]
+    saved = [PaneState(s, runs=[Run(prompt="Saved", finish_reason="length")], current=0) for s in specs]
+    save_session("six", {"mode": "compare", "prompt": "Saved", "settings": Settings(max_new_tokens=5).to_dict(),
+                         "panes": [p.to_dict() for p in saved]})
+    app = NanoplayApp(models=["alpha"] * 6)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("ctrl+l")
+        await pilot.press("enter")  # the only saved session is highlighted
+        await until(pilot, lambda: [p.state.spec for p in panes(app)] == specs)
+        await loaded(pilot)
+        assert all(p.lm is not None and p.state.run.prompt == "Saved" for p in panes(app))
+        assert app.session_name == "six" and app.settings.max_new_tokens == 5
+        assert app.main.query_one("#prompt").text == "Saved"
+        assert not [n for n in app._notifications if "at most" in n.message]
+
+
+async def test_a_pane_shows_what_happened_before_it_was_mounted(models):
+    """A load that fails before the pane is mounted (fast errors do) still shows in the pane."""
+    from nanoplay.tui.state import PaneState
+
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        pane = ModelPane(PaneState("broken"))
+        mounting = app.main.query_one("#panes").mount(pane)
+        pane.error = "broken: the checkpoint is truncated"
+        pane.dirty = True
+        app.main.tick()  # the UI timer ran while the pane was still mounting
+        await mounting
+        app.main.tick()
+        assert str(pane.query_one("#pane-status").render()) == "✗ broken: the checkpoint is truncated"
+        assert str(pane.query_one("#pane-header").render()).startswith("broken")

@@ -148,7 +148,7 @@ class NanoplayApp(App):
         except OSError as e:
             self.notify(f"could not save the session: {e}", severity="warning")
 
-    def open_session(self, name: str) -> None:
+    async def open_session(self, name: str) -> None:
         from .sessions import load_session
 
         try:
@@ -156,9 +156,7 @@ class NanoplayApp(App):
         except Exception as e:
             self.notify(str(e), severity="error")
             return
-        self.main.action_stop()
-        for pane in self.main.panes:
-            pane.remove()
+        await self.main.remove_panes(self.main.panes)
         self.session_name = name
         self.restore(data)
         self.main.query_one("#prompt").load_text(self.prompt)
@@ -193,7 +191,7 @@ class NanoplayApp(App):
             _, name, *arg = action.split(":")
             pane = main.focused if isinstance(main.focused, ModelPane) else (main.panes or [None])[0]
             if pane is not None:
-                getattr(main, f"pane_{name}")(pane, int(arg[0]) if arg else None)
+                main.call_next(getattr(main, f"pane_{name}"), pane, int(arg[0]) if arg else None)
         else:
             getattr(main, f"action_{action}")()
 

@@ -384,7 +384,8 @@ class MainScreen(Screen):
 
     @on(ModelPane.Action)
     def pane_action(self, message: ModelPane.Action) -> None:
-        getattr(self, f"pane_{message.action}")(message.pane, message.arg)
+        # call_next: some pane actions are async (removing a pane awaits its removal)
+        self.call_next(getattr(self, f"pane_{message.action}"), message.pane, message.arg)
 
     def pane_fork(self, pane: ModelPane, k: int | None) -> None:
         chat = self.app.mode == "chat"
@@ -469,13 +470,19 @@ class MainScreen(Screen):
                 container.move_child(pane, after=panes[j])
             self.app.save_session()
 
-    def pane_remove(self, pane: ModelPane, _=None) -> None:
-        with pane.lock:
-            for _, req in pane.active:
-                req.cancel()
-        pane.remove()
-        self.call_after_refresh(self.layout_panes)
-        self.call_after_refresh(self.app.save_session)
+    async def pane_remove(self, pane: ModelPane, _=None) -> None:
+        await self.remove_panes([pane])
+        self.app.save_session()
+
+    async def remove_panes(self, panes: list[ModelPane]) -> None:
+        """Stop their generation and take them off the screen; awaited, so they no longer count as panes."""
+        for pane in panes:
+            pane.waiting_prompt = None
+            with pane.lock:
+                for _, req in pane.active:
+                    req.cancel()
+        await self.query_one("#panes").remove_children(panes)
+        self.layout_panes()
 
     def pane_pane_settings(self, pane: ModelPane, _=None) -> None:
         self.open_settings(pane)
@@ -550,9 +557,9 @@ class MainScreen(Screen):
     def action_sessions(self) -> None:
         from .dialogs import SessionsScreen
 
-        def chosen(name: str | None) -> None:
+        async def chosen(name: str | None) -> None:
             if name:
-                self.app.open_session(name)
+                await self.app.open_session(name)
 
         self.app.push_screen(SessionsScreen(), chosen)
 

@@ -110,7 +110,9 @@ class ModelPane(Vertical, can_focus=True):
         yield Static(id="pane-status", classes="pane-status")
 
     def on_mount(self) -> None:
-        self.refresh_view()
+        # the UI timer draws the pane: refresh_view() cannot yet (is_mounted turns true after on_mount),
+        # and a timer tick may already have taken the dirty mark of a state set before mounting
+        self.dirty = True
 
     # ---- engine side: called from the engine thread, touches only the lock-protected buffer
 
@@ -277,7 +279,7 @@ class ModelPane(Vertical, can_focus=True):
         return text
 
     def refresh_view(self, scroll: bool = False) -> None:
-        if not self.is_mounted:
+        if not self.is_mounted:  # on_mount has the UI timer draw whatever changed before
             return
         self.query_one("#pane-header", Static).update(self.header_text())
         self.query_one("#tokens", TokenView).update(self.body_text())
