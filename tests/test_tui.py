@@ -179,10 +179,15 @@ async def test_colours_inspector_click_and_fork(models):
         ids = run.prompt_ids + [t.id for t in fork.toks[:4]]
         _, _, ref = reference("alpha", ids, Settings.from_dict(fork.settings))
         assert [t.id for t in fork.toks[4:]] == [t.id for t in ref.tokens]
-        # the branch list reaches the first branch again
+        assert str(pane.status_text()).startswith("done: length  branch 2/2  ")
+        pane.focus()
+        await pilot.press("end")
+        assert "completion token 13" in _plain(inspector.content)
+        # the branch list reaches the first branch again, and the inspector lets go of the fork's token
         await pilot.press("b")
         await pilot.press("up", "enter")
         assert pane.state.current == 0
+        assert pane.cursor is None and not inspector.display
 
 
 def _plain(renderable) -> str:
@@ -271,14 +276,19 @@ async def test_chat_mode_turns_reuse_the_conversation(models):
         assert second.prompt_ids[:len(first.prompt_ids)] == first.prompt_ids
         assert second.prompt_ids == _encode(f"User: Hi\n\nAssistant: {answer}\n\nUser: More\n\nAssistant:") or \
             second.prompt_ids == _encode(f"User: Hi\n\nAssistant: {answer.strip()}\n\nUser: More\n\nAssistant:")
+        # each turn is a run, but only versions of one answer count as its branches
+        assert str(pane.status_text()) == f"done: {second.finish_reason}  seed {app.settings.seed}"
         # regenerate the last answer with the same seed: the same answer
         last = pane.state.chat[-1].content
         await pilot.press("ctrl+r")
         await until(pilot, lambda: len(pane.state.runs) == 3 and idle(app))
         assert pane.state.chat[-1].content == last and len(pane.state.chat) == 4
-        # edit and resend the last user message
+        assert "  answer 2/2  " in str(pane.status_text()) and "branch" not in str(pane.status_text())
+        # edit and resend the last user message: back in the editor, the cursor after it
         await pilot.press("ctrl+f")
-        assert app.main.query_one("#prompt").text == "More" and len(pane.state.chat) == 2
+        editor = app.main.query_one("#prompt")
+        assert editor.text == "More" and len(pane.state.chat) == 2
+        assert editor.cursor_location == (0, 4)
         await send(pilot, "Other")
         assert [m.content for m in pane.state.chat if m.role == "user"] == ["Hi", "Other"]
 
@@ -363,6 +373,7 @@ async def test_sessions_autosave_reopen_export_and_gen_command(models, capsys):
         panes(app)[0].focus()
         await pilot.press("g")
         command = app.clipboard
+        assert "--model alpha@200 " in command  # the step that made the text, not whatever is newest later
     assert list_sessions() == [name]
     saved = json.loads(session_path(name).read_text())
     assert saved["prompt"] == "Saved prompt" and [p["spec"] for p in saved["panes"]] == ["alpha", "beta"]

@@ -351,7 +351,7 @@ class MainScreen(Screen):
                 pane.refresh_view()
         if last is not None:
             editor = self.query_one("#prompt", PromptEditor)
-            editor.load_text(last)
+            editor.show_text(last)
             editor.focus()
 
     def check_action(self, action: str, parameters) -> bool | None:
@@ -434,6 +434,7 @@ class MainScreen(Screen):
             pane.state.current = index
             pane.cursor = None
             pane.refresh_view()
+            self.show_inspector(pane)  # the token it showed belongs to the other branch
             self.mark_divergence()
 
         self.app.push_screen(BranchesScreen(pane.state), chosen)
@@ -453,7 +454,7 @@ class MainScreen(Screen):
 
         run = pane.state.run
         settings = Settings.from_dict(run.settings) if run else self.app.settings.merged(pane.state.overrides)
-        command = gen_command(pane.state.spec, run.prompt if run else self.app.prompt, settings,
+        command = gen_command(pane.exact_spec, run.prompt if run else self.app.prompt, settings,
                               chat=self.app.mode == "chat")
         self.app.copy_to_clipboard(command)
         self.notify(command, title="copied the gen command line", timeout=8)

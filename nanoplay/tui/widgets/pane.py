@@ -136,6 +136,13 @@ class ModelPane(Vertical, can_focus=True):
     def busy(self) -> bool:
         return bool(self.active)
 
+    @property
+    def exact_spec(self) -> str:
+        """The spec that reloads this very model: a checkpoint run's step pinned (demo -> demo@300)."""
+        if self.lm is not None and self.lm.name.startswith(self.state.spec + "@"):
+            return self.lm.name
+        return self.state.spec
+
     def display_toks(self) -> list[Tok]:
         """The tokens the cursor moves over: prompt and completion, or in chat mode every answer."""
         if self.chat_mode:
@@ -272,8 +279,14 @@ class ModelPane(Vertical, can_focus=True):
                 return text
             state = "generating…" if self.busy or run.finish_reason is None else f"done: {run.finish_reason}"
             text.append(state, "italic")
-            if len(self.state.runs) > 1:
-                text.append(f"  branch {self.state.current + 1}/{len(self.state.runs)}", "cyan")
+            if self.chat_mode:  # every turn is a run: count the versions of this answer only
+                label = "answer"
+                versions = [i for i, r in enumerate(self.state.runs)
+                            if r.chat == run.chat and r.prompt_ids == run.prompt_ids]
+            else:
+                label, versions = "branch", range(len(self.state.runs))
+            if len(versions) > 1:
+                text.append(f"  {label} {versions.index(self.state.current) + 1}/{len(versions)}", "cyan")
             if run.settings:
                 text.append(f"  seed {run.settings.get('seed')}", "dim")
         return text

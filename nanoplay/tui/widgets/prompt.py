@@ -47,7 +47,11 @@ class PromptEditor(TextArea):
         await super()._on_key(event)
 
     def _show_history(self) -> None:
-        self.load_text(self.prompt_history[self.history_pos])
+        self.show_text(self.prompt_history[self.history_pos])
+
+    def show_text(self, text: str) -> None:
+        """Replace the text, with the cursor at its end (ready to edit on)."""
+        self.load_text(text)
         self.move_cursor(self.document.end)
 
     def action_newline(self) -> None:
