@@ -169,3 +169,38 @@ def test_finetune_needs_data_and_a_base(env):
         run_finetune(overrides={})
     with pytest.raises(NanoplayError, match="no pre-trained checkpoint"):
         newest_pretrained()
+
+
+def test_print_config_is_what_runs_and_reads_back(env, tmp_path, capsys):
+    save_checkpoint(tiny_model(5), env / "base" / step_dir_name(100), step=100)
+    dialogs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA] * 4
+    path = write_jsonl(tmp_path / "dialogs.jsonl", dialogs)
+    assert cli.main(["finetune", "--data", str(path), "--init", "base", "--sample-tokens", "0", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    # the base's shape (not owt-30m's 6/384/512), its name, and 3 epochs of the 11 training conversations
+    # (12 minus round(12 x 0.05) = 1 held out) at 8 per step: ceil(3 x 11 / 8) = 5 steps
+    for line in ("n_layer = 2", "n_embd = 32", "block_size = 64", "vocab_size = 50304", 'init = "base"',
+                 'name = "base-chat"', "max_iters = 5  # 3 epochs of 11 training conversations"):
+        assert line in printed, line
+    assert "# the shape of --init base, its vocabulary padded for the chat tokens" in printed
+    assert not (env / "base-chat").exists()
+    config = tmp_path / "ft.toml"
+    config.write_text(printed)
+    assert cli.main(["finetune", "--config", str(config)]) == 0
+    assert "finished at step 5" in capsys.readouterr().out
+    # max_iters written in the file wins over epochs, as a flag does
+    config.write_text(printed.replace("max_iters = 5", "max_iters = 2").replace('"base-chat"', '"two"'))
+    assert cli.main(["finetune", "--config", str(config)]) == 0
+    assert "finished at step 2" in capsys.readouterr().out
+
+
+def test_finetune_names_and_help(env, tmp_path, capsys):
+    save_checkpoint(tiny_model(5), env / "base" / step_dir_name(100), step=100)
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    assert cli.main(["finetune", "--data", str(path), "--name", "../out"]) == 2
+    assert "run name '../out': use one plain folder name" in capsys.readouterr().err
+    assert not (env.parent / "out").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--name NAME run name under checkpoints/ (default: the --init model's name + -chat)" in help_text

@@ -85,6 +85,43 @@ def test_printed_config_reads_back_and_unknown_keys_are_refused(tmp_path):
         read_config_file(path)
 
 
+BAD_VALUES = [
+    (["--learning-rate", "-1"], "learning_rate must be greater than 0, not -1.0"),
+    (["--dropout", "1.5"], "dropout must be at least 0 and below 1, not 1.5"),
+    (["--activation", "relu2"], "activation 'relu2': use gelu_tanh or gelu"),
+    (["--vocab-size", "100"], "vocab_size 100 is smaller than the GPT-2 tokenizer's 50257 tokens: "
+                              "use 50304 (padded to a multiple of 64, the default) or 50257"),
+    (["--batch-size", "0"], "batch_size must be at least 1, not 0"),
+    (["--warmup-iters", "-5"], "warmup_iters must be 0 or more, not -5"),
+    (["--seed", "-1"], "seed must be 0 or more, not -1"),
+    (["--n-head", "5"], "n_embd (32) must be divisible by n_head (5)"),
+    (["--device", "tpu"], "device 'tpu': give cpu or cuda[:N]"),
+    (["--device", "meta"], "device meta: nanoplay runs on cpu or cuda[:N]"),
+    (["--device", "mps"], "device mps: nanoplay runs on cpu or cuda[:N]"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_VALUES, ids=[f[0][0] for f in BAD_VALUES])
+def test_bad_settings_are_one_line_and_exit_2_before_anything_runs(env, run_root, capsys, flags, message):
+    from nanoplay import cli
+
+    assert cli.main(["train", "--preset", "demo", *TINY_FLAGS, "--name=bad", *flags]) == 2
+    assert capsys.readouterr().err == f"nanoplay: error: {message}\n"
+    assert not (run_root / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "a\\b", ".hidden", "demo@3", " x"])
+def test_run_names_are_one_plain_folder_name(env, run_root, capsys, name):
+    from nanoplay import cli
+
+    assert cli.main(["train", "--preset", "demo", *TINY_FLAGS, f"--name={name}"]) == 2
+    assert capsys.readouterr().err == (f"nanoplay: error: run name {name!r}: use one plain folder name such as "
+                                       f"my-run (no /, \\ or @, not empty, not starting with a dot)\n")
+    assert not run_root.exists() and not (run_root.parent / "escape").exists()
+    with pytest.raises(NanoplayError, match="run name '../escape'"):
+        train(TrainConfig(name="../escape"))
+
+
 def test_learning_rate_schedule_by_hand():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
     assert lr_at(0, cfg) == pytest.approx(1 / 5)
@@ -255,6 +292,24 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(env, run_root):
         train(cfg, display="none")
 
 
+def test_resume_refuses_a_new_shape_and_takes_new_step_counts(env, run_root, capsys):
+    from nanoplay import cli
+
+    cfg = load_preset("demo", **{**TINY, "name": "ra", "max_iters": 2, "eval_interval": 0})
+    train(cfg, display="none")
+    with pytest.raises(NanoplayError) as e:
+        train(cfg, resume=True, overrides={"n_layer": 3, "n_embd": 32, "max_iters": 4}, display="none")
+    assert str(e.value) == ("--resume continues ra's model as it is (n_layer 2): drop --n-layer 3, "
+                            "or start a new run with --name NEW")  # n_embd 32 is unchanged: not named
+    assert list(list_steps(run_root / "ra")) == [2]
+    # --print-config shows the resumed run's config with the flags that may change
+    assert cli.main(["train", "--preset", "demo", "--name", "ra", "--resume", "--max-iters", "3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# the model of ra's newest checkpoint: --resume keeps its shape" in printed
+    assert "n_layer = 2" in printed and "max_iters = 3" in printed and "block_size = 32" in printed
+    assert train(cfg, resume=True, overrides={"n_layer": 2, "max_iters": 3}, display="none").step == 3
+
+
 def test_keeps_the_last_k_and_the_best(env, run_root):
     run = run_root / "prune"
     from conftest import tiny_model
@@ -363,6 +418,25 @@ def test_init_from_a_model_spec_continues_pretraining(env, run_root, tmp_path):
     # it started from the base weights: one tiny step away, not a fresh init
     drift = (trained.model.transformer.wpe.weight - base.transformer.wpe.weight).abs().max().item()
     assert 0 < drift < 0.05
+
+
+def test_print_config_shows_the_init_models_shape(env, run_root, tmp_path, capsys):
+    from conftest import tiny_model
+
+    from nanoplay import cli
+    from nanoplay.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model(3, block_size=48), tmp_path / "base", step=100)
+    assert cli.main(["train", "--preset", "owt-30m", "--init", str(tmp_path / "base"), "--name", "cont",
+                     "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "printed.toml"
+    path.write_text(printed)
+    cfg = TrainConfig(**read_config_file(path))
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (2, 2, 32, 48)  # not owt-30m's 6/6/384/512
+    assert cfg.name == "cont" and cfg.init == str(tmp_path / "base")
+    assert f"# the shape of --init {tmp_path / 'base'}: read from the model, not from here" in printed
+    assert not run_root.exists()  # printing writes nothing
 
 
 def test_parallel_tokenisation_gives_the_same_shards(env, tmp_path, monkeypatch):

@@ -17,8 +17,17 @@ import torch
 
 from nanoplay.checkpoint import list_steps, read_config, save_checkpoint, step_dir_name, write_dir_atomically
 from nanoplay.errors import NanoplayError
+from nanoplay.loading import checkpoints_root
+
+from .config import check_run_name
 
 STATE_FILE = "training_state.pt"
+
+
+def run_dir(name: str) -> Path:
+    """checkpoints/NAME, for a name that is one plain folder name (never the root, never outside it)."""
+    check_run_name(name)
+    return checkpoints_root() / name
 
 
 def save_step(run_dir: Path, step: int, model, state: dict, meta: dict) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from nanoplay.errors import NanoplayError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+GPT2_VOCAB = 50257  # the tokenizer's ids, <|endoftext|> last; chat fine-tuning pads to 50304 for its special tokens
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"section": "optim"})
     grad_clip: float = field(default=1.0, metadata={"section": "optim", "help": "0: no clipping"})
     # [run]
-    name: str = field(default="", metadata={"section": "run", "help": "run name under checkpoints/ (default: the preset's)"})
+    name: str = field(default="", metadata={"section": "run", "help": "run name under checkpoints/ (default: the preset's or config file's name)"})
     seed: int = field(default=1337, metadata={"section": "run"})
     eval_interval: int = field(default=500, metadata={"section": "run"})
     eval_batches: int = field(default=50, metadata={"section": "run"})
@@ -63,25 +64,58 @@ class TrainConfig:
     tensorboard: bool = field(default=False, metadata={"section": "run", "help": "also write TensorBoard logs"})
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise NanoplayError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("batch_size", "gradient_accumulation_steps", "block_size", "log_interval"):
+        """Every value is checked here, before anything is loaded: one line naming the key and what it takes."""
+        from nanoplay.model import ACTIVATIONS  # imports torch: not at the top, so building the CLI stays fast
+
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "max_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise NanoplayError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "epochs", "min_lr", "weight_decay", "grad_clip", "num_proc",
+                     "seed", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise NanoplayError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise NanoplayError(f"learning_rate must be greater than 0, not {self.learning_rate}")
+        for name in ("dropout", "val_fraction", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise NanoplayError(f"{name} must be at least 0 and below 1, not {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise NanoplayError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vocab_size < GPT2_VOCAB:
+            raise NanoplayError(f"vocab_size {self.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} "
+                                f"tokens: use 50304 (padded to a multiple of 64, the default) or {GPT2_VOCAB}")
+        if self.activation not in ACTIVATIONS:
+            raise NanoplayError(f"activation {self.activation!r}: use {' or '.join(ACTIVATIONS)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise NanoplayError(f"dtype {self.dtype!r}: use auto, float32 or bfloat16")
+        if self.name:  # empty: finetune names the run after its --init; train() refuses it
+            check_run_name(self.name)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_toml(self) -> str:
+    def to_toml(self, notes: dict[str, str] | None = None) -> str:
+        """The config as TOML; `notes` are comments, by section (under its header) or by key (after it)."""
+        notes = notes or {}
         lines, section = [], None
         for f in fields(self):
             if f.metadata["section"] != section:
                 section = f.metadata["section"]
                 lines.append(f"{'' if not lines else chr(10)}[{section}]")
-            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+                if section in notes:
+                    lines.append(f"# {notes[section]}")
+            note = f"  # {notes[f.name]}" if f.name in notes else ""
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}{note}")
         return "\n".join(lines) + "\n"
+
+
+def check_run_name(name: str) -> None:
+    """A run is one folder under checkpoints/, and `name@step` picks a step: a name is one plain path component."""
+    if (not name or name.startswith(".") or any(c in name for c in "/\\@") or name != name.strip()
+            or not name.isprintable()):
+        raise NanoplayError(f"run name {name!r}: use one plain folder name such as my-run "
+                            f"(no /, \\ or @, not empty, not starting with a dot)")
 
 
 def _toml_value(v) -> str:
@@ -139,13 +173,14 @@ def load_preset(preset: str, **overrides) -> TrainConfig:
     return load_config(preset=preset, overrides=overrides)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "data", "optim", "run")) -> None:
-    """One flag per field of the given sections, default None so only given flags override."""
+def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "data", "optim", "run"),
+                     help_texts: dict[str, str] | None = None) -> None:
+    """One flag per field of the given sections, default None so only given flags override; `help_texts` replace some help."""
     for f in fields(TrainConfig):
         if f.metadata["section"] not in sections:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help")
+        help_text = (help_texts or {}).get(f.name, f.metadata.get("help"))
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanoplay.chat import CHAT_TEMPLATE, END_ID, render_prompt
-from nanoplay.checkpoint import list_steps, load_checkpoint_dir, read_config
+from nanoplay.checkpoint import list_steps, read_config
 from nanoplay.errors import NanoplayError
 from nanoplay.loading import LoadedModel, checkpoints_root, load_model
 from nanoplay.model import GPT
@@ -18,21 +19,22 @@ from nanoplay.tokenizer import get_tokenizer
 
 from . import chat_data, checkpoints
 from .config import TrainConfig, read_config_file
-from .loop import TrainResult, find_resume, init_distributed, train_loop
-from .train import MODEL_FIELDS
+from .loop import TrainResult, init_distributed, pick_device, train_loop
+from .train import MODEL_FIELDS, resume_run, set_dropout
 
 DEFAULTS = Path(__file__).parent / "finetune.toml"
 CHAT_VOCAB = 50304  # the special tokens need a padded vocabulary
 
 
-def finetune_config(config_file: str | None, overrides: dict) -> TrainConfig:
+def finetune_config(config_file: str | None, overrides: dict) -> tuple[TrainConfig, set[str]]:
+    """finetune.toml, then the user's file, then flags; also the keys the user set (file or flags)."""
     values = read_config_file(DEFAULTS)
-    if config_file:
-        values.update(read_config_file(Path(config_file)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    user = read_config_file(Path(config_file)) if config_file else {}
+    user.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(user)
     if "data" not in values:
         raise NanoplayError("finetune needs --data: a JSONL file of conversations (or JSON, parquet, a Hub dataset id)")
-    return TrainConfig(**values)
+    return TrainConfig(**values), set(user)
 
 
 def newest_pretrained() -> str:
@@ -105,30 +107,43 @@ def make_chat_sampler(name: str, messages: list[dict], cfg: TrainConfig):
     return sample
 
 
-def run_finetune(config_file: str | None = None, overrides: dict | None = None, resume: bool = False,
-                 skip_invalid: bool = False, show_mask_only: bool = False, display: str = "auto") -> TrainResult | None:
+@dataclass
+class Plan:
+    """What a fine-tuning run will do: the effective config, the model and the conversations."""
+
+    cfg: TrainConfig
+    model: GPT
+    resume_state: dict | None
+    examples: list[chat_data.Example]  # the valid conversations, in file order
+    problems: list[chat_data.Problem]
+    data: chat_data.ChatData
+    sample_messages: list[dict]  # the first held-out question, answered at each evaluation
+    notes: dict[str, str]  # for --print-config: where values the user did not write come from
+
+
+def plan_finetune(config_file: str | None = None, overrides: dict | None = None, resume: bool = False,
+                  skip_invalid: bool = False, world_size: int = 1) -> Plan:
+    """
+    The config that will run: the --init model's shape, the run's name (INIT-chat unless --name), and
+    max_iters from `epochs` over the training conversations unless max_iters is set (flag or file).
+    Invalid conversations stop it (listed on stderr) unless `skip_invalid`.
+    """
     overrides = dict(overrides or {})
-    cfg = finetune_config(config_file, overrides)
-    dist_info = init_distributed("cuda" if cfg.device.startswith("cuda") or
-                                 (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    cfg, user_keys = finetune_config(config_file, overrides)
     resume_state = None
     if resume:
         if not cfg.name:
             raise NanoplayError("--resume needs --name: the fine-tuning run to continue")
-        step, step_dir = find_resume(checkpoints_root() / cfg.name)
-        resume_state = checkpoints.load_state(step_dir)
-        cfg = dataclasses.replace(TrainConfig(**resume_state["config"]), **overrides)
-        model, _ = load_checkpoint_dir(step_dir)
-        init_name = cfg.init
+        cfg, model, resume_state = resume_run(checkpoints.run_dir(cfg.name), overrides)
+        notes = {"model": f"the model of {cfg.name}'s newest checkpoint: --resume keeps its shape"}
     else:
         init_name = cfg.init or newest_pretrained()
         model = pad_vocab(load_model(init_name).model.float())
         cfg = dataclasses.replace(cfg, init=init_name, name=cfg.name or f"{Path(init_name).name.split('@')[0]}-chat",
                                   **{f: getattr(model.config, f) for f in MODEL_FIELDS if f != "dropout"})
-    model.config.dropout = cfg.dropout
-    run_dir = checkpoints_root() / cfg.name
-    if not resume and list_steps(run_dir):
-        raise NanoplayError(f"{run_dir} already has checkpoints: pass --resume --name {cfg.name}, or --name NEW")
+        set_dropout(model, cfg.dropout)
+        notes = {"model": f"the shape of --init {init_name}, its vocabulary padded for the chat tokens: read from "
+                          f"the model, not from here (dropout excepted)"}
 
     examples, problems = chat_data.load_conversations(cfg.data, cfg.block_size)
     if problems:
@@ -137,27 +152,40 @@ def run_finetune(config_file: str | None = None, overrides: dict | None = None, 
             print(report, file=sys.stderr)
             raise NanoplayError(f"{cfg.data} has {len(problems)} invalid conversation(s), listed above: "
                                 f"fix them, or pass --skip-invalid to train on the {len(examples)} valid ones")
-        if dist_info.is_main:
-            print(f"--skip-invalid: dropped {len(problems)} invalid conversation(s), training on {len(examples)}",
-                  file=sys.stderr)
-    if show_mask_only:
-        if not examples:
-            raise NanoplayError(f"{cfg.data} has no valid conversation to show")
-        show_mask(examples[0])
-        return None
-
     train, val = chat_data.split_examples(examples, cfg.val_fraction, cfg.seed)
-    micro_per_step = cfg.gradient_accumulation_steps * dist_info.world_size
+    micro_per_step = cfg.gradient_accumulation_steps * world_size
     data = chat_data.ChatData(train, val, cfg.batch_size, micro_per_step, cfg.seed, cfg.eval_batches, cfg.data)
-    if cfg.epochs > 0 and "max_iters" not in overrides:
+    if cfg.epochs > 0 and "max_iters" not in user_keys:
         cfg = dataclasses.replace(cfg, max_iters=math.ceil(cfg.epochs * data.steps_per_epoch()))
-    if dist_info.is_main:
-        checkpoints.clean_partial_writes(run_dir)
+        notes["max_iters"] = (f"{cfg.epochs:g} epochs of {len(train)} training conversations "
+                              f"(delete this line to count again for other data)")
     first = (val or train)[0].messages
     sample_messages = first[:next(i for i, m in enumerate(first) if m["role"] == "assistant")]
-    sampler = make_chat_sampler(cfg.name, sample_messages, cfg) if dist_info.is_main and cfg.sample_tokens else None
-    meta = {"run": cfg.name, "data": cfg.data, "init": cfg.init, "chat_template": CHAT_TEMPLATE,
-            "dropped_invalid": len(problems)}
-    return train_loop(cfg, model.train(), data, run_dir, meta=meta, title=f"finetune {cfg.name}",
-                      resume_state=resume_state, sampler=sampler, dist_info=dist_info, display=display)
+    return Plan(cfg, model.train(), resume_state, examples, problems, data, sample_messages, notes)
 
+
+def run_finetune(config_file: str | None = None, overrides: dict | None = None, resume: bool = False,
+                 skip_invalid: bool = False, show_mask_only: bool = False, display: str = "auto") -> TrainResult | None:
+    cfg, _ = finetune_config(config_file, dict(overrides or {}))
+    dist_info = init_distributed(pick_device(cfg.device).type)  # a bad device fails here, before anything loads
+    plan = plan_finetune(config_file, overrides, resume, skip_invalid, dist_info.world_size)
+    cfg = plan.cfg
+    if plan.problems and dist_info.is_main:
+        print(f"--skip-invalid: dropped {len(plan.problems)} invalid conversation(s), training on {len(plan.examples)}",
+              file=sys.stderr)
+    if show_mask_only:
+        if not plan.examples:
+            raise NanoplayError(f"{cfg.data} has no valid conversation to show")
+        show_mask(plan.examples[0])
+        return None
+
+    run_dir = checkpoints.run_dir(cfg.name)
+    if not resume and list_steps(run_dir):
+        raise NanoplayError(f"{run_dir} already has checkpoints: pass --resume --name {cfg.name}, or --name NEW")
+    if dist_info.is_main:
+        checkpoints.clean_partial_writes(run_dir)
+    sampler = make_chat_sampler(cfg.name, plan.sample_messages, cfg) if dist_info.is_main and cfg.sample_tokens else None
+    meta = {"run": cfg.name, "data": cfg.data, "init": cfg.init, "chat_template": CHAT_TEMPLATE,
+            "dropped_invalid": len(plan.problems)}
+    return train_loop(cfg, plan.model, plan.data, run_dir, meta=meta, title=f"finetune {cfg.name}",
+                      resume_state=plan.resume_state, sampler=sampler, dist_info=dist_info, display=display)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoplay.errors import NanoplayError
+from nanoplay.loading import resolve_device
 from nanoplay.model import GPT
 
 from . import checkpoints
@@ -68,15 +69,14 @@ def init_distributed(device_type: str) -> Distributed:
     return Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
 
-def pick_device(name: str, dist_info: Distributed | None = None) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise NanoplayError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if dist_info and dist_info.enabled:
-            name = f"cuda:{dist_info.local_rank}"
-    return name
+def pick_device(name: str, dist_info: Distributed | None = None) -> torch.device:
+    """The config's device (auto: the GPU when there is one), checked; under torchrun, this rank's GPU."""
+    device = resolve_device(None if name == "auto" else name)
+    if device.type == "cuda" and dist_info and dist_info.enabled:
+        return torch.device("cuda", dist_info.local_rank)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())  # torch.cuda.set_device needs an index
+    return device
 
 
 class StopRequest:
@@ -128,7 +128,7 @@ def train_loop(cfg: TrainConfig, model: GPT, data, run_dir, *, meta: dict, title
     """
     dist_info = dist_info or Distributed()
     device = pick_device(cfg.device, dist_info)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    device_type = device.type
     if device_type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls

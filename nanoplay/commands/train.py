@@ -12,7 +12,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", help=f"one of: {', '.join(preset_names())} (default: owt-30m)")
     p.add_argument("--config", metavar="FILE", help="a TOML config file (start from --print-config)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpoints/NAME from its newest checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config that would run as TOML (with an --init model's shape) and exit")
     add_config_flags(p)
     p.set_defaults(run=run_train)
 
@@ -22,10 +23,12 @@ def register(subparsers) -> None:
                                           'or {"prompt": ..., "response": ...}.')
     p.add_argument("--config", metavar="FILE", help="a TOML config file (start from --print-config)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpoints/NAME from its newest checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config that would run as TOML (the --init model's shape, the name, the steps) and exit")
     p.add_argument("--skip-invalid", action="store_true", help="train on the valid conversations, report how many were dropped")
     p.add_argument("--show-mask", action="store_true", help="print one example coloured by trained / not trained, and exit")
-    add_config_flags(p, sections=("data", "optim", "run"))
+    add_config_flags(p, sections=("data", "optim", "run"),
+                     help_texts={"name": "run name under checkpoints/ (default: the --init model's name + -chat)"})
     p.add_argument("--init", help="model spec to start from (default: the newest local pre-trained checkpoint)")
     p.set_defaults(run=run_finetune)
 
@@ -37,7 +40,10 @@ def run_train(args) -> int:
     overrides = overrides_from_args(args)
     config = load_config(args.preset, args.config, overrides)
     if args.print_config:
-        print(config.to_toml(), end="")
+        from trainer.train import config_notes, setup
+
+        effective, _, _ = setup(config, args.resume, overrides)  # an --init model's shape, a resumed run's config
+        print(effective.to_toml(config_notes(effective, args.resume)), end="")
         return 0
     result = train(config, resume=args.resume, overrides=overrides)
     _finish_distributed()
@@ -48,11 +54,12 @@ def run_train(args) -> int:
 
 def run_finetune(args) -> int:
     from trainer.config import overrides_from_args
-    from trainer.finetune import finetune_config, run_finetune as finetune
+    from trainer.finetune import plan_finetune, run_finetune as finetune
 
     overrides = overrides_from_args(args)
     if args.print_config:
-        print(finetune_config(args.config, overrides).to_toml(), end="")
+        plan = plan_finetune(args.config, overrides, resume=args.resume, skip_invalid=args.skip_invalid)
+        print(plan.cfg.to_toml(plan.notes), end="")
         return 0
     result = finetune(args.config, overrides, resume=args.resume, skip_invalid=args.skip_invalid,
                       show_mask_only=args.show_mask)
