@@ -537,6 +537,10 @@ async def test_opening_a_session_replaces_a_full_set_of_panes(models):
     app = NanoplayApp(models=["alpha"] * 6)
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot)
+        await pilot.press("ctrl+o")  # full: said before the picker opens, not after a pick
+        assert app.screen is app.main
+        assert app._notifications and list(app._notifications)[-1].message == \
+            "at most 6 panes: remove one first (d on a pane)"
         await pilot.press("ctrl+l")
         await pilot.press("enter")  # the only saved session is highlighted
         await until(pilot, lambda: [p.state.spec for p in panes(app)] == specs)
@@ -544,7 +548,7 @@ async def test_opening_a_session_replaces_a_full_set_of_panes(models):
         assert all(p.lm is not None and p.state.run.prompt == "Saved" for p in panes(app))
         assert app.session_name == "six" and app.settings.max_new_tokens == 5
         assert app.main.query_one("#prompt").text == "Saved"
-        assert not [n for n in app._notifications if "at most" in n.message]
+        assert [n.message for n in app._notifications].count("at most 6 panes: remove one first (d on a pane)") == 1
 
 
 async def test_a_pane_shows_what_happened_before_it_was_mounted(models):
@@ -563,3 +567,44 @@ async def test_a_pane_shows_what_happened_before_it_was_mounted(models):
         app.main.tick()
         assert str(pane.query_one("#pane-status").render()) == "✗ broken: the checkpoint is truncated"
         assert str(pane.query_one("#pane-header").render()).startswith("broken")
+
+
+async def test_sending_with_no_loadable_model_says_so(models):
+    app = NanoplayApp(models=["no-such-model"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.main.query_one("#prompt").load_text("Hello")
+        await pilot.press("enter")
+        assert [n.message for n in app._notifications] == ["no model is loaded: add one with Ctrl+O"]
+        assert app.main.query_one("#prompt").text == "Hello"  # kept for when a model is added
+
+
+async def test_markdown_export_fences_model_text_and_lists_failed_panes(models):
+    app = NanoplayApp(models=["alpha", "no-such-model"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 4
+        await send(pilot, "Saved prompt")
+        alpha, bad = panes(app)
+        await pilot.press("ctrl+b")
+        markdown = (models.parent / f"nanoplay-{app.session_name}.md").read_text()
+    body = markdown.split("## alpha\n\n", 1)[1]
+    assert body.startswith("### main\n\n```text\nSaved prompt" + alpha.state.run.text + "\n```\n")
+    assert "```bash\nnanoplay gen --model alpha@200 " in body
+    assert f"## no-such-model\n\nFailed to load:\n\n```text\n{bad.error}\n```\n" in markdown
+
+
+def test_markdown_fences_are_longer_than_any_backtick_run_in_the_text():
+    from nanoplay.tui.sessions import fenced, to_markdown
+    from nanoplay.tui.state import Message, PaneState, Run, Tok
+
+    assert fenced("plain") == ["```text", "plain", "```"]
+    assert fenced("a ```` b ` c") == ["`````text", "a ```` b ` c", "`````"]
+    table = "|---|---|\n* item\n# heading"
+    run = Run(prompt="P", toks=[Tok(1, "```" + table)], finish_reason="length")
+    compare = to_markdown("s", "compare", "P", Settings(), [(PaneState("m", runs=[run], current=0), "m@5", None)])
+    assert "### main\n\n````text\nP```" + table + "\n````\n" in compare
+    assert "```bash\nnanoplay gen --model m@5 " in compare
+    chat = PaneState("m", chat=[Message("user", "hi"), Message("assistant", table)])
+    assert "**user:**\n\n```text\nhi\n```\n\n**assistant:**\n\n```text\n" + table + "\n```\n" in \
+        to_markdown("s", "chat", "", Settings(), [(chat, "m", None)])

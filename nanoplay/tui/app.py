@@ -167,7 +167,7 @@ class NanoplayApp(App):
         from .sessions import to_markdown
 
         text = to_markdown(self.session_name, self.mode, self.prompt, self.settings,
-                           [p.state for p in self.main.panes])
+                           [(p.state, p.exact_spec, p.error) for p in self.main.panes])
         path = Path(f"nanoplay-{self.session_name}.md").resolve()
         path.write_text(text)
         return path

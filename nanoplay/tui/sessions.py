@@ -97,22 +97,36 @@ def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) 
     return shlex.join(argv)
 
 
-def to_markdown(name: str, mode: str, prompt: str, settings: Settings, panes: list[PaneState]) -> str:
-    """A readable record of a session: settings, then every pane's output (or chat) with its stats."""
+def fenced(text: str, info: str = "text") -> list[str]:
+    """A fenced code block `text` cannot end early: the fence is longer than any run of backticks in it."""
+    longest = max((len(ticks) for ticks in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, text, fence]
+
+
+def to_markdown(name: str, mode: str, prompt: str, settings: Settings,
+                panes: list[tuple[PaneState, str, str | None]]) -> str:
+    """
+    A readable record of a session: settings, then every pane's output (or chat) with its stats.
+    `panes` are (state, the spec that reloads its model, its load error or None). Model and user text
+    go in code blocks: a model's `|---`, `*` or `#` would otherwise render as tables, lists, headings.
+    """
     lines = [f"# nanoplay session {name}", "", f"- mode: {mode}", f"- settings: {settings.summary()}",
              f"- seed: {settings.seed}", ""]
     if mode == "compare":
-        lines += ["## Prompt", "", "```text", prompt, "```", ""]
-    for pane in panes:
+        lines += ["## Prompt", "", *fenced(prompt), ""]
+    for pane, spec, error in panes:
         eff = settings.merged(pane.overrides)
         lines += [f"## {pane.spec}", ""]
+        if error is not None:
+            lines += ["Failed to load:", "", *fenced(error), ""]
         if pane.overrides:
             lines += [f"Overrides: {eff.summary()}", ""]
         if mode == "chat":
             if pane.dropped_turns:
                 lines += [f"_{pane.dropped_turns} earlier turns dropped from the context_", ""]
             for m in pane.chat:
-                lines += [f"**{m.role}:** {m.content}", ""]
+                lines += [f"**{m.role}:**", "", *fenced(m.content), ""]
             continue
         for i, run in enumerate(pane.runs):
             label = "main" if run.parent is None else f"branch {i} (fork of {run.parent} at token {run.fork_at})"
@@ -122,8 +136,8 @@ def to_markdown(name: str, mode: str, prompt: str, settings: Settings, panes: li
             if run.prompt_perplexity is not None:
                 stats.append(f"prompt perplexity {run.prompt_perplexity:.2f}")
             stats.append(f"finish: {run.finish_reason}")
-            lines += [f"### {label}", "", "```text", run.prompt + run.text, "```", "", ", ".join(stats), ""]
+            lines += [f"### {label}", "", *fenced(run.prompt + run.text), "", ", ".join(stats), ""]
             if run.parent is None:
-                lines += ["```bash", gen_command(pane.spec, run.prompt, Settings.from_dict(run.settings or eff.to_dict())),
-                          "```", ""]
+                command = gen_command(spec, run.prompt, Settings.from_dict(run.settings or eff.to_dict()))
+                lines += [*fenced(command, "bash"), ""]
     return "\n".join(lines)

@@ -84,9 +84,14 @@ class MainScreen(Screen):
     def panes(self) -> list[ModelPane]:
         return list(self.query(ModelPane))
 
+    def room_for_a_pane(self) -> bool:
+        if len(self.panes) < MAX_PANES:
+            return True
+        self.notify(f"at most {MAX_PANES} panes: remove one first (d on a pane)", severity="warning")
+        return False
+
     def add_pane(self, state: PaneState) -> ModelPane | None:
-        if len(self.panes) >= MAX_PANES:
-            self.notify(f"at most {MAX_PANES} panes: remove one first (d on a pane)", severity="warning")
+        if not self.room_for_a_pane():
             return None
         pane = ModelPane(state)
         pane.chat_mode = self.app.mode == "chat"
@@ -199,7 +204,16 @@ class MainScreen(Screen):
     def submitted(self, message: PromptEditor.Submitted) -> None:
         self.send(message.text)
 
+    def any_model(self) -> bool:
+        """Some pane has its model or is still loading it; if none, say so (a send would do nothing)."""
+        if any(p.error is None for p in self.panes):
+            return True
+        self.notify("no model is loaded: add one with Ctrl+O", severity="warning")
+        return False
+
     def send(self, text: str) -> None:
+        if not self.any_model():
+            return  # the text stays in the editor
         editor = self.query_one("#prompt", PromptEditor)
         if self.app.mode == "chat":
             if not text.strip():
@@ -271,6 +285,8 @@ class MainScreen(Screen):
                     req.cancel()
 
     def action_regenerate(self) -> None:
+        if not self.any_model():
+            return
         if self.app.mode == "chat":
             self.regenerate_chat()
         else:
@@ -528,12 +544,11 @@ class MainScreen(Screen):
 
         def picked(spec: str | None) -> None:
             if spec:
-                pane = self.add_pane(PaneState(spec))
-                if pane is not None and self.app.mode == "compare" and self.app.prompt:
-                    pane.waiting_prompt = None
+                self.add_pane(PaneState(spec))
                 self.app.save_session()
 
-        self.app.push_screen(ModelPicker(), picked)
+        if self.room_for_a_pane():  # before the picker, not after a pick that cannot be added
+            self.app.push_screen(ModelPicker(), picked)
 
     def action_settings(self) -> None:
         pane = self.focused if isinstance(self.focused, ModelPane) else None
