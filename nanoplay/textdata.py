@@ -102,7 +102,12 @@ def load_documents(source: TextSource):
             ) from e
         raise NanoplayError(f"{source.name}: {e}") from e
     except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        raise NanoplayError(f"{source.name} could not be read ({str(e).splitlines()[0][:200]})") from e
+        if _first_record_is_a_conversation(source):  # messages of different shapes make datasets fail
+            raise NanoplayError(_chat_not_text(source)) from e
+        cause = e
+        while cause.__cause__ is not None:  # datasets wraps the reader's error in its own
+            cause = cause.__cause__
+        raise NanoplayError(f"{source.name} could not be read ({str(cause).strip().splitlines()[0][:200]})") from e
     column = _text_column(ds, source)
     ds = ds.select_columns([column])
     return ds if column == "text" else ds.rename_column(column, "text")
@@ -120,7 +125,33 @@ def _text_column(ds, source: TextSource) -> str:
         return "text"
     if len(strings) == 1:
         return strings[0]
+    if _is_conversation(ds.features):
+        raise NanoplayError(_chat_not_text(source))
+    if not strings:
+        raise NanoplayError(f"{source.name} has no column of strings to train on (columns: {list(ds.features)})")
     raise NanoplayError(f"{source.name}: which column is the text? pass --text-column (string columns: {strings})")
+
+
+def _is_conversation(keys) -> bool:
+    """Keys of a record in one of `nanoplay finetune`'s shapes ({"messages": ...} or {"prompt", "response"})."""
+    return "messages" in keys or {"prompt", "response"} <= set(keys)
+
+
+def _first_record_is_a_conversation(source: TextSource) -> bool:
+    """Whether a local JSON Lines source starts with a conversation (a list of messages or a chat record)."""
+    if source.kind != "local" or source.path != "json":
+        return False
+    try:
+        with open(source.files[0], encoding="utf-8") as f:
+            record = json.loads(next((line for line in f if line.strip()), "null"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a .json list, say: not worth reading whole
+        return False
+    return isinstance(record, list) or isinstance(record, dict) and _is_conversation(record)
+
+
+def _chat_not_text(source: TextSource) -> str:
+    return (f"{source.name} holds chat conversations, not texts (no text column): "
+            f"to train on dialogs use `nanoplay finetune --data {source.name}`")
 
 
 def load_hub_dataset(*args, **kwargs):

@@ -225,6 +225,36 @@ def test_offline_uncached_hub_data_is_one_clear_line(env):
     assert "\n" not in message and "Hub cannot be reached" in message and "--data PATH" in message
 
 
+def test_a_short_split_names_the_fix_for_that_split(env, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 20)  # 201 tokens, 202 with the end-of-text
+    for fraction, split, fix in ((0.1, "val", "a larger --val-fraction, more data"),
+                                 (0.9, "train", "more data, a smaller --val-fraction")):
+        directory = data.prepare(resolve_source(str(path), val_fraction=fraction), progress=False)
+        with pytest.raises(NanoplayError) as e:
+            data.TokenData(directory, block_size=64, batch_size=2, seed=1, eval_batches=1)
+        assert str(e.value) == (f"{path}: the {split} split has fewer than 65 tokens (one context of 64 and its next "
+                                f"token); use {fix}, or a smaller --block-size")
+
+
+def test_chat_data_given_to_pretraining_says_to_finetune(env, tmp_path):
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    same = tmp_path / "dialogs.jsonl"
+    same.write_text(json.dumps({"messages": turn}) + "\n" + json.dumps({"messages": turn}) + "\n")
+    mixed = tmp_path / "mixed.jsonl"  # shapes datasets cannot put in one table
+    mixed.write_text(json.dumps({"messages": turn}) + "\n" + json.dumps(turn) + "\n" + json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    for path in (same, mixed):
+        with pytest.raises(NanoplayError) as e:
+            data.prepare(resolve_source(str(path)), progress=False)
+        assert str(e.value) == (f"{path} holds chat conversations, not texts (no text column): "
+                                f"to train on dialogs use `nanoplay finetune --data {path}`")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(NanoplayError) as e:  # the JSON reader's own words, not datasets' wrapper
+        data.prepare(resolve_source(str(broken)), progress=False)
+    assert str(e.value) == f"{broken} could not be read (JSON parse error: Missing a name for object member. in row 1)"
+
+
 def test_batches_are_a_function_of_step_and_micro_batch(env):
     directory = data.prepare(resolve_source("pydoc-topics", val_fraction=0.1), progress=False)
     td = data.TokenData(directory, block_size=16, batch_size=3, seed=7, eval_batches=2)
@@ -308,6 +338,25 @@ def test_resume_refuses_a_new_shape_and_takes_new_step_counts(env, run_root, cap
     assert "# the model of ra's newest checkpoint: --resume keeps its shape" in printed
     assert "n_layer = 2" in printed and "max_iters = 3" in printed and "block_size = 32" in printed
     assert train(cfg, resume=True, overrides={"n_layer": 2, "max_iters": 3}, display="none").step == 3
+
+
+def test_an_unreadable_training_state_says_which_step_to_delete(run_root):
+    from conftest import tiny_model
+
+    run = run_root / "cut"
+    for step in (3, 6):
+        checkpoints.save_step(run, step, tiny_model(step), {"step": step}, meta={})
+    state = run / "step-00000006" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:20])  # truncated
+    with pytest.raises(NanoplayError) as e:
+        train(load_preset("demo", **{**TINY, "name": "cut"}), resume=True, display="none")
+    assert str(e.value) == (f"{state} is unreadable (RuntimeError): delete {run / 'step-00000006'} to resume from "
+                            f"step 3, the one before it")
+    (run / "step-00000003" / "training_state.pt").unlink()
+    with pytest.raises(NanoplayError) as e:
+        checkpoints.load_state(run / "step-00000006")
+    assert str(e.value).endswith(f"this run has no other checkpoint to resume from: delete {run / 'step-00000006'} "
+                                 f"and start again without --resume")
 
 
 def test_keeps_the_last_k_and_the_best(env, run_root):

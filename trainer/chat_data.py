@@ -60,7 +60,11 @@ def to_messages(record) -> list[dict]:
             raise ValueError(f"message {i} has no role")
         if m["role"] not in ROLES:
             raise ValueError(f"message {i} has unknown role {m['role']!r} (use system, user or assistant)")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
+        if m.get("content") is None:
+            raise ValueError(f"message {i} ({m['role']}) has no content")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i} ({m['role']}) has content {m['content']!r}: it must be a string")
+        if not m["content"].strip():
             raise ValueError(f"message {i} ({m['role']}) has empty content")
         clean.append({"role": m["role"], "content": m["content"]})
     check_order([m["role"] for m in clean])

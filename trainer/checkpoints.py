@@ -42,10 +42,14 @@ def save_step(run_dir: Path, step: int, model, state: dict, meta: dict) -> Path:
 
 
 def load_state(step_dir: Path) -> dict:
+    step_dir = Path(step_dir)
     try:
-        return torch.load(Path(step_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated files
-        raise NanoplayError(f"{step_dir / STATE_FILE} is unreadable ({type(e).__name__}): resume from an earlier step") from e
+        earlier = [s for s, d in resumable_steps(step_dir.parent).items() if d.name < step_dir.name]  # zero-padded
+        then = (f"delete {step_dir} to resume from step {max(earlier)}, the one before it" if earlier else
+                f"this run has no other checkpoint to resume from: delete {step_dir} and start again without --resume")
+        raise NanoplayError(f"{step_dir / STATE_FILE} is unreadable ({type(e).__name__}): {then}") from e
 
 
 def resumable_steps(run_dir: Path) -> dict[int, Path]:

@@ -113,9 +113,10 @@ class TokenData:
             arrays = [np.memmap(self.directory / s["file"], dtype=np.uint16, mode="r") for s in shards if s["tokens"]]
             arrays = [a for a in arrays if len(a) > block_size]  # a window needs block_size + 1 tokens
             if not arrays:
-                raise NanoplayError(
-                    f"{self.source}: the {split} split has fewer than {block_size + 1} tokens in a shard; "
-                    f"use more data, a larger --val-fraction, or a smaller --block-size")
+                # a larger validation share grows the val split and shrinks the train split
+                fix = "more data, a smaller --val-fraction" if split == "train" else "a larger --val-fraction, more data"
+                raise NanoplayError(f"{self.source}: the {split} split has fewer than {block_size + 1} tokens (one "
+                                    f"context of {block_size} and its next token); use {fix}, or a smaller --block-size")
             self.splits[split] = arrays
         self.train_tokens = sum(len(a) for a in self.splits["train"])
         # fixed validation batches: the same windows at every evaluation, and in every run of this seed
