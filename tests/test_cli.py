@@ -94,6 +94,30 @@ def test_gen_text_reports_its_random_seed(tiny_run, capsys):
     assert again == out and err == ""
 
 
+def test_gen_json_interrupted_writes_cancelled_records(tiny_run, capsys, monkeypatch):
+    from nanoplay.engine import Engine
+
+    argv = ["gen", "-m", "tiny", "--prompt", "One", "--prompt", "Two", "--max-new-tokens", "20", "--no-stop-eot",
+            "--seed", "5", "--json"]
+    _, full, _ = run_cli(capsys, *argv)
+    step, calls = Engine.step, []
+
+    def ctrl_c_before_the_third_step(engine):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", ctrl_c_before_the_third_step)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 130 and err == "nanoplay: interrupted\n"
+    records, complete = [strict_json(line) for line in out.splitlines()], [strict_json(line) for line in full.splitlines()]
+    assert [r["prompt"] for r in records] == ["One", "Two"]
+    for r, c in zip(records, complete):  # a prefill and a decode step ran: two tokens each, as in the full run
+        assert r["finish_reason"] == "cancelled" and r["completion_tokens"] == 2
+        assert r["tokens"] == c["tokens"][:2] and c["finish_reason"] == "length"
+
+
 def test_gen_long_prompt_says_so(tiny_run, capsys):
     code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "word " * 200, "--max-new-tokens", "4", "--json")
     assert code == 0 and "longer than tiny@200's context of 64 tokens" in err

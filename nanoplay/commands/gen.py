@@ -149,15 +149,27 @@ def run(args) -> int:
     if args.seed is None and not args.json:  # JSON records carry their seeds
         print(f"nanoplay: seed {base_seed} (--seed {base_seed} repeats this run)", file=sys.stderr)
     if args.json:
-        engine.run_until_done([r for r, _, _ in jobs])
-        for request, prompt, i in jobs:
-            print(json_line(completion_record(request, prompt, i)))
+        requests = [r for r, _, _ in jobs]
+        try:
+            engine.run_until_done(requests)
+        except KeyboardInterrupt:  # Ctrl+C: the unfinished completions are written too, as 'cancelled'
+            for r in requests:
+                r.cancel()
+            engine.run_until_done(requests)
+            write_records(jobs)
+            raise
+        write_records(jobs)
     else:
         stream_text(engine, jobs, show_headers=len(jobs) > 1)
     failed = [r for r, _, _ in jobs if r.finish_reason == "error"]
     for r in failed:
         print(f"nanoplay: error: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def write_records(jobs) -> None:
+    for request, prompt, i in jobs:
+        print(json_line(completion_record(request, prompt, i)))
 
 
 def stream_text(engine, jobs, show_headers: bool) -> None:
