@@ -9,7 +9,10 @@ A source (`--data`) is one of:
   - any Hub dataset id with a text column (`owner/name`, or `owner/name:config`).
 
 Validation split: whole documents when the fraction leaves at least one on each side; otherwise (a
-single input.txt, say) the last `val_fraction` of each document's characters.
+single input.txt, say) the last `val_fraction` of each document's characters. Unless told a fraction,
+data other than openwebtext and pydoc-topics holds out about MIN_VAL_BYTES of text (many contexts of
+1024 tokens), but at least 0.05% (nanoGPT's share) and at most 10% of it: a small file keeps enough
+to validate on, a large corpus gives up little.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 OPENWEBTEXT_REPO = "Skylion007/openwebtext"
 OPENWEBTEXT_VAL_FRACTION = 0.0005
 PYDOC_VAL_FRACTION = 0.1  # 8 of the 79 topics: nanoGPT's 0.05% would hold out none
-DEFAULT_VAL_FRACTION = 0.0005
+MIN_VAL_BYTES = 100_000  # ~25k GPT-2 tokens: two dozen windows of 1024
+DEFAULT_VAL_FRACTIONS = (0.0005, 0.1)  # the range that MIN_VAL_BYTES is kept within
 SPLIT_SEED = 2357  # nanoGPT's
 
 
@@ -40,7 +44,7 @@ class TextSource:
     files: list[str]
     config_name: str | None
     text_column: str  # "" = 'text', or the only string column
-    val_fraction: float
+    val_fraction: float  # 0: by the data's size (see the module doc)
 
     def fingerprint(self) -> str:
         stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in self.files]
@@ -51,7 +55,7 @@ class TextSource:
 def resolve_source(data: str, text_column: str | None = None, val_fraction: float | None = None) -> TextSource:
     column = text_column or ""
     # None or 0: the source's own default, so that the trainer and `nanoplay eval` agree unless told otherwise
-    fraction = val_fraction or (PYDOC_VAL_FRACTION if data == "pydoc-topics" else DEFAULT_VAL_FRACTION)
+    fraction = val_fraction or (PYDOC_VAL_FRACTION if data == "pydoc-topics" else 0.0)
     if data == "openwebtext":
         return TextSource(data, "hub", OPENWEBTEXT_REPO, [], None, column or "text", OPENWEBTEXT_VAL_FRACTION)
     if data == "pydoc-topics":
@@ -177,9 +181,12 @@ def load_hub_dataset(*args, **kwargs):
 
 
 def split_documents(docs, val_fraction: float) -> dict:
-    """{'train': Dataset, 'val': Dataset} with a 'text' column, split as described in the module doc."""
+    """{'train': Dataset, 'val': Dataset} with a 'text' column, split as described in the module doc (0: by size)."""
     import datasets
 
+    if not val_fraction:
+        low, high = DEFAULT_VAL_FRACTIONS
+        val_fraction = min(high, max(low, MIN_VAL_BYTES / max(1, docs.data.nbytes)))
     n_val = round(len(docs) * val_fraction)
     if n_val >= 1 and len(docs) - n_val >= 1:
         split = docs.train_test_split(test_size=n_val, seed=SPLIT_SEED, shuffle=True)

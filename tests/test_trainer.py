@@ -197,6 +197,32 @@ def test_cache_is_reused_and_invalidated_by_edits(env, tmp_path):
     assert data.prepare(resolve_source(str(path), val_fraction=0.1), progress=False) != first
 
 
+def test_local_data_holds_out_enough_to_validate_by_default(env, tmp_path, monkeypatch):
+    import nanoplay.textdata as textdata
+
+    # one 50 kB file: 100 kB of text would be twice all of it, so the default is the 10% cap
+    text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(1000))[:50_000]
+    (tmp_path / "one.txt").write_text(text)
+    source = resolve_source(str(tmp_path / "one.txt"))
+    assert source.val_fraction == 0.0  # by size, decided when the documents are read
+    directory = data.prepare(source, progress=False)
+    assert np.array_equal(shard_tokens(directory, "val"), expected_stream([text[45_000:]]))  # the last 10%
+    # (0.05% of it, the old default, was 25 characters: too few for one window)
+    td = data.TokenData(directory, block_size=128, batch_size=2, seed=1, eval_batches=1)
+    assert len(td.val_batches()) == 1
+    assert list(load_text_dataset(str(tmp_path / "one.txt"), "val")["text"]) == [text[45_000:]]  # eval agrees
+
+    # 80 files of 25 kB: 100 kB is 5% of them, 4 whole documents
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(80):
+        (folder / f"{i:02d}.txt").write_text(f"{i:02d}" + "x" * 24_998)
+    assert len(load_text_dataset(str(folder), "val")) == 4
+    # a large corpus gives up no more than nanoGPT's 0.05%
+    monkeypatch.setattr(textdata, "MIN_VAL_BYTES", 1)
+    assert list(load_text_dataset(str(tmp_path / "one.txt"), "val")["text"]) == [text[-25:]]
+
+
 def test_openwebtext_schema_local_copy_stands_in_for_the_hub(env, tmp_path, monkeypatch):
     """A folder laid out like the Hub repo (data/train-*.parquet, one 'text' column) goes the Hub path."""
     import nanoplay.textdata as textdata
