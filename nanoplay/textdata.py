@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,10 @@ def load_documents(source: TextSource):
     try:
         if source.kind == "local":
             kwargs = {"sample_by": "document"} if source.path == "text" else {}
-            ds = datasets.load_dataset(source.path, data_files=source.files, split="train", **kwargs)
+            with quiet_datasets():
+                ds = datasets.load_dataset(source.path, data_files=source.files, split="train", **kwargs)
         else:
-            ds = load_hub_dataset(source.path, source.config_name, split="train")
+            ds = load_hub_dataset(source.path, source.config_name, split="train")  # download progress stays
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         if source.kind == "hub":
             raise NanoplayError(
@@ -134,6 +136,28 @@ def _text_column(ds, source: TextSource) -> str:
     if not strings:
         raise NanoplayError(f"{source.name} has no column of strings to train on (columns: {list(ds.features)})")
     raise NanoplayError(f"{source.name}: which column is the text? pass --text-column (string columns: {strings})")
+
+
+@contextmanager
+def quiet_datasets(quiet: bool = True):
+    """
+    No `datasets` progress bars or log lines inside the block: reading local files is quick, and nanoplay
+    reports its own errors. The previous settings come back after it.
+    """
+    import datasets
+
+    if not quiet:
+        yield
+        return
+    bars_were_off, verbosity = datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 def _is_conversation(keys) -> bool:

@@ -223,6 +223,21 @@ def test_local_data_holds_out_enough_to_validate_by_default(env, tmp_path, monke
     assert list(load_text_dataset(str(tmp_path / "one.txt"), "val")["text"]) == [text[-25:]]
 
 
+def test_local_files_are_read_without_library_noise(env, tmp_path, capfd):
+    import datasets
+
+    path = tmp_path / "quiet.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    data.prepare(resolve_source(str(path), val_fraction=0.1), progress=True)  # stderr is no terminal here
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(NanoplayError):
+        load_text_dataset(str(broken), "all")  # what `nanoplay eval --data broken.jsonl` reads
+    assert capfd.readouterr().err == ""  # no "Generating train split", no bars, no "Failed to load JSON"
+    assert datasets.utils.are_progress_bars_disabled() == bars_were_off  # the library's settings come back
+
+
 def test_openwebtext_schema_local_copy_stands_in_for_the_hub(env, tmp_path, monkeypatch):
     """A folder laid out like the Hub repo (data/train-*.parquet, one 'text' column) goes the Hub path."""
     import nanoplay.textdata as textdata

@@ -22,7 +22,7 @@ import torch
 
 from nanoplay.chat import ROLES, encode_conversation
 from nanoplay.errors import NanoplayError
-from nanoplay.textdata import load_hub_dataset
+from nanoplay.textdata import load_hub_dataset, quiet_datasets
 from nanoplay.tokenizer import EOT_ID
 
 MAX_REPORTED = 20
@@ -119,7 +119,8 @@ def _dataset_rows(data: str) -> list:
             if path.suffix != ".parquet" and not path.is_dir():
                 raise NanoplayError(f"{path}: expected a .jsonl, .json or .parquet file of conversations")
             files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+            with quiet_datasets():
+                ds = datasets.load_dataset("parquet", data_files=files, split="train")
         else:
             ds = load_hub_dataset(data, split="train")
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:

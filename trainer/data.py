@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from nanoplay.checkpoint import write_dir_atomically
 from nanoplay.errors import NanoplayError
-from nanoplay.textdata import TextSource, load_documents, split_documents
+from nanoplay.textdata import TextSource, load_documents, quiet_datasets, split_documents
 from nanoplay.tokenizer import EOT_ID, get_tokenizer
 
 CACHE_VERSION = 1
@@ -47,26 +48,27 @@ def _tokenize_batch(batch):
 
 
 def prepare(source: TextSource, num_proc: int = 0, progress: bool = True) -> Path:
-    """Tokenise the source into cached shards (once); returns the cache directory."""
+    """
+    Tokenise the source into cached shards (once); returns the cache directory. `progress`: bars for
+    tokenising and writing, shown only on a terminal (a log file would get every redraw).
+    """
     final = cache_dir(source)
     if (final / "meta.json").is_file():
         return final
-    import datasets
-
     docs = load_documents(source)
     if len(docs) == 0:
         raise NanoplayError(f"{source.name} has no documents")
     parts = split_documents(docs, source.val_fraction)
     procs = num_proc or (os.cpu_count() if len(docs) >= 10_000 else 1)
-    if not progress:
-        datasets.disable_progress_bars()
+    progress = progress and sys.stderr.isatty()
 
     def write(tmp: Path):
         meta = {"source": source.name, "tokenizer": TOKENIZER_ID, "documents": len(docs), "splits": {}}
         for split, part in parts.items():
-            tokenized = part.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=["text"],
-                                 num_proc=procs if procs > 1 else None,
-                                 desc=f"tokenizing {source.name} {split} ({procs} processes)")
+            with quiet_datasets(not progress):
+                tokenized = part.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=["text"],
+                                     num_proc=procs if procs > 1 else None,
+                                     desc=f"tokenizing {source.name} {split} ({procs} processes)")
             meta["splits"][split] = _write_shards(tokenized, tmp, split, progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
