@@ -1,5 +1,6 @@
 """The command line as scripts use it: JSONL output, exit codes, one-line errors."""
 
+import io
 import json
 import math
 import os
@@ -61,15 +62,40 @@ def test_gen_json_is_strict_with_null_for_filtered_alternatives(tiny_run, capsys
         assert second["sampling_logprob"] is None and second["logprob"] < best["logprob"] <= 0
 
 
-def test_gen_prompts_jsonl_and_text(tiny_run, tmp_path, capsys):
-    f = tmp_path / "prompts.jsonl"
-    f.write_text('{"prompt": "One"}\n"Two"\n\n')
-    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(f), "--max-new-tokens", "2", "--json")
-    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["One", "Two"]
-    t = tmp_path / "prompts.txt"
-    t.write_text("alpha\nbeta\n")
-    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(t), "--max-new-tokens", "2", "--json")
-    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["alpha", "beta"]
+def test_gen_prompts_any_suffix_case_json_array_and_bom(tiny_run, tmp_path, capsys):
+    def prompts_of(path, text):
+        path.write_text(text, encoding="utf-8")
+        code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(path), "--max-new-tokens", "1", "--json")
+        assert code == 0
+        return [strict_json(line)["prompt"] for line in out.splitlines()]
+
+    assert prompts_of(tmp_path / "PROMPTS.JSONL", '\ufeff{"prompt": "One"}\n\n"Two"\n') == ["One", "Two"]
+    assert prompts_of(tmp_path / "p.Json", '\ufeff["One", {"prompt": "Two"}]') == ["One", "Two"]
+    assert prompts_of(tmp_path / "p.txt", "\ufeffalpha\r\n\nbeta\r\n") == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.json", '["ok", 3]', 'p.json: item 2 of the array: expected {"prompt": "..."} or a JSON string'),
+    ("p.json", '{"prompt": "one"}', 'p.json: expected a JSON array of prompts, like ["...", {"prompt": "..."}]'),
+    ("p.json", '"one"\n"two"\n', "p.json: not valid JSON (Extra data at line 2 column 1); "
+                                 "one JSON value per line is JSONL: name the file .jsonl"),
+    ("p.json", "[]", "p.json holds no prompts"),
+    ("p.txt", "\n  \n", "p.txt holds no prompts"),
+])
+def test_gen_bad_prompts_file_is_one_line(tiny_run, tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompts", str(tmp_path / name))
+    assert code == 2 and out == "" and err == f"nanoplay: error: {tmp_path}/{message}\n"
+
+
+def test_gen_prompt_from_stdin(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\n"))  # as `echo` pipes it
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--max-new-tokens", "1", "--json")
+    assert code == 0 and strict_json(out)["prompt"] == "Once upon a time"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny")
+    assert code == 2 and out == "" and err == ("nanoplay: error: no prompt on stdin: it was empty; pipe some text, "
+                                               "or give --prompt TEXT or --prompts FILE\n")
 
 
 def test_gen_malformed_jsonl_line(tiny_run, tmp_path, capsys):
@@ -133,6 +159,14 @@ def test_score_json_by_hand(tiny_run, capsys):
     assert r["perplexity"] == pytest.approx(math.exp(nll / r["tokens"]))
     assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()))
     assert r["per_token"][0]["surprisal_bits"] == pytest.approx(-r["per_token"][0]["logprob"] / math.log(2))
+
+
+def test_score_file_ignores_a_byte_order_mark(tiny_run, tmp_path, capsys):
+    text = "Bits per byte are fair across tokenizers."
+    (tmp_path / "essay.txt").write_text("\ufeff" + text, encoding="utf-8")
+    _, from_file, _ = run_cli(capsys, "score", "-m", "tiny", "--file", str(tmp_path / "essay.txt"), "--json")
+    _, from_text, _ = run_cli(capsys, "score", "-m", "tiny", "--text", text, "--json")
+    assert strict_json(from_file) == strict_json(from_text)
 
 
 def test_models_lists_checkpoints(tiny_run, hf_home, capsys):

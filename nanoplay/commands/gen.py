@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable); default: read stdin")
     src.add_argument("--prompts", type=Path, metavar="FILE",
-                     help='prompts file: .jsonl (one {"prompt": ...} or JSON string per line) or text (one per line)')
+                     help='prompts file: .jsonl (one {"prompt": ...} or JSON string per line), .json (an array of those) '
+                          'or text (one per line)')
     p.add_argument("--n", type=int, default=1, help="samples per prompt and model (seeds seed, seed+1, ...)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -42,34 +43,53 @@ def read_prompts(args) -> list[str]:
         return read_prompts_file(args.prompts)
     if sys.stdin.isatty():
         raise NanoplayError("no prompt: give --prompt TEXT, --prompts FILE, or pipe text on stdin")
-    return [sys.stdin.read()]
+    text = sys.stdin.read()
+    if not text:
+        raise NanoplayError("no prompt on stdin: it was empty; pipe some text, or give --prompt TEXT or --prompts FILE")
+    return [text.removesuffix("\n")]  # the newline `echo` ends with is not part of the prompt, as with $(...)
 
 
 def read_prompts_file(path: Path) -> list[str]:
+    """A .jsonl file (a prompt per line), a .json file (an array of prompts) or text (a prompt per line)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
         raise NanoplayError(f"cannot read prompts file {path}: {e}") from e
-    if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanoplayError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be "
+                                    f'{{"prompt": "..."}} or a JSON string') from e
+            prompts.append(prompt_from_item(item, f"{path}:{number}"))
+    elif suffix == ".json":
         try:
-            item = json.loads(line)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NanoplayError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be "
-                                f'{{"prompt": "..."}} or a JSON string') from e
-        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-        elif isinstance(item, str):
-            prompts.append(item)
-        else:
-            raise NanoplayError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string')
+            hint = "; one JSON value per line is JSONL: name the file .jsonl" if e.msg == "Extra data" else ""
+            raise NanoplayError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from e
+        if not isinstance(items, list):
+            raise NanoplayError(f'{path}: expected a JSON array of prompts, like ["...", {{"prompt": "..."}}]')
+        prompts = [prompt_from_item(item, f"{path}: item {i} of the array") for i, item in enumerate(items, 1)]
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise NanoplayError(f"{path} holds no prompts")
     return prompts
+
+
+def prompt_from_item(item, where: str) -> str:
+    """A prompt as a JSONL line or a JSON array item gives it: {"prompt": "..."} or a string."""
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        return item["prompt"]
+    if isinstance(item, str):
+        return item
+    raise NanoplayError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
 def sampling_params(args, seed: int, chat_template=None, chat: bool = False):

@@ -26,7 +26,7 @@ def read_text(args) -> str:
         text = args.text
     elif args.file is not None:
         try:
-            text = args.file.read_text(encoding="utf-8")
+            text = args.file.read_text(encoding="utf-8-sig")  # a byte-order mark is not text to score
         except (OSError, UnicodeDecodeError) as e:
             raise NanoplayError(f"cannot read {args.file}: {e}") from e
     elif not sys.stdin.isatty():
