@@ -169,6 +169,16 @@ def test_score_file_ignores_a_byte_order_mark(tiny_run, tmp_path, capsys):
     assert strict_json(from_file) == strict_json(from_text)
 
 
+@pytest.mark.parametrize("command", [["gen", "--prompt", "Hi", "--max-new-tokens", "1"], ["score", "--text", "Hi"]])
+def test_top_logprobs_limit_is_the_same_for_gen_and_score(tiny_run, capsys, command):
+    for count in ("21", "-1"):
+        code, out, err = run_cli(capsys, *command, "-m", "tiny", "--top-logprobs", count, "--json")
+        assert code == 2 and out == "" and err == "nanoplay: error: --top-logprobs must be between 0 and 20\n"
+    code, out, _ = run_cli(capsys, *command, "-m", "tiny", "--top-logprobs", "20", "--json")
+    key = "tokens" if command[0] == "gen" else "per_token"
+    assert code == 0 and len(strict_json(out)[key][0]["top_logprobs"]) == 20
+
+
 def test_models_lists_checkpoints(tiny_run, hf_home, capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "tiny" in out and "100, 200" in out and "nanoplay pull" in out

@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from ..errors import NanoplayError
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -15,6 +17,15 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute precision")
+
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token that SamplingParams (and OpenAI's API) allow
+
+
+def check_top_logprobs(count: int) -> None:
+    """gen and score take the same --top-logprobs, checked before any model loads."""
+    if not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise NanoplayError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
 def torch_dtype(name: str):

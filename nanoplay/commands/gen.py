@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, json_line, resolve_device, torch_dtype
+from .common import add_model_options, check_top_logprobs, json_line, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -145,6 +145,7 @@ def run(args) -> int:
 
     if args.n < 1:
         raise NanoplayError("--n must be at least 1")
+    check_top_logprobs(args.top_logprobs)
     prompts = read_prompts(args)
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     engine = Engine()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, json_line, resolve_device, torch_dtype
+from .common import add_model_options, check_top_logprobs, json_line, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -57,6 +57,7 @@ def run(args) -> int:
     from ..engine import Engine
 
     text = read_text(args)
+    check_top_logprobs(args.top_logprobs)
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     engine = Engine()
     table = Table(title="Scores (every token predicted from the ones before; the first from <|endoftext|>)")
