@@ -213,6 +213,19 @@ def test_bad_model_is_one_line_exit_2(tmp_path, spec, message):
     assert message in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("command", [["gen", "--prompt", "x"], ["score", "--text", "x"]])
+def test_model_that_fails_to_load_is_one_line_exit_2(tiny_run, tmp_path, capsys, command):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "step-00000200", broken)
+    (broken / "config.json").write_text("{oops")
+    code, out, err = run_cli(capsys, *command, "-m", "tiny", "-m", str(broken), "--json")
+    assert code == 2 and out == ""
+    assert err == (f"nanoplay: error: cannot load model '{broken}': JSONDecodeError: "
+                   "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)\n")
+
+
 def test_pull_offline_is_one_line(hf_home, capsys):
     code, _, err = run_cli(capsys, "pull", "gpt2-medium")
     assert code == 2 and err == ("nanoplay: error: gpt2-medium is not in the local Hugging Face cache and the Hub "

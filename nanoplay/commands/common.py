@@ -50,6 +50,21 @@ def stdout_console():
     return console if console.is_terminal else Console(width=1000)
 
 
+def load_models(engine, specs: list[str], device: str, dtype) -> list:
+    """Every model a command names, loaded before it starts. A model that fails to load is bad input,
+    whatever the loader raised (a corrupt config.json, an HTTP error from the Hub): one line, exit 2."""
+    models = []
+    for spec in specs:
+        try:
+            models.append(engine.load(spec, device=device, dtype=dtype))
+        except NanoplayError:
+            raise
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise NanoplayError(f"cannot load model {spec!r}: {type(e).__name__}: {reason}") from e
+    return models
+
+
 def json_line(record: dict) -> str:
     """One JSONL record in strict JSON, which every parser reads: non-finite numbers (the -inf
     sampling log-probability of a token the sampling filters removed, say) are written as null."""

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, check_top_logprobs, json_line, resolve_device, torch_dtype
+from .common import add_model_options, check_top_logprobs, json_line, load_models, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -149,7 +149,7 @@ def run(args) -> int:
     prompts = read_prompts(args)
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     engine = Engine()
-    models = [engine.load(spec, device=device, dtype=dtype) for spec in args.model]
+    models = load_models(engine, args.model, device, dtype)
     base_seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = []  # (request, prompt, sample index), in output order
     for model in models:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, check_top_logprobs, json_line, resolve_device, torch_dtype
+from .common import add_model_options, check_top_logprobs, json_line, load_models, resolve_device, torch_dtype
 
 
 def register(subparsers) -> None:
@@ -63,8 +63,7 @@ def run(args) -> int:
     table = Table(title="Scores (every token predicted from the ones before; the first from <|endoftext|>)")
     for col in ("model", "tokens", "loss (nats/token)", "perplexity", "bits/byte", "most surprising"):
         table.add_column(col, justify="right" if col not in ("model", "most surprising") else "left")
-    for spec in args.model:
-        model = engine.load(spec, device=device, dtype=dtype)
+    for model in load_models(engine, args.model, device, dtype):
         tokens = engine.score(model, text, top_logprobs=max(args.top_logprobs, 1))
         totals = summarize(tokens, text)
         if args.json:
