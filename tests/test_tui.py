@@ -608,3 +608,26 @@ def test_markdown_fences_are_longer_than_any_backtick_run_in_the_text():
     chat = PaneState("m", chat=[Message("user", "hi"), Message("assistant", table)])
     assert "**user:**\n\n```text\nhi\n```\n\n**assistant:**\n\n```text\n" + table + "\n```\n" in \
         to_markdown("s", "chat", "", Settings(), [(chat, "m", None)])
+
+
+async def test_pane_headers_break_between_items_and_lose_nothing_at_six_panes(models):
+    app = NanoplayApp(models=["alpha", "beta", "alpha@100", "beta@100", "alpha", "beta"])
+    async with app.run_test(size=(160, 45)) as pilot:
+        await loaded(pilot)
+        app.settings.temperature = 0
+        app.settings.max_new_tokens = 70  # past the 64-token context: the window slides
+        await send(pilot, "x")
+        await pilot.pause()
+        for pane in panes(app):
+            run, header = pane.state.run, pane.query_one("#pane-header")
+            shown = str(header.render()).split("\n")
+            assert header.size.height == len(shown) >= 3  # every line is on screen
+            assert all(len(line) <= header.content_size.width for line in shown)
+            items = [f"{pane.lm.name}", "1.6M params", "cpu/float32", "70 tok",
+                     f"ppl {format_perplexity(run.perplexity)}", f"(prompt {format_perplexity(run.prompt_perplexity)})",
+                     f"ctx {run.context_used}/64", "⟲slid"]
+            if pane.diverge_at is not None:
+                items.append(f"diverges @{pane.diverge_at}")
+            for item in items:  # each whole on one line, never cut in two
+                assert any(item in line for line in shown), (item, shown)
+        assert any(p.diverge_at is not None for p in panes(app))

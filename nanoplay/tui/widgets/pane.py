@@ -33,6 +33,21 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def flow(parts: list[Text], width: int) -> Text:
+    """
+    Parts, each led by its separator (" · "), on as few lines as fit `width`: a line breaks before a part,
+    never inside one (a wrap at any space would cut "ctx 107/128" in two), and starts without the separator.
+    """
+    lines = [Text()]
+    for part in parts:
+        if width and lines[-1].cell_len and lines[-1].cell_len + part.cell_len > width:
+            lines.append(Text())
+        if not lines[-1].cell_len:
+            part = part[len(part.plain) - len(part.plain.lstrip(" ·")):]
+        lines[-1].append_text(part)
+    return Text("\n").join(lines)
+
+
 def visible(text: str) -> str:
     """Token text with newlines kept but shown, so a cursor on a newline token is visible."""
     return text.replace("\n", "↵\n") if text.strip("\n") == "" and text else text
@@ -177,36 +192,36 @@ class ModelPane(Vertical, can_focus=True):
         last = self.state.chat[-1]
         return last.role == "assistant" and self.cursor >= len(self.display_toks()) - len(last.toks)
 
-    def header_text(self) -> Text:
+    def header_text(self, width: int = 0) -> Text:
+        """The model line and the statistics line, each broken between its items to fit `width` (0: no limit)."""
         lm, run = self.lm, self.state.run
-        text = Text()
-        text.append(self.state.spec if lm is None else lm.name, "bold")
+        model = [Text(self.state.spec if lm is None else lm.name, "bold")]
         if lm is not None:
             dtype = str(lm.dtype).removeprefix("torch.")
-            text.append(f"  {human_count(lm.num_params)} params · {lm.device.type}/{dtype}", "dim")
+            model += [Text(f"  {human_count(lm.num_params)} params", "dim"), Text(f" · {lm.device.type}/{dtype}", "dim")]
         if self.state.overrides:
-            text.append("  overrides", "italic yellow")
+            model.append(Text("  overrides", "italic yellow"))
         if self.chat_mode and lm is not None and not lm.chat_template:
-            text.append("  plain-text chat (not chat-tuned)", "italic")
-        text.append("\n")
+            model.append(Text("  plain-text chat (not chat-tuned)", "italic"))
+        stats = []
         if run is not None:
-            text.append(f"{len(run.toks)} tok")
+            stats.append(Text(f"{len(run.toks)} tok"))
             if run.tok_per_s:
-                text.append(f" · {run.tok_per_s:.0f} tok/s")
+                stats.append(Text(f" · {run.tok_per_s:.0f} tok/s"))
             if run.perplexity is not None:
-                text.append(f" · ppl {format_perplexity(run.perplexity)}")
+                stats.append(Text(f" · ppl {format_perplexity(run.perplexity)}"))
             if run.prompt_perplexity is not None and not run.chat:
-                text.append(f" (prompt {format_perplexity(run.prompt_perplexity)})", "dim")
+                stats.append(Text(f" (prompt {format_perplexity(run.prompt_perplexity)})", "dim"))
             if lm is not None:
                 used = run.context_used or len(run.prompt_ids) + len(run.toks)
-                text.append(f" · ctx {min(used, lm.config.block_size)}/{lm.config.block_size}")
+                stats.append(Text(f" · ctx {min(used, lm.config.block_size)}/{lm.config.block_size}"))
             if run.slides:
-                text.append(" ⟲slid", "bold yellow")
+                stats.append(Text(" ⟲slid", "bold yellow"))
             if self.diverge_at is not None:
-                text.append(f" · diverges @{self.diverge_at}", "magenta")
+                stats.append(Text(f" · diverges @{self.diverge_at}", "magenta"))
         elif lm is not None:
-            text.append(f"ctx {lm.config.block_size}", "dim")
-        return text
+            stats.append(Text(f"ctx {lm.config.block_size}", "dim"))
+        return Text("\n").join([flow(model, width), flow(stats, width)])
 
     def body_text(self) -> Text:
         run = self.state.run
@@ -294,12 +309,16 @@ class ModelPane(Vertical, can_focus=True):
     def refresh_view(self, scroll: bool = False) -> None:
         if not self.is_mounted:  # on_mount has the UI timer draw whatever changed before
             return
-        self.query_one("#pane-header", Static).update(self.header_text())
+        header = self.query_one("#pane-header", Static)
+        header.update(self.header_text(header.content_size.width))
         self.query_one("#tokens", TokenView).update(self.body_text())
         self.query_one("#pane-status", Static).update(self.status_text())
         self.set_class(self.error is not None, "-error")
         if scroll:
             self.query_one(VerticalScroll).scroll_end(animate=False)
+
+    def on_resize(self) -> None:
+        self.refresh_view()  # the header breaks its lines for the pane's width
 
     def watch_colour_mode(self) -> None:
         self.refresh_view()
