@@ -144,10 +144,26 @@ def test_gen_json_interrupted_writes_cancelled_records(tiny_run, capsys, monkeyp
         assert r["tokens"] == c["tokens"][:2] and c["finish_reason"] == "length"
 
 
-def test_gen_long_prompt_says_so(tiny_run, capsys):
-    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "word " * 200, "--max-new-tokens", "4", "--json")
-    assert code == 0 and "longer than tiny@200's context of 64 tokens" in err
-    assert json.loads(out)["prompt_truncated"] > 0
+def test_gen_long_prompt_says_so_once_per_prompt(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "word " * 200, "--prompt", "short",
+                             "--max-new-tokens", "4", "--n", "2", "--json")
+    assert code == 0 and err == ("nanoplay: note: prompt longer than tiny@200's context of 64 tokens: kept its last "
+                                 "60 tokens; the window slides as it generates\n")
+    assert [strict_json(line)["prompt_truncated"] for line in out.splitlines()] == [141, 141, 0, 0]  # 201 tokens, 60 kept
+
+
+def test_gen_chat_says_when_the_template_is_plain_text(tiny_run, checkpoints, capsys):
+    from nanoplay.chat import CHAT_TEMPLATE
+    from nanoplay.checkpoint import save_checkpoint, step_dir_name
+    from tests.conftest import tiny_model
+
+    save_checkpoint(tiny_model(3), checkpoints / "tiny-chat" / step_dir_name(1), step=1,
+                    meta={"chat_template": CHAT_TEMPLATE})
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "-m", "tiny-chat", "--chat", "--prompt", "Hi",
+                             "--max-new-tokens", "2", "--n", "2", "--json")
+    assert code == 0 and len(out.splitlines()) == 4
+    assert err == ('nanoplay: note: tiny@200 is not chat-tuned: --chat gives it a plain-text chat '
+                   '("User: ..." then "Assistant:")\n')
 
 
 def test_score_json_by_hand(tiny_run, capsys):

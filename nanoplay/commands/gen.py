@@ -153,6 +153,9 @@ def run(args) -> int:
     base_seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = []  # (request, prompt, sample index), in output order
     for model in models:
+        if args.chat and model.chat_template is None:
+            print(f"nanoplay: note: {model.name} is not chat-tuned: --chat gives it a plain-text chat "
+                  f'("User: ..." then "Assistant:")', file=sys.stderr)
         for prompt in prompts:
             prompt_input = prompt
             if args.chat:
@@ -162,8 +165,8 @@ def run(args) -> int:
             for i in range(args.n):
                 params = sampling_params(args, base_seed + i, model.chat_template, args.chat)
                 jobs.append((engine.submit(model, prompt_input, params), prompt, i))
-    for request, _, _ in jobs:
-        if request.prompt_truncated:
+    for request, _, i in jobs:
+        if request.prompt_truncated and i == 0:  # a prompt's samples share its truncation: one note
             print(f"nanoplay: note: prompt longer than {request.model.name}'s context of "
                   f"{request.model.config.block_size} tokens: kept its last {len(request.prompt_ids)} tokens; "
                   f"the window slides as it generates", file=sys.stderr)
