@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanoplayError
-from .textdata import load_hub_dataset
+from .textdata import load_hub_dataset, quiet_datasets
 from .tokenizer import get_tokenizer
 
 WIKITEXT_HUB = "Salesforce/wikitext"
@@ -147,7 +147,12 @@ def _local_rows(path: Path, column: str) -> list[str]:
     if builder is None:
         raise NanoplayError(f"{path}: expected a {', '.join(LOCAL_BUILDERS)} file")
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText's rows keep their "\n"
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    try:
+        with quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps a malformed line in its own error; its cause names it
+        cause = e.__cause__ or e
+        raise NanoplayError(f"{path} could not be read as {builder}: {type(cause).__name__}: {cause}") from e
     if column not in ds.column_names:
         raise NanoplayError(f"{path} has no {column!r} column (columns: {', '.join(ds.column_names)})")
     return list(ds[column])

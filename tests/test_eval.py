@@ -312,13 +312,14 @@ def test_not_cached_offline_is_one_clear_line(datasets_cache):
     assert "\n" not in message and "wikitext-103=PATH" in message and "Salesforce/wikitext" in message
 
 
-def test_local_copies_of_the_named_sets(tmp_path):
+def test_local_copies_of_the_named_sets(tmp_path, capfd):
     import datasets
 
     datasets.Dataset.from_dict({"text": WIKI_ROWS}).to_parquet(tmp_path / "test.parquet")
     # the original file: a line per row, blank rows written as a lone space
     (tmp_path / "wiki.test.raw").write_text("".join(row or " \n" for row in WIKI_ROWS))
     (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_TEXTS))
+    capfd.readouterr()  # the fixture's own writing above may show a progress bar
     from_parquet = load_eval_data(f"wikitext-2={tmp_path / 'test.parquet'}")
     assert from_parquet.ids.tolist() == get_tokenizer().encode("\n\n".join(WIKI_ROWS))
     from_raw = load_eval_data(f"wikitext-2={tmp_path / 'wiki.test.raw'}")
@@ -326,6 +327,10 @@ def test_local_copies_of_the_named_sets(tmp_path):
     assert load_eval_data(f"lambada={tmp_path / 'lambada_test.jsonl'}").texts == LAMBADA_TEXTS
     with pytest.raises(NanoplayError, match="no such file"):
         load_eval_data(f"lambada={tmp_path / 'missing.jsonl'}")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(NanoplayError, match=r"bad.jsonl could not be read as json: ArrowInvalid: JSON parse error"):
+        load_eval_data(f"lambada={tmp_path / 'bad.jsonl'}")
+    assert capfd.readouterr().err == ""  # no datasets progress bars or log lines: nanoplay says what matters
 
 
 def test_training_corpus_is_the_trainers_val_split_token_for_token(tmp_path, monkeypatch):
