@@ -177,6 +177,22 @@ def test_score_json_by_hand(tiny_run, capsys):
     assert r["per_token"][0]["surprisal_bits"] == pytest.approx(-r["per_token"][0]["logprob"] / math.log(2))
 
 
+def test_alternatives_have_bytes_like_tokens(tiny_run, capsys):
+    text = "Café 🙂"  # the emoji is several byte-level tokens, none of them a character alone
+    _, out, _ = run_cli(capsys, "score", "-m", "tiny", "--text", text, "--json", "--top-logprobs", "3")
+    per_token = strict_json(out)["per_token"]
+    assert b"".join(bytes(t["bytes"]) for t in per_token) == text.encode()
+    alternatives = [a for t in per_token for a in t["top_logprobs"]]
+    _, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", text, "--temperature", "0", "--max-new-tokens", "3",
+                        "--json", "--top-logprobs", "3")
+    for t in strict_json(out)["tokens"]:
+        assert t["top_logprobs"][0]["bytes"] == t["bytes"]  # greedy: the top alternative is the token
+        alternatives += t["top_logprobs"]
+    assert len(alternatives) == 3 * len(per_token) + 9
+    for a in alternatives:
+        assert bytes(a["bytes"]).decode("utf-8", "replace") == a["token"]
+
+
 def test_score_file_ignores_a_byte_order_mark(tiny_run, tmp_path, capsys):
     text = "Bits per byte are fair across tokenizers."
     (tmp_path / "essay.txt").write_text("\ufeff" + text, encoding="utf-8")

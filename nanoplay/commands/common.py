@@ -65,6 +65,15 @@ def load_models(engine, specs: list[str], device: str, dtype) -> list:
     return models
 
 
+def alternative_record(alternative) -> dict:
+    """An entry of top_logprobs, shaped like the tokens themselves (as OpenAI's are): bytes too, since
+    a token that is part of a UTF-8 character has no text of its own."""
+    from ..tokenizer import get_tokenizer
+
+    a = alternative
+    return {"token": a.text, "id": a.id, "bytes": list(get_tokenizer().token_bytes(a.id)), "logprob": a.logprob}
+
+
 def json_line(record: dict) -> str:
     """One JSONL record in strict JSON, which every parser reads: non-finite numbers (the -inf
     sampling log-probability of a token the sampling filters removed, say) are written as null."""

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, check_top_logprobs, json_line, load_models, resolve_device, torch_dtype
+from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models,
+                     resolve_device, torch_dtype)
 
 
 def register(subparsers) -> None:
@@ -112,8 +113,7 @@ def sampling_params(args, seed: int, chat_template=None, chat: bool = False):
 def completion_record(request, prompt: str, index: int) -> dict:
     """One completion in OpenAI-like shapes, plus nanoplay's per-token extras."""
     def top(alternatives):
-        return [{"token": a.text, "id": a.id, "logprob": a.logprob, "sampling_logprob": a.sampling_logprob}
-                for a in alternatives]
+        return [{**alternative_record(a), "sampling_logprob": a.sampling_logprob} for a in alternatives]
 
     return {
         "model": request.model.name,

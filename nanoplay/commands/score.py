@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import add_model_options, check_top_logprobs, json_line, load_models, resolve_device, torch_dtype
+from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models,
+                     resolve_device, torch_dtype)
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,17 @@ def summarize(tokens, text: str) -> dict:
     }
 
 
+def score_record(model_name: str, totals: dict, tokens, top_logprobs: int) -> dict:
+    def entry(t) -> dict:
+        e = {"token": t.text, "id": t.id, "bytes": list(t.bytes), "logprob": t.logprob,
+             "surprisal_bits": -t.logprob / math.log(2), "rank": t.rank, "entropy": t.entropy}
+        if top_logprobs:
+            e["top_logprobs"] = [alternative_record(a) for a in t.top[:top_logprobs]]
+        return e
+
+    return {"model": model_name, **totals, "per_token": [entry(t) for t in tokens]}
+
+
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -67,13 +79,7 @@ def run(args) -> int:
         tokens = engine.score(model, text, top_logprobs=max(args.top_logprobs, 1))
         totals = summarize(tokens, text)
         if args.json:
-            record = {"model": model.name, **totals, "per_token": [
-                {"token": t.text, "id": t.id, "logprob": t.logprob, "surprisal_bits": -t.logprob / math.log(2),
-                 "rank": t.rank, "entropy": t.entropy,
-                 **({"top_logprobs": [{"token": a.text, "id": a.id, "logprob": a.logprob}
-                                      for a in t.top[:args.top_logprobs]]} if args.top_logprobs else {})}
-                for t in tokens]}
-            print(json_line(record))
+            print(json_line(score_record(model.name, totals, tokens, args.top_logprobs)))
             continue
         worst = sorted(tokens, key=lambda t: t.logprob)[:3]
         table.add_row(model.name, str(totals["tokens"]), f"{totals['loss']:.4f}", f"{totals['perplexity']:.2f}",
