@@ -631,3 +631,18 @@ async def test_pane_headers_break_between_items_and_lose_nothing_at_six_panes(mo
             for item in items:  # each whole on one line, never cut in two
                 assert any(item in line for line in shown), (item, shown)
         assert any(p.diverge_at is not None for p in panes(app))
+
+
+async def test_a_removed_pane_ignores_late_news_from_its_load(models):
+    """`d` while the model is still loading: the load ends later, on a pane that has no parts any more."""
+    app = NanoplayApp(models=["alpha", "beta"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        first = panes(app)[0]
+        first.focus()
+        await pilot.press("d")
+        await until(pilot, lambda: [p.state.spec for p in panes(app)] == ["beta"])
+        app.main.pane_loaded(first)  # what the load worker calls when it finishes
+        first.dirty = True
+        app.main.tick()
+        assert [p.state.spec for p in panes(app)] == ["beta"]

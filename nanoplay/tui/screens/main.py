@@ -82,7 +82,7 @@ class MainScreen(Screen):
 
     @property
     def panes(self) -> list[ModelPane]:
-        return list(self.query(ModelPane))
+        return [p for p in self.query(ModelPane) if not p.removed]
 
     def room_for_a_pane(self) -> bool:
         if len(self.panes) < MAX_PANES:
@@ -494,6 +494,7 @@ class MainScreen(Screen):
     async def remove_panes(self, panes: list[ModelPane]) -> None:
         """Stop their generation and take them off the screen; awaited, so they no longer count as panes."""
         for pane in panes:
+            pane.removed = True  # its load or generation may still report: the pane must not redraw
             pane.waiting_prompt = None
             with pane.lock:
                 for _, req in pane.active:

@@ -113,6 +113,7 @@ class ModelPane(Vertical, can_focus=True):
         self.diverge_at: int | None = None  # completion index where this pane departs from the first pane
         self.waiting_prompt: str | None = None  # submitted while the model was still loading
         self.dirty = False  # set from any thread; the UI timer refreshes the pane
+        self.removed = False  # set by the app as it removes the pane: its parts go first, then the pane
         self.lock = threading.Lock()
         self.active: list = []  # (run, engine request) pairs in flight
         self.pending: list = []  # (run, [TokenInfo]) from the engine thread, drained by the UI timer
@@ -307,7 +308,7 @@ class ModelPane(Vertical, can_focus=True):
         return text
 
     def refresh_view(self, scroll: bool = False) -> None:
-        if not self.is_mounted:  # on_mount has the UI timer draw whatever changed before
+        if not self.is_mounted or self.removed:  # on_mount has the UI timer draw whatever changed before
             return
         header = self.query_one("#pane-header", Static)
         header.update(self.header_text(header.content_size.width))
