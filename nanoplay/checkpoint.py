@@ -93,11 +93,16 @@ def save_checkpoint(model: GPT, directory: Path, *, step: int | None = None, met
 
 
 def read_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
+    return read_json(Path(directory) / CONFIG_FILE)
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (ours, or a Hugging Face config.json); damage is one clear line."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise NanoplayError(f"{path} is unreadable or not JSON ({e}): re-export or re-train the checkpoint") from e
+        raise NanoplayError(f"{path} is unreadable or not JSON ({e}): the checkpoint is damaged; re-save, "
+                            f"re-export or re-download it") from e
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -242,10 +242,11 @@ class ModelRunner:
             slot = self._pick_slot(self.queue[0]._ids)
             if slot is None:
                 break
-            r = self.queue.pop(0)
+            r = self.queue[0]
             r._slot = slot
             self.owner[slot] = r
             self.running.append(r)
+            self.queue.pop(0)  # only now: a Ctrl+C in between leaves r in a list that cancelling sweeps
             self._prefill(r, r._ids)
         # everyone else advances by one token, in one batched forward
         sliding = [r for r in decoding if len(self.cache.tokens[r._slot]) >= self.loaded.config.block_size]

@@ -235,7 +235,7 @@ def state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_hf_dir(directory: Path, name: str, source: str, location: str | None = None) -> LoadedModel:
     """A directory in Hugging Face format: config.json + model.safetensors (or a local pytorch_model.bin)."""
-    hf = json.loads((directory / "config.json").read_text())
+    hf = ckpt.read_json(directory / "config.json")
     config = config_from_hf(hf, name)
     weights = directory / "model.safetensors"
     if weights.is_file():
@@ -273,7 +273,7 @@ def load_safetensors_file(path: Path) -> LoadedModel:
     sibling = path.parent / "config.json"
     if not sibling.is_file():
         raise NanoplayError(f"{path} has no nanoplay config in its header and no config.json beside it")
-    hf = json.loads(sibling.read_text())
+    hf = ckpt.read_json(sibling)
     if hf.get("format") == ckpt.FORMAT:
         config, state = GPTConfig.from_dict(hf["model"]), ckpt.load_safetensors(path)
     else:
@@ -293,7 +293,7 @@ def hub_download(repo_id: str, revision: str | None = None, progress=None) -> Pa
 
     def download(local_only: bool) -> str:
         config_path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=local_only)
-        config_from_hf(json.loads(Path(config_path).read_text()), where)  # refuse non-GPT-2 before the weights
+        config_from_hf(ckpt.read_json(config_path), where)  # refuse non-GPT-2 before the weights
         return hf_hub_download(repo_id, "model.safetensors", revision=revision, tqdm_class=progress,
                                local_files_only=local_only)
 
@@ -391,9 +391,8 @@ def _cached_hub_models() -> list[LocalModel]:
             if "model.safetensors" not in files or "config.json" not in files:
                 continue
             try:
-                hf = json.loads(Path(files["config.json"].file_path).read_text())
-                cfg = config_from_hf(hf, repo.repo_id)
-            except (NanoplayError, ValueError, OSError):
+                cfg = config_from_hf(ckpt.read_json(files["config.json"].file_path), repo.repo_id)
+            except NanoplayError:  # not GPT-2, or damaged: not listed
                 continue
             found.append(LocalModel(spec=repo.repo_id, kind="hub-cache", size_bytes=rev.size_on_disk,
                                     detail=f"{cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d ctx {cfg.block_size}"))

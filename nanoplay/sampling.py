@@ -34,6 +34,7 @@ from .errors import NanoplayError
 # Noise is drawn over at least this many entries (nanoGPT's padded vocabulary), so models with 50257 and
 # 50304 entries see the same noise for every real token id.
 NOISE_SIZE = 50304
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token at most (OpenAI's API allows as many)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class SamplingParams:
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
-            (0 <= self.top_logprobs <= 20, "top_logprobs must be between 0 and 20"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (all(self.stop), "stop strings must not be empty"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be between 0 and 2**63 - 1"),
         ]

@@ -120,6 +120,12 @@ def test_truncated_checkpoints(tmp_path):
     pt.write_bytes(pt.read_bytes()[:3000])
     with pytest.raises(NanoplayError, match="ckpt.pt is not a loadable checkpoint"):
         load_model(str(pt))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2", ')  # a Hugging Face directory cut short
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(NanoplayError, match=r"hf/config.json is unreadable or not JSON \(.*\): the checkpoint is damaged"):
+        load_model(str(hf))
 
 
 def test_unknown_spec(checkpoints, tiny_run):

@@ -19,11 +19,10 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute precision")
 
 
-MAX_TOP_LOGPROBS = 20  # the most alternatives per token that SamplingParams (and OpenAI's API) allow
-
-
 def check_top_logprobs(count: int) -> None:
     """gen and score take the same --top-logprobs, checked before any model loads."""
+    from ..sampling import MAX_TOP_LOGPROBS
+
     if not 0 <= count <= MAX_TOP_LOGPROBS:
         raise NanoplayError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
 
