@@ -34,7 +34,9 @@ class TrainConfig:
     # [data]
     data: str = field(default="openwebtext", metadata={"section": "data"})
     text_column: str = field(default="", metadata={"section": "data", "help": "default: 'text' or the only string column"})
-    val_fraction: float = field(default=0.0, metadata={"section": "data", "help": "held-out share; 0: the source's default (openwebtext 0.0005 as nanoGPT, pydoc-topics 0.1, other data about 100 kB of its text, 0.05%% to 10%% of it)"})
+    val_fraction: float = field(default=0.0, metadata={"section": "data", "help": (
+        "held-out share; 0: the source's default (openwebtext 0.0005 as nanoGPT, pydoc-topics 0.1, "
+        "other data about 100 kB of its text, 0.05%% to 10%% of it)")})
     num_proc: int = field(default=0, metadata={"section": "data", "help": "tokenizer processes (0: one per CPU for large data)"})
     # [optim]
     batch_size: int = field(default=16, metadata={"section": "optim"})

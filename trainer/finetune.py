@@ -173,9 +173,7 @@ def run_finetune(config_file: str | None = None, overrides: dict | None = None, 
     if plan.problems and dist_info.is_main:
         print(f"--skip-invalid: dropped {len(plan.problems)} invalid conversation(s), training on {len(plan.examples)}",
               file=sys.stderr)
-    if show_mask_only:
-        if not plan.examples:
-            raise NanoplayError(f"{cfg.data} has no valid conversation to show")
+    if show_mask_only:  # (with no valid conversation, plan_finetune has already said so)
         show_mask(plan.examples[0])
         return None
 
