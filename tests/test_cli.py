@@ -254,8 +254,9 @@ def test_model_that_fails_to_load_is_one_line_exit_2(tiny_run, tmp_path, capsys,
     (broken / "config.json").write_text("{oops")
     code, out, err = run_cli(capsys, *command, "-m", "tiny", "-m", str(broken), "--json")
     assert code == 2 and out == ""
-    assert err == (f"nanoplay: error: cannot load model '{broken}': JSONDecodeError: "
-                   "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)\n")
+    assert err == (f"nanoplay: error: {broken}/config.json is unreadable or not JSON (Expecting property name "
+                   "enclosed in double quotes: line 1 column 2 (char 1)): the checkpoint is damaged; re-save, "
+                   "re-export or re-download it\n")
 
 
 def test_pull_offline_is_one_line(hf_home, capsys):
