@@ -365,9 +365,11 @@ async def test_sessions_autosave_reopen_export_and_gen_command(models, capsys):
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot)
         app.settings.max_new_tokens = 6
+        app.settings.temperature = 0  # greedy: two random tiny models part ways (sampled, the shared noise rules)
         await send(pilot, "Saved prompt")
         name = app.session_name
         texts = [p.state.run.text for p in panes(app)]
+        diverge = [p.diverge_at for p in panes(app)]
         await pilot.press("ctrl+b")
         markdown = (models.parent / f"nanoplay-{name}.md").read_text()
         panes(app)[0].focus()
@@ -391,6 +393,7 @@ async def test_sessions_autosave_reopen_export_and_gen_command(models, capsys):
     async with reopened.run_test(size=SIZE) as pilot:
         await loaded(pilot)
         assert [p.state.run.text for p in panes(reopened)] == texts
+        assert [p.diverge_at for p in panes(reopened)] == diverge != [None, None]  # the markers come back too
         assert reopened.main.query_one("#prompt").text == "Saved prompt"
         assert reopened.settings.max_new_tokens == 6
 

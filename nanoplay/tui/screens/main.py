@@ -137,6 +137,7 @@ class MainScreen(Screen):
             else:
                 self.start_generation(pane, prompt)
         pane.refresh_view()
+        self.mark_divergence()  # a reopened session's panes get their markers once their models are in
 
     # ---- the UI timer: engine output onto the screen
 
