@@ -649,3 +649,14 @@ async def test_a_removed_pane_ignores_late_news_from_its_load(models):
         first.dirty = True
         app.main.tick()
         assert [p.state.spec for p in panes(app)] == ["beta"]
+
+
+async def test_a_pane_that_failed_to_load_takes_no_part_in_a_chat(models):
+    app = NanoplayApp(models=["alpha", "no-such-model"], chat=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 3
+        await send(pilot, "Hi")
+        alpha, bad = panes(app)
+        assert [m.role for m in alpha.state.chat] == ["user", "assistant"]
+        assert bad.state.chat == [] and "you:" not in str(bad.body_text())

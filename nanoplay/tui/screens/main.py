@@ -309,10 +309,12 @@ class MainScreen(Screen):
     def send_chat(self, text: str) -> None:
         self.action_stop()
         for pane in self.panes:
+            if pane.error is not None:  # a model that failed to load takes no part in the conversation
+                continue
             pane.state.chat.append(Message("user", text))
             if pane.lm is not None:
                 self.start_chat_turn(pane)
-            elif pane.error is None:
+            else:
                 pane.waiting_prompt = text
             pane.refresh_view(scroll=True)
 
