@@ -660,3 +660,16 @@ async def test_a_pane_that_failed_to_load_takes_no_part_in_a_chat(models):
         alpha, bad = panes(app)
         assert [m.role for m in alpha.state.chat] == ["user", "assistant"]
         assert bad.state.chat == [] and "you:" not in str(bad.body_text())
+
+
+async def test_tab_visits_each_pane_once_and_returns_to_the_prompt(models):
+    app = NanoplayApp(models=["alpha", "beta", "alpha@100"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        prompt = app.main.query_one("#prompt")
+        prompt.focus()
+        visited = []
+        for _ in range(4):
+            await pilot.press("tab")
+            visited.append(app.focused)
+        assert visited == [*panes(app), prompt]

@@ -172,6 +172,7 @@ On a focused pane:
 | key | action |
 | --- | --- |
 | ← → Home End, click | move the token cursor; the inspector shows the token |
+| ↑ ↓ PgUp PgDn | scroll the pane |
 | 1-9 | fork: continue from the cursor with that alternative |
 | f | fork with the most likely alternative |
 | b | branches of this pane |

@@ -74,6 +74,10 @@ class ModelPane(Vertical, can_focus=True):
         Binding("left", "cursor(-1)", "Prev token", show=False),
         Binding("right", "cursor(1)", "Next token", show=False),
         Binding("home", "cursor_to(0)", "First token", show=False),
+        Binding("up", "scroll(-1)", "Scroll up", show=False),
+        Binding("down", "scroll(1)", "Scroll down", show=False),
+        Binding("pageup", "scroll(-10)", "Page up", show=False),
+        Binding("pagedown", "scroll(10)", "Page down", show=False),
         Binding("end", "cursor_to(-1)", "Last token", show=False),
         Binding("f", "fork", "Fork at cursor"),
         Binding("b", "branches", "Branches"),
@@ -121,7 +125,8 @@ class ModelPane(Vertical, can_focus=True):
 
     def compose(self):
         yield Static(id="pane-header", classes="pane-header")
-        with VerticalScroll(classes="pane-body"):
+        # the pane takes the keys and scrolls its body itself: one Tab stop per pane, not two
+        with VerticalScroll(classes="pane-body", can_focus=False):
             yield TokenView(id="tokens")
         yield Static(id="pane-status", classes="pane-status")
 
@@ -338,6 +343,9 @@ class ModelPane(Vertical, can_focus=True):
         start = self.cursor if self.cursor is not None else (n if delta < 0 else -1)
         self.cursor = max(0, min(n - 1, start + delta))
         self._cursor_changed()
+
+    def action_scroll(self, lines: int) -> None:
+        self.query_one(VerticalScroll).scroll_relative(y=lines, animate=False)
 
     def action_cursor_to(self, index: int) -> None:
         n = len(self.display_toks())
