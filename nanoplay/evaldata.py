@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanoplayError
-from .textdata import load_hub_dataset, quiet_datasets
+from .textdata import load_hub_dataset, quiet_datasets, reader_error
 from .tokenizer import get_tokenizer
 
 WIKITEXT_HUB = "Salesforce/wikitext"
@@ -150,8 +150,8 @@ def _local_rows(path: Path, column: str) -> list[str]:
     try:
         with quiet_datasets():
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # datasets wraps a malformed line in its own error; its cause names it
-        cause = e.__cause__ or e
+    except Exception as e:  # a malformed line, say
+        cause = reader_error(e)
         raise NanoplayError(f"{path} could not be read as {builder}: {type(cause).__name__}: {cause}") from e
     if column not in ds.column_names:
         raise NanoplayError(f"{path} has no {column!r} column (columns: {', '.join(ds.column_names)})")

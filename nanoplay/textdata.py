@@ -110,9 +110,7 @@ def load_documents(source: TextSource):
     except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
         if _first_record_is_a_conversation(source):  # messages of different shapes make datasets fail
             raise NanoplayError(_chat_not_text(source)) from e
-        cause = e
-        while cause.__cause__ is not None:  # datasets wraps the reader's error in its own
-            cause = cause.__cause__
+        cause = reader_error(e)
         raise NanoplayError(f"{source.name} could not be read ({str(cause).strip().splitlines()[0][:200]})") from e
     column = _text_column(ds, source)
     ds = ds.select_columns([column])
@@ -136,6 +134,13 @@ def _text_column(ds, source: TextSource) -> str:
     if not strings:
         raise NanoplayError(f"{source.name} has no column of strings to train on (columns: {list(ds.features)})")
     raise NanoplayError(f"{source.name}: which column is the text? pass --text-column (string columns: {strings})")
+
+
+def reader_error(e: BaseException) -> BaseException:
+    """The error of the reader itself (pyarrow's, json's), which `datasets` wraps in its own: it names the fault."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_options, resolve_device, stdout_console, torch_dtype
+from .common import add_model_options, load_models, resolve_device, stdout_console, torch_dtype
 
 
 # nanoplay.bench.SHAPES, named here so that parsing the command line does not import torch
@@ -44,7 +44,7 @@ def run(args) -> int:
             raise NanoplayError(f"{flag} must be at least {least}")
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     engine = Engine()
-    models = [engine.load(s, device=device, dtype=dtype) for s in args.model or []]
+    models = load_models(engine, args.model or [], device, dtype)
     models += [random_model(s) for s in args.shape or []]
     for model in models:
         if not args.scoring and args.prompt_tokens + 1 >= model.config.block_size:
