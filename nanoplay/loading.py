@@ -3,7 +3,7 @@ Model specs -- one syntax for the CLI, the TUI and Python -- and the loaders beh
 
 A spec is, in the order tried:
   1. a path: a checkpoint directory of ours (or a run directory of them), a Hugging Face-format
-     directory, a nanoGPT `ckpt.pt`, or a `.safetensors` file;
+     directory, a nanoGPT `ckpt.pt`, a `.safetensors` file, or a `.gguf` file (llama.cpp's format);
   2. a name under the checkpoints directory (`owt-30m`, newest step; `owt-30m@2000`, that step);
   3. a Hub id (`gpt2`, `gpt2-medium`, `owner/repo`, optionally `@revision`) whose config is GPT-2.
 """
@@ -34,7 +34,7 @@ class LoadedModel:
 
     name: str  # short display name: owt-30m@2000, gpt2, ckpt.pt
     model: GPT
-    source: str  # checkpoint | nanogpt | hf | hub
+    source: str  # checkpoint | nanogpt | hf | hub | gguf
     location: str  # the path or Hub id it was read from
     step: int | None = None
     meta: dict = field(default_factory=dict)  # our config.json extras: chat template, val loss...
@@ -110,7 +110,7 @@ def _load_on_cpu(spec: str, progress) -> LoadedModel:
     run_dir = checkpoints_root() / name
     if name and run_dir.is_dir():
         return load_run(run_dir, step=_parse_step(spec, at) if at else None)
-    if HUB_ID.match(name) and not spec.endswith((".pt", ".safetensors")):
+    if HUB_ID.match(name) and not spec.endswith((".pt", ".safetensors", ".gguf")):
         try:
             return load_hub(name, revision=at or None, progress=progress)
         except NanoplayError as e:
@@ -146,7 +146,10 @@ def load_path(path: Path) -> LoadedModel:
         return load_safetensors_file(path)
     if path.suffix in (".pt", ".pth", ".ckpt"):
         return load_nanogpt(path)
-    raise NanoplayError(f"{path}: unknown model file type; expected a directory, a .pt (nanoGPT) or .safetensors file")
+    if path.suffix == ".gguf":
+        return load_gguf(path)
+    raise NanoplayError(f"{path}: unknown model file type; expected a directory, a .pt (nanoGPT), .safetensors "
+                        "or .gguf file")
 
 
 def load_run(run_dir: Path, step: int | None = None) -> LoadedModel:
@@ -246,6 +249,15 @@ def load_hf_dir(directory: Path, name: str, source: str, location: str | None = 
         raise NanoplayError(f"{directory} has no model.safetensors")
     model = ckpt.build_model(config, state_from_hf(state), name)
     return LoadedModel(name=name, model=model, source=source, location=location or str(directory))
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """A GGUF file of GPT-2 architecture (llama.cpp's format; see nanoplay.gguf_format), dequantized to float32."""
+    from .gguf_format import read_gguf
+
+    config, state, meta = read_gguf(path)
+    return LoadedModel(name=path.name, model=ckpt.build_model(config, state, str(path)), source="gguf",
+                       location=str(path), meta=meta)
 
 
 def _torch_load(path: Path):
