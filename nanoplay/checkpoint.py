@@ -4,22 +4,21 @@ nanoplay's checkpoint format: a directory holding `config.json` and `model.safet
 A training run lives in `checkpoints/NAME/` with one such directory per saved step
 (`step-00002000/`); the trainer keeps its optimizer state in a separate file beside the weights
 (`training_state.pt`), which loading never reads. Directories are written to a temporary sibling
-and renamed into place, so a crash mid-write never leaves a half-written checkpoint behind.
+and renamed into place (nanoplay.atomic), so a crash mid-write never leaves a half-written checkpoint
+behind. The output head is stored only when it is not tied to the input embedding.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_dir_atomically
 from .errors import NanoplayError
 from .model import GPT, GPTConfig
 
@@ -55,35 +54,13 @@ def list_steps(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(steps.items()))
 
 
-def write_dir_atomically(final: Path, write) -> Path:
-    """Call write(tmp_dir) and move the finished directory to `final`, replacing any old one."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def save_checkpoint(model: GPT, directory: Path, *, step: int | None = None, meta: dict | None = None) -> Path:
     """Write model weights + config to `directory` atomically. `meta` adds keys to config.json."""
     config = {"format": FORMAT, "model": model.config.to_dict(), "tokenizer": "gpt2", "step": step}
     config.update(meta or {})
-    # lm_head.weight is tied to transformer.wte.weight: store it once
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # the same tensor as transformer.wte.weight: stored once
 
     def write(tmp: Path):
         save_file(state, tmp / WEIGHTS_FILE, metadata={"nanoplay_config": json.dumps(model.config.to_dict())})
@@ -113,25 +90,47 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise NanoplayError(f"{path} is truncated or corrupt ({e}): re-download or re-save it") from e
 
 
+# the config values a weight's shape follows, named in the message when they disagree
+SHAPE_SETTINGS = {"transformer.wte.weight": "vocab_size", "lm_head.weight": "vocab_size",
+                  "transformer.wpe.weight": "the context length (n_positions / block_size)"}
+
+
+def config_from_dict(d: dict, where: str) -> GPTConfig:
+    """Our config.json's model section (or a safetensors header's) -> GPTConfig; anything unknown is refused."""
+    try:
+        return GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise NanoplayError(f"{where}: {e}") from e
+
+
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
-    """A GPT from a nanoGPT-named state dict, without spending time on a random init first."""
+    """
+    A GPT from a nanoGPT-named state dict, without spending time on a random init first. A tied model
+    takes its output head from transformer.wte.weight (an lm_head.weight in the file is ignored, as
+    transformers does); an untied one must have its own lm_head.weight.
+    """
     with torch.device("meta"):
         model = GPT(config)
     state = dict(state)
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state.get("transformer.wte.weight")
+    elif "lm_head.weight" not in state:
+        raise NanoplayError(f"{source}: its config says the output head is not tied to the input embedding "
+                            f"(tie_word_embeddings false), but it holds no lm_head.weight")
     expected = set(model.state_dict().keys())
-    missing = sorted(expected - state.keys())
+    missing = sorted(k for k in expected if state.get(k) is None)
     unexpected = sorted(state.keys() - expected)
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise NanoplayError(f"{source} does not hold a GPT-2-architecture model matching its config ({detail})")
     for name, tensor in model.state_dict().items():
         if state[name].shape != tensor.shape:
-            raise NanoplayError(
-                f"{source}: {name} has shape {tuple(state[name].shape)}, config expects {tuple(tensor.shape)}"
-            )
+            setting = f" (the config's {SHAPE_SETTINGS[name]} does not match the weights)" if name in SHAPE_SETTINGS else ""
+            raise NanoplayError(f"{source}: {name} has shape {tuple(state[name].shape)}, config expects "
+                                f"{tuple(tensor.shape)}{setting}")
     model.load_state_dict(state, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True broke the tie
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True broke the tie
     return model.eval()
 
 
@@ -142,4 +141,4 @@ def load_checkpoint_dir(directory: Path) -> tuple[GPT, dict]:
     if meta.get("format") != FORMAT or "model" not in meta:
         raise NanoplayError(f"{directory} is not a nanoplay checkpoint (its config.json has no model section)")
     state = load_safetensors(directory / WEIGHTS_FILE)
-    return build_model(GPTConfig.from_dict(meta["model"]), state, str(directory)), meta
+    return build_model(config_from_dict(meta["model"], str(directory)), state, str(directory)), meta

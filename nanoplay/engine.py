@@ -389,12 +389,14 @@ def use_decode_layout(model) -> None:
     weights markedly faster when a few sequences decode together (`nanoplay bench` measures it).
     For inference only: the engine applies it to the models it loads itself.
     """
+    tied = model.config.tie_word_embeddings
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
             module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-    tied = torch.nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
-    model.transformer.wte.weight = tied
-    model.lm_head.weight = tied
+    if tied:  # one tensor for both, as before
+        wte = torch.nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
+        model.transformer.wte.weight = wte
+        model.lm_head.weight = wte
 
 
 class Engine:

@@ -3,8 +3,10 @@ The one GPT-2-architecture model nanoplay runs, trains and scores.
 
 It follows nanoGPT's model.py (pre-LayerNorm blocks, learned positions, tied input/output embeddings)
 and records in GPTConfig everything that differs between the places checkpoints come from:
-GPT-2 on the Hub uses the tanh GELU and biases everywhere; nanoGPT uses the exact GELU and its
-train.py defaults to bias=False; vocabularies are 50257 (GPT-2) or padded to 50304 (nanoGPT, us).
+GPT-2 on the Hub uses the tanh GELU and biases everywhere; nanoGPT uses the exact GELU (the tanh one
+before mid-2023) and its train.py defaults to bias=False; vocabularies are 50257 (GPT-2) or padded to
+50304 (nanoGPT, us). The rest are the options of transformers' GPT2Config that change the maths:
+an untied output head, the MLP's width and activation, and the attention scaling.
 
 Parameter names are nanoGPT's, so a nanoGPT state dict loads as it is and a Hugging Face one needs
 only its Conv1D weights transposed (see loading.py).
@@ -19,7 +21,27 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ACTIVATIONS = ("gelu_tanh", "gelu")  # GPT-2's approximation; the exact erf form
+# The MLP's activation, by name: GPT-2's tanh approximation of GELU, the exact erf GELU, and every
+# other parameter-free activation transformers' GPT-2 accepts, computed as transformers does
+# (transformers.activations; the names are its names, see loading.HF_ACTIVATIONS for the aliases)
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "gelu_10": lambda x: F.gelu(x).clamp(-10, 10),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,  # slope 0.01
+    "hardswish": F.hardswish,
+    "silu": F.silu,
+    "mish": F.mish,
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
 
 
 @dataclass
@@ -32,11 +54,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
     layer_norm_epsilon: float = 1e-5
-    activation: str = "gelu_tanh"
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
+    n_inner: int | None = None  # the MLP's hidden width; None: 4 * n_embd
+    tie_word_embeddings: bool = True  # lm_head shares wte's weight; False: the model has its own output head
+    scale_attn_weights: bool = True  # attention scores divided by sqrt(head size)
+    scale_attn_by_inverse_layer_idx: bool = False  # ... and by 1 / (layer index + 1)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, not {self.activation!r}")
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
@@ -45,8 +71,15 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Every key must be a field: a detail this version does not know could change the maths."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model settings {', '.join(unknown)}: written by a newer nanoplay?")
+        return cls(**d)
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,6 +93,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # attention scores q.k are scaled by 1/sqrt(head size), or not at all, and optionally further by
+        # 1/(layer_idx + 1): transformers' GPT-2 options scale_attn_weights, scale_attn_by_inverse_layer_idx
+        self.scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
 
     def forward(self, x, cache=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -70,13 +108,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=self.scale
             )
         else:
             # the cache stores this step's keys/values and returns everything visible so far:
             # k, v (B, nh, L, hs) with L >= T, and the mask that keeps each query causal
             k, v, mask, is_causal = cache.update(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -84,13 +122,13 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -122,7 +160,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying
 
         self.apply(self._init_weights)
         # GPT-2 paper: scaled init of the residual projections

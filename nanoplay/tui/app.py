@@ -164,13 +164,12 @@ class NanoplayApp(App):
         self.main.update_status()
 
     def export_markdown(self) -> Path:
+        from ..atomic import write_file_atomically
         from .sessions import to_markdown
 
         text = to_markdown(self.session_name, self.mode, self.prompt, self.settings,
                            [(p.state, p.exact_spec, p.error) for p in self.main.panes])
-        path = Path(f"nanoplay-{self.session_name}.md").resolve()
-        path.write_text(text)
-        return path
+        return write_file_atomically(Path(f"nanoplay-{self.session_name}.md").resolve(), text)
 
     # ---- palette, help, quitting
 

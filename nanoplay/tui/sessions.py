@@ -10,10 +10,10 @@ import json
 import os
 import re
 import shlex
-import tempfile
 import time
 from pathlib import Path
 
+from ..atomic import write_file_atomically
 from ..errors import NanoplayError
 from .state import PaneState, Settings
 
@@ -41,19 +41,7 @@ def session_path(name: str) -> Path:
 
 def save_session(name: str, data: dict) -> Path:
     """Write to a temporary file beside the target and rename it: a crash never leaves half a session."""
-    path = session_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": VERSION, "name": name, **data}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomically(session_path(name), json.dumps({"version": VERSION, "name": name, **data}, indent=1))
 
 
 def load_session(name: str) -> dict:
