@@ -1,9 +1,11 @@
 """
 The main screen: N model panes side by side, the prompt editor, the inspector and the status bar.
 
-It drives generation: a submit starts one engine request per pane (from a thread worker, since the
-first call may import torch), the engine thread appends tokens to each pane's buffer, and one timer at
-25 Hz moves whatever arrived onto the screen -- never one UI call per token.
+It owns the panes (adding, loading, moving, removing), the dialogs and the UI timer; what a send, a
+regenerate, a fork or a branch means is up to the mode on screen (`..modes`: compare or chat). A send
+starts one engine request per pane (from a thread worker, since the first call may import torch), the
+engine thread appends tokens to each pane's buffer, and one timer at 25 Hz moves whatever arrived onto
+the screen -- never one UI call per token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from ..colors import MODES, legend
-from ..state import Message, PaneState, Run, Tok
+from ..cross_score import cross_score
+from ..modes.base import Mode, one_line
+from ..modes.chat import ChatMode
+from ..modes.compare import CompareMode
+from ..state import PaneState, Run, Tok
 from ..widgets.inspector import TokenInspector
 from ..widgets.pane import ModelPane
 from ..widgets.prompt import PromptEditor
@@ -27,16 +33,6 @@ from ..widgets.prompt import PromptEditor
 REFRESH_HZ = 25
 MAX_PANES = 6
 MIN_PANE_WIDTH = 34
-
-
-def one_line(e: Exception) -> str:
-    """An unexpected error as one line (NanoplayErrors already are)."""
-    from ...errors import NanoplayError
-
-    if isinstance(e, NanoplayError):
-        return str(e)
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 class MainScreen(Screen):
@@ -57,6 +53,7 @@ class MainScreen(Screen):
     def __init__(self, initial: list[PaneState] | None):
         super().__init__()
         self.initial = initial
+        self.modes: dict[str, Mode] = {"compare": CompareMode(self), "chat": ChatMode(self)}
 
     def compose(self):
         yield Header()
@@ -131,11 +128,8 @@ class MainScreen(Screen):
 
     def pane_loaded(self, pane: ModelPane) -> None:
         if pane.lm is not None and pane.waiting_prompt is not None:
-            prompt, pane.waiting_prompt = pane.waiting_prompt, None
-            if self.app.mode == "chat":
-                self.start_chat_turn(pane)
-            else:
-                self.start_generation(pane, prompt)
+            waiting, pane.waiting_prompt = pane.waiting_prompt, None
+            self.mode.resume(pane, waiting)
         pane.refresh_view()
         self.mark_divergence()  # a reopened session's panes get their markers once their models are in
 
@@ -177,29 +171,11 @@ class MainScreen(Screen):
             answer.toks = run.toks
             answer.content = "".join(t.text for t in run.toks[:run.prefix_len]) + req.text  # a fork's kept prefix
 
-    def mark_divergence(self) -> None:
-        """First completion position where each pane departs from the first pane (same vocabulary)."""
-        panes = [p for p in self.panes if p.state.run is not None and p.lm is not None and not p.busy]
-        for p in self.panes:
-            p.diverge_at = None
-        if len(panes) < 2 or self.app.mode == "chat":
-            return
-        ref = panes[0]
-        for p in panes[1:]:
-            if p.state.run.prompt_ids != ref.state.run.prompt_ids or not shares_vocab(p.lm, ref.lm):
-                continue
-            a = [t.id for t in ref.state.run.toks]
-            b = [t.id for t in p.state.run.toks]
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-            if at is None and len(a) != len(b):
-                at = min(len(a), len(b))
-            p.diverge_at = at
-            if at is not None:
-                ref.diverge_at = at if ref.diverge_at is None else min(ref.diverge_at, at)
-        for p in panes:
-            p.refresh_view()
+    # ---- sending and generating: the mode on screen decides what a send means
 
-    # ---- generating
+    @property
+    def mode(self) -> Mode:
+        return self.modes[self.app.mode]
 
     @on(PromptEditor.Submitted)
     def submitted(self, message: PromptEditor.Submitted) -> None:
@@ -213,69 +189,8 @@ class MainScreen(Screen):
         return False
 
     def send(self, text: str) -> None:
-        if not self.any_model():
-            return  # the text stays in the editor
-        editor = self.query_one("#prompt", PromptEditor)
-        if self.app.mode == "chat":
-            if not text.strip():
-                return
-            editor.remember(text)
-            editor.load_text("")
-            self.send_chat(text)
-        else:
-            editor.remember(text)
-            self.run_prompt(text)
-
-    def run_prompt(self, prompt: str) -> None:
-        self.action_stop()
-        self.app.prompt = prompt
-        for pane in self.panes:
-            if pane.lm is not None:
-                self.start_generation(pane, prompt)
-            elif pane.error is None:
-                pane.waiting_prompt = prompt  # runs as soon as its model is loaded
-        self.update_status()
-
-    def start_generation(self, pane: ModelPane, prompt: str, fork: tuple | None = None) -> None:
-        """A new run in `pane`; `fork` = (parent index, position, chosen Tok) continues a branch."""
-        settings = self.app.settings.merged(pane.state.overrides)
-        run = Run(prompt=prompt, settings=settings.to_dict())
-        if fork is not None:
-            parent_index, at, chosen = fork
-            parent = pane.state.runs[parent_index]
-            run.prompt_ids, run.prompt_toks = parent.prompt_ids, parent.prompt_toks
-            run.toks = parent.toks[:at] + [chosen]
-            run.parent, run.fork_at, run.prefix_len = parent_index, at, at + 1
-        pane.start_run(run)
-        self.submit_worker(pane, run, settings)
-
-    @work(thread=True, group="generate")
-    def submit_worker(self, pane: ModelPane, run: Run, settings, stop_ids=(), stop_strings=()) -> None:
-        """Tokenize, submit to the engine, then score the prompt for colouring (all off the UI thread)."""
-        from ...sampling import SamplingParams
-        from ...tokenizer import get_tokenizer
-
-        engine = self.app.get_engine()
-        try:
-            params = SamplingParams(**settings.sampling_kwargs(), stop_token_ids=list(stop_ids))
-            params.stop += [s for s in stop_strings if s not in params.stop]
-            if not run.prompt_ids:
-                run.prompt_ids = run.chat_ids or get_tokenizer().encode(run.prompt) or [get_tokenizer().eot_id]
-            ids = run.prompt_ids + [t.id for t in run.toks]
-
-            def on_update(req, infos, new_text, run=run):
-                pane.push(run, infos)
-
-            req = engine.submit(pane.lm, ids, params, on_update=on_update)
-            with pane.lock:
-                pane.active.append((run, req))
-            if not run.prompt_toks and not run.chat:
-                scored = engine.score(pane.lm, run.prompt_ids)
-                run.prompt_toks = [Tok.from_info(i) for i in scored]
-        except Exception as e:
-            run.error = one_line(e)
-            run.finish_reason = "error"
-        pane.dirty = True
+        if self.any_model():  # else the text stays in the editor
+            self.mode.send(text)
 
     def action_stop(self) -> None:
         """Esc: stop every pane's generation."""
@@ -286,12 +201,8 @@ class MainScreen(Screen):
                     req.cancel()
 
     def action_regenerate(self) -> None:
-        if not self.any_model():
-            return
-        if self.app.mode == "chat":
-            self.regenerate_chat()
-        else:
-            self.run_prompt(self.app.prompt)
+        if self.any_model():
+            self.mode.regenerate()
 
     def action_new_seed(self) -> None:
         self.app.settings.seed = random.randrange(2**31)
@@ -304,74 +215,8 @@ class MainScreen(Screen):
             pane.colour_mode = self.app.colour_mode
         self.update_status()
 
-    # ---- chat
-
-    def send_chat(self, text: str) -> None:
-        self.action_stop()
-        for pane in self.panes:
-            if pane.error is not None:  # a model that failed to load takes no part in the conversation
-                continue
-            pane.state.chat.append(Message("user", text))
-            if pane.lm is not None:
-                self.start_chat_turn(pane)
-            else:
-                pane.waiting_prompt = text
-            pane.refresh_view(scroll=True)
-
-    def start_chat_turn(self, pane: ModelPane) -> None:
-        """Render the conversation with the model's template (dropping the oldest turns that no longer fit)."""
-        from ...chat import render_prompt
-        from ...tokenizer import get_tokenizer
-
-        settings = self.app.settings.merged(pane.state.overrides)
-        template = pane.lm.chat_template
-        budget = pane.lm.config.block_size - min(settings.max_new_tokens, pane.lm.config.block_size // 2)
-        tokenizer = get_tokenizer()
-        while True:
-            messages = [{"role": m.role, "content": m.content} for m in pane.state.chat]
-            rendered = render_prompt(messages, template)  # ids with a chat template, text without
-            ids = tokenizer.encode(rendered) if isinstance(rendered, str) else rendered
-            users = [i for i, m in enumerate(pane.state.chat) if m.role == "user"]
-            if len(ids) <= budget or len(users) < 2:
-                break
-            # drop the oldest user turn and everything up to the next one
-            del pane.state.chat[users[0]:users[1]]
-            pane.state.dropped_turns += 1
-        run = Run(prompt=pane.state.chat[-1].content, settings=settings.to_dict())
-        run.chat, run.chat_ids, run.prompt_ids = True, ids, ids
-        pane.state.chat.append(Message("assistant", "", toks=run.toks))
-        self.start_chat_run(pane, run, settings)
-
-    def start_chat_run(self, pane: ModelPane, run: Run, settings) -> None:
-        """Generate `run`, whose message is the conversation's last, with the template's stops."""
-        from ...chat import stop_strings, stop_token_ids
-
-        template = pane.lm.chat_template
-        pane.start_run(run)
-        self.submit_worker(pane, run, settings, stop_token_ids(template), stop_strings(template))
-
-    def regenerate_chat(self) -> None:
-        self.action_stop()
-        for pane in self.panes:
-            if pane.state.chat and pane.state.chat[-1].role == "assistant":
-                pane.state.chat.pop()
-            if pane.state.chat and pane.state.chat[-1].role == "user" and pane.lm is not None:
-                self.start_chat_turn(pane)
-
     def action_edit_last(self) -> None:
-        """Chat: take the last user message back into the editor and remove that turn everywhere."""
-        last = None
-        self.action_stop()
-        for pane in self.panes:
-            users = [i for i, m in enumerate(pane.state.chat) if m.role == "user"]
-            if users:
-                last = pane.state.chat[users[-1]].content
-                del pane.state.chat[users[-1]:]
-                pane.refresh_view()
-        if last is not None:
-            editor = self.query_one("#prompt", PromptEditor)
-            editor.show_text(last)
-            editor.focus()
+        self.modes["chat"].edit_last()
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "edit_last":
@@ -387,6 +232,9 @@ class MainScreen(Screen):
             pane.refresh_view()
         self.refresh_bindings()
         self.update_status()
+
+    def mark_divergence(self) -> None:
+        self.mode.mark_divergence()
 
     # ---- pane actions (messages up from the panes)
 
@@ -407,63 +255,15 @@ class MainScreen(Screen):
         self.call_next(getattr(self, f"pane_{message.action}"), message.pane, message.arg)
 
     def pane_fork(self, pane: ModelPane, k: int | None) -> None:
-        chat = self.app.mode == "chat"
-        if not pane.can_fork_at_cursor():
-            where = "a token of the latest answer" if chat else "a completion token"
-            self.notify(f"put the cursor on {where} first (←/→ or click)", severity="warning")
-            return
-        tok, _, at = pane.cursor_tok()
-        alts = [a for a in tok.top if a[0] != tok.id] if k is None else tok.top[k - 1:k]
-        if not alts:
-            self.notify("no such alternative", severity="warning")
-            return
-        tid, text, lp, slp = alts[0]
-        rank = next(i for i, a in enumerate(tok.top, 1) if a[0] == tid)
-        chosen = Tok(tid, text, lp, slp, rank, tok.entropy, list(tok.top))
-        self.action_stop()
-        if not chat:
-            self.start_generation(pane, pane.state.run.prompt, fork=(pane.state.current, at, chosen))
-            return
-        # chat: the answer is rewritten from that token on; the old one stays a branch
-        parent = pane.state.run
-        settings = self.app.settings.merged(pane.state.overrides)
-        run = Run(prompt=parent.prompt, settings=settings.to_dict(), chat=True, chat_ids=parent.chat_ids,
-                  prompt_ids=parent.prompt_ids, toks=parent.toks[:at] + [chosen], parent=pane.state.current,
-                  fork_at=at, prefix_len=at + 1)
-        pane.state.chat[-1] = Message("assistant", "", toks=run.toks)
-        self.start_chat_run(pane, run, settings)
+        self.mode.fork_at_cursor(pane, k)
 
     def pane_branches(self, pane: ModelPane, _=None) -> None:
-        from .dialogs import BranchesScreen
-
-        if len(pane.state.runs) < 2:
-            self.notify("one branch only: fork with 1-9 on a token to make more")
-            return
-
-        def chosen(index: int | None) -> None:
-            if index is None:
-                return
-            if self.app.mode == "chat":
-                run, chat = pane.state.runs[index], pane.state.chat
-                latest = chat and chat[-1].role == "assistant" and run.chat and run.prompt_ids == pane.state.run.prompt_ids
-                if not latest:
-                    self.notify("in chat mode, pick a branch of the latest answer", severity="warning")
-                    return
-                chat[-1] = Message("assistant", run.text, toks=run.toks)
-            pane.state.current = index
-            pane.cursor = None
-            pane.refresh_view()
-            self.show_inspector(pane)  # the token it showed belongs to the other branch
-            self.mark_divergence()
-
-        self.app.push_screen(BranchesScreen(pane.state), chosen)
+        self.mode.show_branches(pane)
 
     def pane_copy(self, pane: ModelPane, _=None) -> None:
-        run = pane.state.run
-        if run is None:
+        if pane.state.run is None:
             return
-        text = "\n\n".join(f"{m.role}: {m.content}" for m in pane.state.chat) if self.app.mode == "chat" \
-            else run.prompt + run.text
+        text = self.mode.transcript(pane)
         self.app.copy_to_clipboard(text)  # OSC 52: works over SSH in terminals that allow it
         self.notify(f"copied {len(text)} characters from {pane.state.spec}")
 
@@ -509,37 +309,7 @@ class MainScreen(Screen):
         self.open_settings(pane)
 
     def pane_cross_score(self, pane: ModelPane, _=None) -> None:
-        run = pane.state.run
-        others = [p for p in self.panes if p is not pane and p.lm is not None]
-        if run is None or not run.toks or pane.busy:
-            self.notify("generate something in this pane first", severity="warning")
-            return
-        if not others:
-            self.notify("cross-scoring needs a second loaded model", severity="warning")
-            return
-        self.notify(f"scoring {pane.state.spec}'s completion under {len(others)} other model(s)…")
-        self.cross_score_worker(pane, others)
-
-    @work(thread=True, group="score", exclusive=True)
-    def cross_score_worker(self, pane: ModelPane, others: list[ModelPane]) -> None:
-        from .dialogs import CrossScore
-
-        run = pane.state.run
-        ids = run.prompt_ids + [t.id for t in run.toks]
-        start = len(run.prompt_ids)
-        results = []
-        for other in others:
-            if max(ids) >= other.lm.config.vocab_size:
-                results.append(CrossScore(other.state.spec, None, [], "different vocabulary"))
-                continue
-            infos = self.app.get_engine().score(other.lm, ids)[start:]
-            results.append(CrossScore(other.state.spec, [Tok.from_info(i) for i in infos]))
-        self.app.call_from_thread(self.show_cross_score, pane, results)
-
-    def show_cross_score(self, pane: ModelPane, results) -> None:
-        from .dialogs import CrossScoreScreen
-
-        self.app.push_screen(CrossScoreScreen(pane.state.spec, pane.state.run.toks, results))
+        cross_score(self, pane)
 
     # ---- dialogs
 
@@ -597,11 +367,6 @@ class MainScreen(Screen):
         text.append_text(legend(app.colour_mode))
         self.query_one("#statusbar", Static).update(text)
         self.sub_title = f"session {app.session_name}"
-
-
-def shares_vocab(a, b) -> bool:
-    """Both models use the GPT-2 BPE ids (50257, or nanoGPT's padded 50304)."""
-    return a.config.vocab_size >= 50257 and b.config.vocab_size >= 50257
 
 
 def progress_class(pane: ModelPane):
