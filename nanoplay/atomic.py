@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -40,6 +41,7 @@ def write_dir_atomically(final: Path, write) -> Path:
         write(tmp)
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             if f.is_file():
+                os.chmod(f, 0o666 & ~current_umask())  # some writers make private files (safetensors: 0600)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
@@ -55,16 +57,23 @@ def write_dir_atomically(final: Path, write) -> Path:
     return final
 
 
-def write_file_atomically(path: Path, data: str | bytes) -> Path:
-    """Write `data` (text as UTF-8) to `path` through a temporary sibling renamed into place."""
+def write_file_atomically(path: Path, data: str | bytes | Callable[[Path], None]) -> Path:
+    """
+    Write `data` (text as UTF-8) to `path` through a temporary sibling renamed into place. `data` may
+    instead be a function that writes the file at the path it is given (a library's own file writer).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+            if not callable(data):
+                f.write(data.encode() if isinstance(data, str) else data)
+        if callable(data):
+            data(Path(tmp))
+            os.chmod(tmp, 0o666 & ~current_umask())  # in case the writer replaced the file with its own
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
