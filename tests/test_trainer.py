@@ -391,8 +391,8 @@ def test_an_unreadable_training_state_says_which_step_to_delete(run_root):
     state.write_bytes(state.read_bytes()[:20])  # truncated
     with pytest.raises(NanoplayError) as e:
         train(load_preset("demo", **{**TINY, "name": "cut"}), resume=True, display="none")
-    assert str(e.value) == (f"{state} is unreadable (RuntimeError): delete {run / 'step-00000006'} to resume from "
-                            f"step 3, the one before it")
+    assert str(e.value) == (f"{state} is truncated (the file ends before its data does): delete "
+                            f"{run / 'step-00000006'} to resume from step 3, the one before it")
     (run / "step-00000003" / "training_state.pt").unlink()
     with pytest.raises(NanoplayError) as e:
         checkpoints.load_state(run / "step-00000006")

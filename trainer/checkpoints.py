@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from nanoplay.checkpoint import list_steps, read_config, save_checkpoint, step_dir_name, write_dir_atomically
-from nanoplay.errors import NanoplayError
-from nanoplay.loading import checkpoints_root
+from nanoplay.loading import checkpoints_root, read_torch_file
 
 from .config import check_run_name
 
@@ -43,13 +42,10 @@ def save_step(run_dir: Path, step: int, model, state: dict, meta: dict) -> Path:
 
 def load_state(step_dir: Path) -> dict:
     step_dir = Path(step_dir)
-    try:
-        return torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated files
-        earlier = [s for s, d in resumable_steps(step_dir.parent).items() if d.name < step_dir.name]  # zero-padded
-        then = (f"delete {step_dir} to resume from step {max(earlier)}, the one before it" if earlier else
-                f"this run has no other checkpoint to resume from: delete {step_dir} and start again without --resume")
-        raise NanoplayError(f"{step_dir / STATE_FILE} is unreadable ({type(e).__name__}): {then}") from e
+    earlier = [s for s, d in resumable_steps(step_dir.parent).items() if d.name < step_dir.name]  # zero-padded
+    then = (f"delete {step_dir} to resume from step {max(earlier)}, the one before it" if earlier else
+            f"this run has no other checkpoint to resume from: delete {step_dir} and start again without --resume")
+    return read_torch_file(step_dir / STATE_FILE, fix=then)  # weights_only=True; damage is one line, then `then`
 
 
 def resumable_steps(run_dir: Path) -> dict[int, Path]:

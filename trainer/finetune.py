@@ -55,18 +55,20 @@ def newest_pretrained() -> str:
 
 
 def pad_vocab(model: GPT, vocab_size: int = CHAT_VOCAB) -> GPT:
-    """A Hub GPT-2 (50257) gets the reserved ids; new rows start at the mean embedding."""
+    """A Hub GPT-2 (50257) gets the reserved ids; new rows start at the mean embedding (and output row)."""
     if model.config.vocab_size >= vocab_size:
         return model
-    old = model.transformer.wte.weight.data
     config = dataclasses.replace(model.config, vocab_size=vocab_size)
     padded = GPT(config)
-    state = {k: v for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")}
+    rows = ["transformer.wte.weight", "lm_head.weight"]  # (vocab, n_embd); one tensor when tied
+    state = {k: v for k, v in model.state_dict().items() if k not in rows}
     padded.load_state_dict(state, strict=False)
+    old_state, new_state = model.state_dict(), padded.state_dict()
     with torch.no_grad():
-        wte = padded.transformer.wte.weight
-        wte[:old.size(0)] = old
-        wte[old.size(0):] = old.mean(dim=0)
+        for name in rows[:1] if config.tie_word_embeddings else rows:
+            old, new = old_state[name], new_state[name]
+            new[:old.size(0)] = old
+            new[old.size(0):] = old.mean(dim=0)
     return padded
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from ..errors import NanoplayError
 
@@ -61,7 +62,14 @@ def load_models(engine, specs: list[str], device: str, dtype) -> list:
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise NanoplayError(f"cannot load model {spec!r}: {type(e).__name__}: {reason}") from e
+        print_notes(models[-1])
     return models
+
+
+def print_notes(loaded) -> None:
+    """What loading assumed because the file could not prove it (a nanoGPT checkpoint's GELU), on stderr."""
+    for note in loaded.notes:
+        print(f"note: {loaded.name}: {note}", file=sys.stderr)
 
 
 def alternative_record(alternative) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import NanoplayError
-from .common import add_model_options, resolve_device, stdout_console, torch_dtype
+from .common import add_model_options, print_notes, resolve_device, stdout_console, torch_dtype
 
 DEFAULT_DATA = ["wikitext-2", "lambada"]
 
@@ -64,6 +64,7 @@ def run(args) -> int:
         except NanoplayError as e:  # one bad model must not cost the others their results
             rows.append({"model": spec, "error": str(e)})
             continue
+        print_notes(loaded)
         rows.append(evaluate_model(loaded, data, args, err))
         del loaded
         gc.collect()
@@ -81,7 +82,8 @@ def evaluate_model(loaded, data, args, console) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .. import evaluation as ev
-    from ..tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
+    from ..engine import check_token_ids
+    from ..tokenizer import get_tokenizer
 
     context = loaded.config.block_size
     stride = args.stride or context // 2
@@ -89,9 +91,11 @@ def evaluate_model(loaded, data, args, console) -> dict:
     if stride > context:
         row["error"] = f"--stride {stride} is longer than {loaded.name}'s context of {context} tokens"
         return row
-    if loaded.config.vocab_size < GPT2_VOCAB_SIZE:  # a character-level nanoGPT, say
-        row["error"] = (f"{loaded.name} has a {loaded.config.vocab_size}-token vocabulary, not GPT-2's BPE: "
-                        f"it cannot score GPT-2-tokenised text")
+    try:  # the engine's one check of the tokens against the model's vocabulary
+        for d in data:
+            check_token_ids(loaded, d.ids if d.kind == "stream" else [], from_text=True)
+    except NanoplayError as e:
+        row["error"] = str(e)
         return row
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
