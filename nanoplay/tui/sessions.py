@@ -6,11 +6,13 @@ file, saved atomically after every change that matters; plus the Markdown export
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_file_atomically
@@ -67,6 +69,69 @@ def list_sessions() -> list[str]:
     return [p.stem for p in files]
 
 
+@dataclass
+class SessionSummary:
+    """What the sessions dialog shows of a saved session: enough to recognise it without opening it."""
+
+    name: str
+    saved: float  # when it was last saved, seconds since the epoch
+    mode: str = ""
+    models: list[str] = field(default_factory=list)
+    first_prompt: str = ""  # the first thing sent: the compare prompt or the first chat message
+    error: str | None = None  # why the file could not be read
+
+    def label(self, now: float | None = None, width: int = 40) -> str:
+        """One line of plain text: age · mode · models · first prompt (cut to `width` characters)."""
+        parts = [age(time.time() if now is None else now, self.saved)]
+        if self.error is not None:
+            return " · ".join([*parts, self.name, f"unreadable: {self.error}"])
+        models = self.models[:3] + ([f"+{len(self.models) - 3}"] if len(self.models) > 3 else [])
+        parts += [self.mode, ", ".join(models) or "no models"]
+        prompt = " ".join(self.first_prompt.split())  # one line, whatever it held
+        parts.append(repr(prompt if len(prompt) <= width else prompt[:width - 1] + "…") if prompt else "nothing sent")
+        if not re.fullmatch(r"\d{8}-\d{6}", self.name):  # a name the user chose says something too
+            parts.append(self.name)
+        return " · ".join(parts)
+
+
+def session_summaries() -> list[SessionSummary]:
+    """Every saved session, most recently saved first."""
+    return [summarize_session(name) for name in list_sessions()]
+
+
+def summarize_session(name: str) -> SessionSummary:
+    path = session_path(name)
+    stat = path.stat()
+    return _summarize(path, stat.st_mtime, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _summarize(path: Path, saved: float, mtime_ns: int, size: int) -> SessionSummary:
+    """Read once per version of the file (a session holds every token: reading it is not free)."""
+    try:
+        data = json.loads(path.read_text())
+        panes = data.get("panes", [])
+        mode = data.get("mode", "compare")
+        firsts = [m["content"] for p in panes for m in p.get("chat", []) if m["role"] == "user"][:1] \
+            if mode == "chat" else [r["prompt"] for p in panes for r in p.get("runs", [])][:1]
+        return SessionSummary(path.stem, saved, mode, [p["spec"] for p in panes],
+                              (firsts or [data.get("prompt", "")])[0])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return SessionSummary(path.stem, saved, error=f"{type(e).__name__}: {e}"[:80])
+
+
+def age(now: float, then: float) -> str:
+    """How long ago, in the largest unit that fits: 'just now', '5 min ago', '3 h ago', '2 days ago', a date."""
+    seconds = max(0.0, now - then)
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            if unit == "days" and count > 30:
+                return time.strftime("%Y-%m-%d", time.localtime(then))
+            return f"{count} {'day' if unit == 'days' and count == 1 else unit} ago"
+    return "just now"
+
+
 def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) -> str:
     """The `nanoplay gen` command line that reproduces a pane's generation (same seed, same settings)."""
     argv = ["nanoplay", "gen", "--model", spec, "--temperature", f"{settings.temperature:g}",
@@ -111,10 +176,12 @@ def to_markdown(name: str, mode: str, prompt: str, settings: Settings,
         if pane.overrides:
             lines += [f"Overrides: {eff.summary()}", ""]
         if mode == "chat":
-            if pane.dropped_turns:
-                lines += [f"_{pane.dropped_turns} earlier turns dropped from the context_", ""]
-            for m in pane.chat:
-                lines += [f"**{m.role}:**", "", *fenced(m.content), ""]
+            if pane.context_start:
+                lines += [f"_The first {pane.turns_outside_context} turn(s) are outside the model's context: "
+                          "the conversation outgrew it, so the model no longer sees them._", ""]
+            for j, m in enumerate(pane.chat):
+                outside = " (outside the context)" if j < pane.context_start else ""
+                lines += [f"**{m.role}:**{outside}", "", *fenced(m.content), ""]
             continue
         for i, run in enumerate(pane.runs):
             label = "main" if run.parent is None else f"branch {i} (fork of {run.parent} at token {run.fork_at})"

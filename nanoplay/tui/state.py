@@ -165,23 +165,41 @@ class PaneState:
 
     spec: str
     overrides: dict = field(default_factory=dict)
-    runs: list[Run] = field(default_factory=list)
-    current: int = -1  # index into runs of the branch on screen
-    chat: list[Message] = field(default_factory=list)
-    dropped_turns: int = 0  # chat turns no longer in the model's context
+    runs: list[Run] = field(default_factory=list)  # compare runs and chat answers (`chat=True`), in order made
+    current: int | None = None  # index into runs of the branch on screen; None: none yet in this mode
+    chat: list[Message] = field(default_factory=list)  # the whole conversation, whatever the model still sees
+    context_start: int = 0  # index into chat of the first message the model still sees (older: outside it)
+    elsewhere: dict = field(default_factory=dict)  # mode -> its `current` while the other mode is on screen
 
     @property
     def run(self) -> Run | None:
-        return self.runs[self.current] if self.runs else None
+        return self.runs[self.current] if self.current is not None else None
+
+    @property
+    def turns_outside_context(self) -> int:
+        """User turns the conversation outgrew: kept in the chat, no longer in the model's context."""
+        return sum(m.role == "user" for m in self.chat[:self.context_start])
+
+    def switch_mode(self, leaving: str, entering: str) -> None:
+        """Keep the leaving mode's branch aside; bring back the entering mode's (at first, its newest run)."""
+        self.elsewhere[leaving] = self.current
+        if entering in self.elsewhere:
+            self.current = self.elsewhere.pop(entering)
+        else:
+            chat = entering == "chat"
+            self.current = max((i for i, r in enumerate(self.runs) if r.chat == chat), default=None)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "overrides": self.overrides, "current": self.current,
                 "runs": [r.to_dict() for r in self.runs], "chat": [m.to_dict() for m in self.chat],
-                "dropped_turns": self.dropped_turns}
+                "context_start": self.context_start, "elsewhere": self.elsewhere}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PaneState":
-        return cls(spec=d["spec"], overrides=d.get("overrides", {}), current=d.get("current", -1),
-                   runs=[Run.from_dict(r) for r in d.get("runs", [])],
+        runs = [Run.from_dict(r) for r in d.get("runs", [])]
+        current = d.get("current")
+        if current is not None and current < 0:  # older sessions said -1 for the last run
+            current = len(runs) + current if runs else None
+        return cls(spec=d["spec"], overrides=d.get("overrides", {}), current=current, runs=runs,
                    chat=[Message.from_dict(m) for m in d.get("chat", [])],
-                   dropped_turns=d.get("dropped_turns", 0))
+                   context_start=d.get("context_start", 0), elsewhere=d.get("elsewhere", {}))

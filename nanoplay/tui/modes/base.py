@@ -9,7 +9,7 @@ from functools import partial
 
 from ..state import Run, Tok
 from ..widgets.pane import ModelPane
-from .forks import alternative
+from .forks import alternative, existing_branch
 
 
 def one_line(e: Exception) -> str:
@@ -55,10 +55,13 @@ class Mode:
         """Continue `pane`'s run from completion position `at` with `chosen` instead."""
         raise NotImplementedError
 
-    def select_branch(self, pane: ModelPane, index: int) -> bool:
-        """Show run `index` of `pane`; False (after saying why) when this mode cannot."""
+    def branches(self, pane: ModelPane) -> list[int]:
+        """The runs of `pane` the branch list offers in this mode (indices into its runs)."""
+        raise NotImplementedError
+
+    def select_branch(self, pane: ModelPane, index: int) -> None:
+        """Run `index` of `pane`, one of `branches(pane)`, becomes the one on screen."""
         pane.state.current = index
-        return True
 
     def transcript(self, pane: ModelPane) -> str:
         """The pane's text as `y` copies it."""
@@ -89,25 +92,36 @@ class Mode:
         if chosen is None:
             self.screen.notify("no such alternative", severity="warning")
             return
+        same = existing_branch(pane.state.runs, pane.state.current, at, chosen, self.settings_for(pane).to_dict())
+        if same is not None:  # the fork would repeat it: show it instead of making a copy
+            if same != pane.state.current:
+                self.go_to_branch(pane, same)
+            self.screen.notify(f"{chosen.text!r} at token {at} is already in branch {same + 1}: showing it",
+                               markup=False)
+            return
         self.screen.action_stop()
         self.branch_from(pane, at, chosen)
 
     def show_branches(self, pane: ModelPane) -> None:
         from ..screens.dialogs import BranchesScreen
 
-        if len(pane.state.runs) < 2:
+        runs = self.branches(pane)
+        if len(runs) < 2:
             self.screen.notify("one branch only: fork with 1-9 on a token to make more")
             return
 
         def chosen(index: int | None) -> None:
-            if index is None or not self.select_branch(pane, index):
-                return
-            pane.cursor = None
-            pane.refresh_view()
-            self.screen.show_inspector(pane)  # the token it showed belongs to the other branch
-            self.mark_divergence()
+            if index is not None and pane.is_attached and not pane.removed:
+                self.go_to_branch(pane, index)
 
-        self.app.push_screen(BranchesScreen(pane.state), chosen)
+        self.app.push_screen(BranchesScreen(pane.state, runs), chosen)
+
+    def go_to_branch(self, pane: ModelPane, index: int) -> None:
+        self.select_branch(pane, index)
+        pane.cursor = None
+        pane.refresh_view()
+        self.screen.show_inspector(pane)  # the token it showed belongs to the other branch
+        self.mark_divergence()
 
 
 def submit(get_engine, pane: ModelPane, run: Run, settings, stop_ids=(), stop_strings=()) -> None:

@@ -36,7 +36,11 @@ class ChatMode(Mode):
         self.start_turn(pane)  # the message is already in its conversation
 
     def start_turn(self, pane: ModelPane) -> None:
-        """Render the conversation with the model's template (dropping the oldest turns that no longer fit)."""
+        """
+        Render the conversation with the model's template. The oldest turns that no longer fit leave the
+        model's context (`context_start` moves past them), never the conversation: the pane, the session and
+        the export keep them, marked as outside the context.
+        """
         from ...chat import render_prompt
         from ...tokenizer import get_tokenizer
 
@@ -44,17 +48,16 @@ class ChatMode(Mode):
         template = pane.lm.chat_template
         budget = pane.lm.config.block_size - min(settings.max_new_tokens, pane.lm.config.block_size // 2)
         tokenizer = get_tokenizer()
+        chat, state = pane.state.chat, pane.state
         while True:
-            messages = [{"role": m.role, "content": m.content} for m in pane.state.chat]
+            messages = [{"role": m.role, "content": m.content} for m in chat[state.context_start:]]
             rendered = render_prompt(messages, template)  # ids with a chat template, text without
             ids = tokenizer.encode(rendered) if isinstance(rendered, str) else rendered
-            users = [i for i, m in enumerate(pane.state.chat) if m.role == "user"]
+            users = [i for i in range(state.context_start, len(chat)) if chat[i].role == "user"]
             if len(ids) <= budget or len(users) < 2:
                 break
-            # drop the oldest user turn and everything up to the next one
-            del pane.state.chat[users[0]:users[1]]
-            pane.state.dropped_turns += 1
-        run = Run(prompt=pane.state.chat[-1].content, settings=settings.to_dict())
+            state.context_start = users[1]  # the oldest turn in the context leaves it
+        run = Run(prompt=chat[-1].content, settings=settings.to_dict())
         run.chat, run.chat_ids, run.prompt_ids = True, ids, ids
         pane.state.chat.append(Message("assistant", "", toks=run.toks))
         self.start_answer(pane, run, settings)
@@ -83,6 +86,7 @@ class ChatMode(Mode):
             if users:
                 last = pane.state.chat[users[-1]].content
                 del pane.state.chat[users[-1]:]
+                pane.state.context_start = min(pane.state.context_start, len(pane.state.chat))
                 pane.refresh_view()
         if last is not None:
             editor = self.screen.query_one("#prompt")
@@ -99,15 +103,17 @@ class ChatMode(Mode):
         pane.state.chat[-1] = Message("assistant", "", toks=run.toks)
         self.start_answer(pane, run, settings)
 
-    def select_branch(self, pane: ModelPane, index: int) -> bool:
-        """Only a version of the latest answer can take its place in the conversation."""
-        run, chat = pane.state.runs[index], pane.state.chat
-        latest = chat and chat[-1].role == "assistant" and run.chat and run.prompt_ids == pane.state.run.prompt_ids
-        if not latest:
-            self.screen.notify("in chat mode, pick a branch of the latest answer", severity="warning")
-            return False
-        chat[-1] = Message("assistant", run.text, toks=run.toks)
-        return super().select_branch(pane, index)
+    def branches(self, pane: ModelPane) -> list[int]:
+        """The versions of the latest answer: only one of them can take its place in the conversation."""
+        state = pane.state
+        if state.run is None or not state.chat or state.chat[-1].role != "assistant":
+            return []
+        return [i for i, r in enumerate(state.runs) if r.chat and r.prompt_ids == state.run.prompt_ids]
+
+    def select_branch(self, pane: ModelPane, index: int) -> None:
+        run = pane.state.runs[index]
+        pane.state.chat[-1] = Message("assistant", run.text, toks=run.toks)
+        super().select_branch(pane, index)
 
     def transcript(self, pane: ModelPane) -> str:
         return "\n\n".join(f"{m.role}: {m.content}" for m in pane.state.chat)

@@ -44,6 +44,9 @@ class CompareMode(Mode):
                   fork_at=at, prefix_len=at + 1)
         self.start(pane, run, settings)
 
+    def branches(self, pane: ModelPane) -> list[int]:
+        return [i for i, r in enumerate(pane.state.runs) if not r.chat]
+
     def transcript(self, pane: ModelPane) -> str:
         return pane.state.run.prompt + pane.state.run.text
 

@@ -18,13 +18,14 @@ from ..widgets.inspector import prob
 
 
 class BranchesScreen(ModalScreen[int | None]):
-    """Every run of a pane: the main generation and the forks, as a tree by indentation."""
+    """The runs of a pane the mode on screen can show (`runs`: indices), main and forks as a tree by indentation."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
 
-    def __init__(self, pane: PaneState):
+    def __init__(self, pane: PaneState, runs: list[int]):
         super().__init__()
         self.pane = pane
+        self.runs = set(runs)
 
     def compose(self):
         with Vertical(classes="dialog", id="branches"):
@@ -35,8 +36,9 @@ class BranchesScreen(ModalScreen[int | None]):
     def order(self) -> list[int]:
         """Runs depth-first, children after their parent."""
         children: dict[int | None, list[int]] = {}
-        for i, run in enumerate(self.pane.runs):
-            children.setdefault(run.parent, []).append(i)
+        for i in sorted(self.runs):
+            parent = self.pane.runs[i].parent
+            children.setdefault(parent if parent in self.runs else None, []).append(i)
         out: list[int] = []
 
         def visit(i: int) -> None:
@@ -50,7 +52,7 @@ class BranchesScreen(ModalScreen[int | None]):
 
     def depth(self, i: int) -> int:
         d, run = 0, self.pane.runs[i]
-        while run.parent is not None:
+        while run.parent in self.runs:
             d, run = d + 1, self.pane.runs[run.parent]
         return d
 
@@ -128,13 +130,13 @@ class SessionsScreen(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
 
     def compose(self):
-        from ..sessions import list_sessions, sessions_dir
+        from ..sessions import session_summaries, sessions_dir
 
-        names = list_sessions()
+        sessions = session_summaries()  # each: age · mode · models · first prompt, as plain text
         with Vertical(classes="dialog", id="sessions"):
             yield Label(f"Saved sessions in {sessions_dir()}", classes="dialog-title")
-            if names:
-                yield OptionList(*[Option(n, id=n) for n in names], id="session-list")
+            if sessions:
+                yield OptionList(*[Option(s.label(), id=s.name) for s in sessions], id="session-list")
             else:
                 yield Label("no saved sessions yet: they save themselves after every generation")
             yield Label("Enter: open · Esc: close", classes="dim")

@@ -54,6 +54,7 @@ class MainScreen(Screen):
         super().__init__()
         self.initial = initial
         self.modes: dict[str, Mode] = {"compare": CompareMode(self), "chat": ChatMode(self)}
+        self.drafts: dict[tuple, str] = {}  # (session, mode) -> the editor's text when the other mode came on
 
     def compose(self):
         yield Header()
@@ -160,13 +161,15 @@ class MainScreen(Screen):
     def finalize(self, pane: ModelPane, run: Run, req) -> None:
         with pane.lock:
             pane.active.remove((run, req))
+        streamed = run.toks
         # the request is the authority: tokens inside a stop string were taken back
         run.toks = run.toks[:run.prefix_len] + [Tok.from_info(i) for i in req.tokens]
         run.finish_reason = req.finish_reason
         run.error = req.error
         run.slides = req.window_slides + (1 if req.prompt_truncated else 0)
         run.tok_per_s = req.tokens_per_second
-        if run.chat and pane.state.chat and pane.state.chat[-1].role == "assistant":
+        # the answer in the conversation is this run's, unless another version was chosen meanwhile
+        if run.chat and pane.state.chat and pane.state.chat[-1].toks is streamed:
             answer = pane.state.chat[-1]
             answer.toks = run.toks
             answer.content = "".join(t.text for t in run.toks[:run.prefix_len]) + req.text  # a fork's kept prefix
@@ -224,14 +227,27 @@ class MainScreen(Screen):
         return True
 
     def action_toggle_chat(self) -> None:
+        """
+        Each mode keeps its own state: the branch each pane shows (so no compare figures in a chat header)
+        and the text in the editor (the compare prompt is not a chat message); switching back restores them.
+        """
         self.action_stop()
-        self.app.mode = "compare" if self.app.mode == "chat" else "chat"
+        leaving = self.app.mode
+        self.app.mode = entering = "compare" if leaving == "chat" else "chat"
+        editor = self.query_one("#prompt", PromptEditor)
+        session = self.app.session_name  # a draft belongs to the session it was typed in
+        self.drafts[session, leaving] = editor.text
+        editor.load_text(self.drafts.pop((session, entering), self.app.prompt if entering == "compare" else ""))
         for pane in self.panes:
-            pane.chat_mode = self.app.mode == "chat"
+            pane.state.switch_mode(leaving, entering)
+            pane.chat_mode = entering == "chat"
             pane.cursor = None
             pane.refresh_view()
+        self.mark_divergence()
+        self.show_inspector()
         self.refresh_bindings()
         self.update_status()
+        self.app.save_session()
 
     def mark_divergence(self) -> None:
         self.mode.mark_divergence()

@@ -258,13 +258,17 @@ class ModelPane(Vertical, can_focus=True):
         return text
 
     def _chat_text(self, text: Text) -> None:
-        if self.state.dropped_turns:
-            text.append(f"⋯ {self.state.dropped_turns} earlier turn(s) dropped: the conversation outgrew the context\n",
-                        "italic yellow")
+        """The whole conversation; the turns it outgrew stay, dimmed, under an "outside the context" mark."""
         run = self.state.run
-        chat = self.state.chat
+        chat, start = self.state.chat, self.state.context_start
+        if start:
+            text.append(f"⋯ outside the context: {self.state.turns_outside_context} earlier turn(s) "
+                        "the model no longer sees\n", "italic yellow")
         index = 0  # of the token across all answers, as display_toks() counts
         for j, m in enumerate(chat):
+            if start and j == start:
+                text.append("⋯ in the context\n", "italic yellow")
+            begin = len(text)
             if m.role == "user":
                 text.append("you: ", "bold cyan")
                 text.append(m.content + "\n")
@@ -284,6 +288,8 @@ class ModelPane(Vertical, can_focus=True):
                 text.append("\n")
             else:
                 text.append(f"{m.role}: {m.content}\n", "dim italic")
+            if j < start:
+                text.stylize("dim", begin, len(text))
         if not chat and self.loaded:
             text.append("ready: say something below and press Enter", "dim")
 
@@ -305,7 +311,7 @@ class ModelPane(Vertical, can_focus=True):
                 versions = [i for i, r in enumerate(self.state.runs)
                             if r.chat == run.chat and r.prompt_ids == run.prompt_ids]
             else:
-                label, versions = "branch", range(len(self.state.runs))
+                label, versions = "branch", [i for i, r in enumerate(self.state.runs) if not r.chat]
             if len(versions) > 1:
                 text.append(f"  {label} {versions.index(self.state.current) + 1}/{len(versions)}", "cyan")
             if run.settings:
