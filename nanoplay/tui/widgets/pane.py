@@ -205,6 +205,8 @@ class ModelPane(Vertical, can_focus=True):
         if lm is not None:
             dtype = str(lm.dtype).removeprefix("torch.")
             model += [Text(f"  {human_count(lm.num_params)} params", "dim"), Text(f" · {lm.device.type}/{dtype}", "dim")]
+        if lm is not None:  # what loading assumed (a nanoGPT checkpoint's GELU, say)
+            model += [Text(f"  {note}", "italic yellow") for note in lm.notes]
         if self.state.overrides:
             model.append(Text("  overrides", "italic yellow"))
         if self.chat_mode and lm is not None and not lm.chat_template:
