@@ -1,6 +1,7 @@
 """
-Speed measurements for `nanoplay bench`: prefill and decode tokens/s of the shared sampler, the same
-weights through transformers' `generate()` in the same process, and the memory-bandwidth bound.
+Speed measurements for `nanoplay bench`: prefill and decode tokens/s of the shared sampler at each
+weight precision, the same weights through transformers' `generate()` and llama.cpp in the same
+process, the memory-bandwidth bound, and what a lower precision costs in quality.
 
 Machines are noisy, so each number is the best of several alternating repeats (ours, theirs, ours, ...)
 and only ratios measured side by side in one run are quoted.
@@ -8,28 +9,48 @@ and only ratios measured side by side in one run are quoted.
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .engine import Engine, use_decode_layout
 from .loading import LoadedModel
 from .model import GPT, GPTConfig
+from .precision import quantize_int8
 from .sampling import SamplingParams
 
 SHAPES = {
     "owt-30m": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=50304),
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+# llama.cpp's type for each of ours: F16 is its 16-bit type (the writer has no BF16), Q8_0 its 8-bit one
+LLAMA_CPP_TYPES = {torch.float32: "f32", torch.bfloat16: "f16", torch.float16: "f16", torch.int8: "q8_0"}
+BANDWIDTH_BYTES = 256 * 1024**2  # the streaming read: far larger than any CPU's last-level cache
+QUALITY_TOKENS = 1000
 
 
 def random_model(shape: str, seed: int = 0) -> LoadedModel:
-    """A model of a named shape with random weights: the speed does not depend on the values."""
+    """A float32 model of a named shape with random weights: the speed does not depend on the values."""
     torch.manual_seed(seed)
     model = GPT(SHAPES[shape]).eval()
-    use_decode_layout(model)  # as Engine.load does for CPU models
     return LoadedModel(name=f"{shape} (random weights)", model=model, source="random", location=shape)
+
+
+def at_precision(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """A float32 model's copy at `dtype`, prepared for decoding as Engine.load prepares the models it loads."""
+    model = copy.deepcopy(loaded.model)
+    if dtype == torch.int8:
+        quantize_int8(model)
+    else:
+        model.to(dtype)
+        if next(model.parameters()).device.type == "cpu":
+            use_decode_layout(model)
+    return LoadedModel(name=loaded.name, model=model, source=loaded.source, location=loaded.location)
 
 
 def timed(fn, device: torch.device) -> float:
@@ -43,21 +64,30 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read through a buffer larger than any cache (a sum over 1 GiB)."""
+def measure_bandwidth(device: torch.device, size_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """
+    Bytes/s of a streaming read (a sum over `size_bytes`), best of `repeats`, with torch's current
+    threads -- the threads that decode. bench calls it in every round and keeps the best.
+    """
     x = torch.ones(size_bytes // 4, device=device)
+    x.sum()  # fault the pages in before timing
     return size_bytes / min(timed(x.sum, device) for _ in range(repeats))
 
 
 def weight_bytes(model: LoadedModel) -> int:
-    """Bytes read per decode step: every parameter once (the tied embedding counts once)."""
-    return sum(p.numel() * p.element_size() for p in model.model.parameters())
+    """
+    Bytes a batch-1 decode step reads: every weight of the blocks and the head, biases and norms
+    included, each tensor once (a tied head and embedding are one). Of the embedding tables a step
+    reads one row, so an untied or int8-headed model's tables are not counted.
+    """
+    m = model.model
+    tensors = {t.data_ptr(): t for mod in (*m.transformer.h, m.transformer.ln_f, m.lm_head)
+               for t in (*mod.parameters(), *mod.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def to_transformers(loaded: LoadedModel):
     """The same weights in transformers' GPT2LMHeadModel (via our export mapping, in memory)."""
-    import tempfile
-
     from transformers import GPT2LMHeadModel
 
     from .export import export_hf, transformers_quiet
@@ -68,6 +98,51 @@ def to_transformers(loaded: LoadedModel):
     return hf.eval().to(loaded.device)
 
 
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LlamaCpp:
+    """The same weights in llama.cpp (through llama-cpp-python), converted to GGUF in a temporary folder."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        from .gguf_format import write_gguf
+
+        self.file_type = LLAMA_CPP_TYPES[dtype]
+        self.label = f"llama.cpp {self.file_type.upper()}"
+        self._tmp = tempfile.TemporaryDirectory()
+        path = write_gguf(model, Path(self._tmp.name) / "model.gguf", self.file_type)
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=n_ctx, verbose=False)
+
+    def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result":
+        """Greedy decoding of one sequence (llama-cpp-python's Llama holds one)."""
+        import numpy as np
+
+        llm = self.llm
+        prompt = _prompts(1, prompt_tokens)[0]
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        return Result(self.label, 1, prompt_tokens / (start - t), (new_tokens - 1) / (end - start))
+
+    def close(self) -> None:
+        self.llm.close()
+        self._tmp.cleanup()
+
+
 @dataclass
 class Result:
     label: str
@@ -76,15 +151,20 @@ class Result:
     decode_tok_s: float  # aggregate over the batch
 
 
+def _prompts(batch: int, prompt_tokens: int) -> list[list[int]]:
+    return [[(1000 + 17 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)]
+
+
 def bench_ours(engine: Engine, model: LoadedModel, batch: int, prompt_tokens: int, new_tokens: int,
                label: str = "nanoplay") -> Result:
     """Greedy decoding of `batch` different prompts at once; decode speed from first to last token."""
-    prompts = [[(1000 + 17 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)]
+    prompts = _prompts(batch, prompt_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_on_eot=False, top_logprobs=5)
     t = time.perf_counter()
-    first = engine.generate(model, prompts[0] + [7], SamplingParams(max_new_tokens=1, temperature=0))
+    first = engine.generate(model, prompts[0] + [7], SamplingParams(max_new_tokens=1, temperature=0),
+                            eot_prefix=False)
     prefill = (prompt_tokens + 1) / (first.first_token_at - t)
-    requests = [engine.submit(model, p, params) for p in prompts]
+    requests = [engine.submit(model, p, params, eot_prefix=False) for p in prompts]
     engine.run_until_done(requests)
     start = max(r.first_token_at for r in requests)  # all prefilled: from here on every step is batched
     end = max(r.finished_at for r in requests)
@@ -94,8 +174,7 @@ def bench_ours(engine: Engine, model: LoadedModel, batch: int, prompt_tokens: in
 
 @torch.inference_mode()
 def bench_transformers(hf, batch: int, prompt_tokens: int, new_tokens: int, device) -> Result:
-    prompts = torch.tensor([[(1000 + 17 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)],
-                           device=device)
+    prompts = torch.tensor(_prompts(batch, prompt_tokens), device=device)
     common = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
     one = timed(lambda: hf.generate(prompts, max_new_tokens=1, **common), prompts.device)
     full = timed(lambda: hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common),
@@ -103,26 +182,93 @@ def bench_transformers(hf, batch: int, prompt_tokens: int, new_tokens: int, devi
     return Result("transformers", batch, batch * prompt_tokens / one, batch * (new_tokens - 1) / (full - one))
 
 
+def quality_text_ids(tokens: int = QUALITY_TOKENS) -> list[int]:
+    """The last `tokens` + 1 tokens of the bundled corpus (Python's pydoc topics, which `train --preset
+    demo` trains on; its validation share is at the end), each document after <|endoftext|>."""
+    from pydoc_data.topics import topics
+
+    from .tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    ids: list[int] = []
+    for key in reversed(sorted(topics)):
+        ids[:0] = [tokenizer.eot_id, *tokenizer.encode(topics[key])]
+        if len(ids) > tokens:
+            return ids[-(tokens + 1):]
+    return ids
+
+
+@torch.inference_mode()
+def quality(reference: LoadedModel, model: LoadedModel, ids: list[int]) -> dict:
+    """
+    What a precision costs, on the text `ids`: each model's mean loss (nats/token) predicting every
+    token from the ones before it (windows of half a context, each position predicted once with at
+    least half a context before it), and how often its most likely next token is the reference's.
+    """
+    block = reference.config.block_size
+    stride = max(1, block // 2)
+    losses = {"reference": [], "model": []}
+    agree, total, first = 0, 0, 1
+    begin = 0
+    while first < len(ids):
+        end = min(begin + block, len(ids))
+        window = torch.tensor([ids[begin:end]], device=reference.device)
+        targets = torch.tensor(ids[first:end], device=reference.device)
+        tops = []
+        for key, m in (("reference", reference), ("model", model)):
+            logits = m.model(window)[0, first - 1 - begin:end - 1 - begin].float()  # predictions of ids[first:end]
+            losses[key].append(torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item())
+            tops.append(logits.argmax(-1))
+        agree += int((tops[0] == tops[1]).sum())
+        total += end - first
+        first, begin = end, begin + stride
+    return {"tokens": total, "reference_loss": sum(losses["reference"]) / total,
+            "loss": sum(losses["model"]) / total, "argmax_agreement": agree / total}
+
+
 def run_bench(model: LoadedModel, batches=(1, 4), prompt_tokens: int = 128, new_tokens: int = 128,
-              vs_transformers: bool = False, repeats: int = 3, on_result=None) -> dict:
+              vs_transformers: bool = False, vs_llama_cpp: bool = False, repeats: int = 3, on_result=None,
+              dtype: torch.dtype | None = None, reference: LoadedModel | None = None) -> dict:
+    """
+    Alternating rounds of every engine on `model` (prepared for decoding at its precision). `dtype`
+    names that precision when it is not the weights' own (int8); `reference`, the float32 model,
+    is what the quality of a lower precision is measured against.
+    """
+    dtype = dtype or model.dtype
     engines = {"nanoplay": Engine()}
     if model.device.type == "cuda":  # what the CUDA graphs buy: the same engine with ordinary eager steps
         engines["nanoplay, eager steps"] = Engine(static_decode=False)
-    hf = to_transformers(model) if vs_transformers else None
+    hf = to_transformers(model) if vs_transformers and dtype != torch.int8 else None
+    llama = None
+    if vs_llama_cpp:
+        source = reference.model if reference is not None else model.model
+        llama = LlamaCpp(source, dtype, torch.get_num_threads(), model.config.block_size)
     for engine in engines.values():  # warm up: allocate the cache, touch the weights, capture graphs
         for b in batches:
             bench_ours(engine, model, b, prompt_tokens, 8)
+    if llama is not None:
+        llama.bench(1, prompt_tokens, 8)
     best: dict[tuple[str, int], Result] = {}
+    bandwidth = 0.0
     for _ in range(repeats):
         for b in batches:
             runs = [bench_ours(engine, model, b, prompt_tokens, new_tokens, label) for label, engine in engines.items()]
             if hf is not None:
                 runs.append(bench_transformers(hf, b, prompt_tokens, new_tokens, model.device))
+            if llama is not None and b == 1:
+                runs.append(llama.bench(b, prompt_tokens, new_tokens))
             for r in runs:
                 key = (r.label, b)
                 if key not in best or r.decode_tok_s > best[key].decode_tok_s:
                     best[key] = r
+        bandwidth = max(bandwidth, measure_bandwidth(model.device))
         if on_result:
             on_result(best)
-    bandwidth = measure_bandwidth(model.device)
-    return {"results": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes(model)}
+    if llama is not None:
+        llama.close()
+    report = {"results": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes(model),
+              "threads": torch.get_num_threads(), "bandwidth_reads": repeats * 5, "precision": PRECISIONS[dtype]}
+    report["params"] = (reference or model).num_params
+    if reference is not None and dtype != torch.float32:
+        report["quality"] = quality(reference, model, quality_text_ids())
+    return report

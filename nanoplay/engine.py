@@ -26,6 +26,7 @@ import torch
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
+from .precision import quantize_int8
 from .sampling import SamplingParams, apply_penalties, choose, draw_noise
 from .static_decode import StaticDecoder
 from .tokenizer import TextStream, get_tokenizer
@@ -423,12 +424,19 @@ class Engine:
 
     def load(self, spec: str, device: str | None = None, dtype: torch.dtype = torch.float32,
              progress=None) -> LoadedModel:
-        """Load `spec` once (None: onto the GPU when there is one, else the CPU); later calls share it."""
+        """
+        Load `spec` once (None: onto the GPU when there is one, else the CPU); later calls share it.
+        dtype torch.int8 quantizes the weight matrices to int8 (CPU only; see precision.py).
+        """
         device = resolve_device(device)
         key = (spec, str(device), dtype)
         if key not in self._loaded:
-            loaded = load_model(spec, device=device, dtype=dtype, progress=progress)
-            if loaded.device.type == "cpu":
+            int8 = dtype == torch.int8  # int8 weights, float32 activations (precision.py)
+            loaded = load_model(spec, device=device, dtype=torch.float32 if int8 else dtype, progress=progress)
+            if int8:
+                quantize_int8(loaded.model)
+                loaded.name += " (int8)"
+            elif loaded.device.type == "cpu":
                 use_decode_layout(loaded.model)
             self._loaded[key] = loaded
         return self._loaded[key]

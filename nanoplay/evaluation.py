@@ -70,7 +70,7 @@ def target_scores(model, hidden: torch.Tensor, targets: torch.Tensor,
     summing many tiny probabilities.
     """
     device = hidden.device
-    vocab = model.lm_head.weight.size(0)
+    vocab = model.config.vocab_size
     chunk = max(1, LOGIT_CHUNK_BYTES.get(device.type, LOGIT_CHUNK_BYTES["cuda"]) // (4 * vocab))
     targets = targets.to(device)
     nll = torch.empty(targets.numel(), dtype=torch.float32, device=device)

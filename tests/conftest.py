@@ -54,6 +54,15 @@ def write_hf_snapshot(hf_home, repo_id, hf_model, commit="0123456789abcdef012345
     return snap
 
 
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch):
+    """--dtype auto is float32 in every test, whatever the machine: the exact-match tests pin it (on a CPU
+    with native bf16 products auto would pick bf16; see nanoplay.precision)."""
+    from nanoplay import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())
+
+
 @pytest.fixture
 def checkpoints(tmp_path, monkeypatch):
     """An empty checkpoints/ directory that nanoplay discovers."""

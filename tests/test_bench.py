@@ -1,5 +1,7 @@
 """`nanoplay bench`: its flags are checked before anything is measured."""
 
+import importlib.util
+
 import pytest
 
 from nanoplay.cli import main
@@ -22,3 +24,25 @@ def test_bench_prompt_that_fits_runs(tiny_run, capsys):
     assert main(["bench", "-m", "tiny", "--prompt-tokens", "62", "--new-tokens", "2", "--batch", "1",
                  "--repeats", "1"]) == 0
     assert "tiny@200" in capsys.readouterr().out
+
+
+def test_bench_int8_reports_its_quality_cost(tiny_run, capsys):
+    assert main(["bench", "-m", "tiny", "--dtype", "fp32", "--dtype", "int8", "--prompt-tokens", "8",
+                 "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny@200, fp32" in out and "tiny@200 (int8), int8" in out
+    assert out.count("quality vs fp32 on 1000 tokens") == 1  # the int8 table's, not fp32's own
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed")
+def test_bench_vs_llama_cpp_needs_the_extra(capsys):
+    assert main(["bench", "--shape", "owt-30m", "--vs", "llama.cpp"]) == 2
+    assert capsys.readouterr().err == ("nanoplay: error: --vs llama.cpp needs llama-cpp-python: "
+                                       "pip install 'nanoplay[bench]'\n")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
+def test_bench_vs_llama_cpp_times_the_same_weights(tiny_run, capsys):
+    assert main(["bench", "-m", "tiny", "--dtype", "int8", "--vs", "llama.cpp", "--prompt-tokens", "8",
+                 "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
+    assert "llama.cpp Q8_0" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`nanoplay bench`: decode and prefill speed, side by side with transformers, against the bandwidth bound."""
+"""`nanoplay bench`: decode and prefill speed at each precision, side by side with transformers and llama.cpp,
+against the bandwidth bound."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ SHAPE_NAMES = ("gpt2-124m", "owt-30m")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="prefill/decode tokens/s, optionally against transformers generate()")
-    add_model_options(p, required=False)
+    p = subparsers.add_parser("bench", help="prefill/decode tokens/s, optionally against transformers and llama.cpp")
+    add_model_options(p, required=False, dtypes=True)
     p.add_argument("--shape", choices=SHAPE_NAMES, action="append",
                    help="benchmark a preset shape with random weights (no download needed)")
-    p.add_argument("--vs", choices=["transformers"], help="also run the same weights through transformers")
+    p.add_argument("--vs", choices=["transformers", "llama.cpp"], action="append",
+                   help="also run the same weights through transformers generate() or llama.cpp (repeatable; "
+                        "llama.cpp needs llama-cpp-python: pip install 'nanoplay[bench]')")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 4)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -27,7 +30,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from ..bench import random_model, run_bench
+    from ..bench import PRECISIONS, at_precision, llama_cpp_available, random_model, run_bench
     from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
@@ -42,46 +45,80 @@ def run(args) -> int:
     for flag, values, least in checks:
         if min(values) < least:
             raise NanoplayError(f"{flag} must be at least {least}")
-    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    vs = set(args.vs or [])
+    if "llama.cpp" in vs and not llama_cpp_available():
+        raise NanoplayError("--vs llama.cpp needs llama-cpp-python: pip install 'nanoplay[bench]'")
+    device = resolve_device(args.device)
+    dtypes = list(dict.fromkeys(torch_dtype(name, device) for name in args.dtype or ["auto"]))
+    if torch.int8 in dtypes and torch.device(device).type != "cpu":
+        raise NanoplayError("--dtype int8 runs on the CPU only (torch's int8 kernel): add --device cpu")
     engine = Engine()
-    models = load_models(engine, args.model or [], device, dtype)
-    models += [random_model(s) for s in args.shape or []]
-    for model in models:
-        if not args.scoring and args.prompt_tokens + 1 >= model.config.block_size:
-            raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} does not fit {model.name}'s context of "
-                                f"{model.config.block_size} tokens: give at most {model.config.block_size - 2}")
+    # (float32 reference, {dtype: the model at that precision}) per model: the reference is what llama.cpp
+    # converts and what a lower precision's quality is measured against
+    sources = []
+    for spec in args.model or []:
+        variants = dict(zip(dtypes, (load_models(engine, [spec], device, d)[0] for d in dtypes)))
+        reference = variants.get(torch.float32)
+        if reference is None and (len(dtypes) > 1 or dtypes != [torch.float32] or "llama.cpp" in vs):
+            reference = load_models(engine, [spec], device, torch.float32)[0]
+        sources.append((reference, variants))
+    for shape in args.shape or []:
+        reference = random_model(shape)
+        reference.model.to(device)
+        sources.append((reference, {d: at_precision(reference, d) for d in dtypes}))
+    for reference, _ in sources:
+        config = reference.config
+        if not args.scoring and args.prompt_tokens + 1 >= config.block_size:
+            raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} does not fit {reference.name}'s context of "
+                                f"{config.block_size} tokens: give at most {config.block_size - 2}")
     console = stdout_console()
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, {args.dtype}; "
-                  f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    for model in models:
-        model.model.to(device=device, dtype=dtype)
-        if args.scoring:
-            console.print(render_scoring(bench_scoring(model, batch_size=max(args.batch or [4]))))
-            continue
-        report = run_bench(model, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
-                           new_tokens=args.new_tokens, vs_transformers=args.vs == "transformers",
-                           repeats=args.repeats)
-        console.print(render(model, report))
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, "
+                  f"{', '.join(PRECISIONS[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
+                  f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
+    for reference, variants in sources:
+        for dtype, model in variants.items():
+            if args.scoring:
+                console.print(render_scoring(bench_scoring(model, batch_size=max(args.batch or [4]))))
+                continue
+            report = run_bench(model, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
+                               new_tokens=args.new_tokens, vs_transformers="transformers" in vs,
+                               vs_llama_cpp="llama.cpp" in vs, repeats=args.repeats, dtype=dtype,
+                               reference=reference)
+            console.print(render(model, report))
     return 0
 
 
 def render(model, report):
+    """The table of one model at one precision; names and labels are plain text, never markup."""
     from rich.table import Table
+    from rich.text import Text
 
     results, bandwidth = report["results"], report["bandwidth"]
     bound = bandwidth / report["weight_bytes"] if bandwidth else None
-    title = f"{model.name}: {model.num_params / 1e6:.1f}M params, {report['weight_bytes'] / 1e6:.0f} MB of weights"
+    title = (f"{model.name}, {report['precision']}: {report['params'] / 1e6:.1f}M params, "
+             f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per token")
     if bandwidth:
-        title += f"; memory bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 bound {bound:.1f} tok/s"
-    table = Table(title=title)
-    for col in ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs batch 1", "of bound"):
+        title += (f"; streaming read {bandwidth / 1e9:.1f} GB/s (best of {report['bandwidth_reads']}, "
+                  f"{report['threads']} threads) -> batch-1 bound {bound:.1f} tok/s")
+    caption = None
+    if "quality" in report:
+        q = report["quality"]
+        caption = (f"quality vs fp32 on {q['tokens']} tokens of the bundled corpus: loss {q['loss']:.4f} vs "
+                   f"{q['reference_loss']:.4f} nats/token ({q['loss'] - q['reference_loss']:+.4f}), "
+                   f"most likely next token the same as fp32's {q['argmax_agreement']:.1%}")
+    table = Table(title=Text(title), caption=Text(caption) if caption else None)
+    llama = next((label for label, _ in results if label.startswith("llama.cpp")), None)
+    for col in ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs llama.cpp",
+                "vs batch 1", "of bound"):
         table.add_column(col, justify="right")
     for (label, batch), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "nanoplay")):
         theirs = results.get(("transformers", batch))
+        llamas = results.get((llama, batch))
         single = results.get((label, 1))
         table.add_row(
-            str(batch), label, f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
+            str(batch), Text(label), f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
             f"{r.decode_tok_s / theirs.decode_tok_s:.2f}x" if theirs and label != "transformers" else "",
+            f"{r.decode_tok_s / llamas.decode_tok_s:.2f}x" if llamas and label != llama else "",
             f"{r.decode_tok_s / single.decode_tok_s:.2f}x" if single and batch != 1 else "",
             f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 else "",
         )

@@ -10,14 +10,17 @@ import sys
 from ..errors import NanoplayError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+          "float16": "float16", "fp16": "float16", "int8": "int8", "auto": "auto"}
 
 
-def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dtypes: bool = False) -> None:
+    """--model, --device and --dtype; dtypes=True makes --dtype repeatable (a list, None when not given)."""
     parser.add_argument("--model", "-m", action="append", required=required, metavar="SPEC",
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute precision")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), **({"action": "append"} if dtypes else {"default": "auto"}),
+                        help="weights and compute precision (default auto: bfloat16 on CPUs with native bf16 "
+                             "products, else float32; int8: 8-bit weights, CPU only)")
 
 
 def check_top_logprobs(count: int) -> None:
@@ -28,9 +31,14 @@ def check_top_logprobs(count: int) -> None:
         raise NanoplayError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str, device: str = "cpu"):
+    """The torch dtype a --dtype names; auto: the one `device` decodes fastest (nanoplay.precision)."""
     import torch
 
+    if DTYPES[name] == "auto":
+        from ..precision import default_dtype
+
+        return default_dtype(device)
     return getattr(torch, DTYPES[name])
 
 

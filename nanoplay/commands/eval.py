@@ -49,7 +49,8 @@ def run(args) -> int:
         raise NanoplayError("--stride must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise NanoplayError("--batch-size must be at least 1")
-    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.dtype, device)
     err = Console(stderr=True)
     data = []
     for spec in args.data or DEFAULT_DATA:
@@ -157,7 +158,7 @@ def build_report(rows: list[dict], data, args, device: str) -> dict:
             "context": "each model's own (block_size)",
             "stride": args.stride or "half of each model's context",
             "lambada_rule": args.lambada_rule,
-            "dtype": args.dtype, "device": device, "limit": args.limit,
+            "dtype": str(dtype).removeprefix("torch."), "device": device, "limit": args.limit,
         },
         "models": rows,
     }

@@ -70,7 +70,8 @@ def run(args) -> int:
 
     text = read_text(args)
     check_top_logprobs(args.top_logprobs)
-    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.dtype, device)
     engine = Engine()
     table = Table(title="Scores (every token predicted from the ones before; the first from <|endoftext|>)")
     for col in ("model", "tokens", "loss (nats/token)", "perplexity", "bits/byte", "most surprising"):
