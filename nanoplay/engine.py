@@ -27,7 +27,9 @@ from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
 from .precision import quantize_int8
-from .sampling import SamplingParams, apply_penalties, choose, draw_noise
+from .sampling import (SamplingParams, apply_penalties, choose, draw_noise, logits_fault, model_logprobs,
+                       stable_logits)
+from .speculative import DEFAULT_DRAFT_TOKENS, DraftCache, check_draft, speculative_step
 from .static_decode import StaticDecoder
 from .tokenizer import TextStream, get_tokenizer
 
@@ -64,18 +66,21 @@ class Request:
     _id_counter = itertools.count(1)
 
     def __init__(self, runner: "ModelRunner", prompt_ids: list[int], params: SamplingParams,
-                 on_update: UpdateCallback | None):
+                 on_update: UpdateCallback | None, prefix: list[int] = ()):
+        """prefix: context before the prompt that is not part of it (text_context's <|endoftext|>)."""
         block = runner.loaded.config.block_size
         self.id = next(self._id_counter)
         self.model = runner.loaded
         self.params = params.with_seed()
         self.seed = self.params.seed
         self.prompt_truncated = 0  # prompt tokens dropped because the prompt outgrew the context
-        if len(prompt_ids) >= block:  # keep room to generate before the first slide
-            keep = block - min(self.params.max_new_tokens, block // 2)
-            self.prompt_truncated = len(prompt_ids) - keep
-            prompt_ids = prompt_ids[-keep:]
+        context = [*prefix, *prompt_ids]
+        if len(context) >= block:  # keep room to generate before the first slide; the prefix goes first
+            context = context[-(block - min(self.params.max_new_tokens, block // 2)):]
+            self.prompt_truncated = max(0, len(prompt_ids) - len(context))
+            prompt_ids = prompt_ids[self.prompt_truncated:]
         self.prompt_ids = prompt_ids
+        self._prefix_len = len(context) - len(prompt_ids)  # context tokens before the prompt
         self.tokens: list[TokenInfo] = []
         self.text = ""  # generated text, stop strings excluded
         self.finish_reason: str | None = None  # length | stop | eot | cancelled | error
@@ -87,16 +92,23 @@ class Request:
         self.finished_at: float | None = None
         # engine-side state
         self._runner = runner
-        self._ids = list(prompt_ids)  # the sequence so far: prompt + generated
+        self._ids = context  # the sequence so far: prefix + prompt + generated
         self._slot: int | None = None
         self._next_token: int | None = None  # sampled, not yet fed to the model
         self._cancel = False
         self._done = threading.Event()
-        self._stream = TextStream(get_tokenizer())
+        self._stream = TextStream(get_tokenizer(), context=prompt_ids)  # a character the prompt began is completed
         self._held = ""  # decoded text held back because it may begin a stop string
         self._token_starts: list[int] = []  # offset of each token's text in the unstopped text
         self._text_length = 0
-        self._generator = torch.Generator(device=runner.loaded.device).manual_seed(self.seed)
+        self._generator = None  # greedy draws no noise (and has no seed)
+        if self.seed is not None:
+            self._generator = torch.Generator(device=runner.loaded.device).manual_seed(self.seed)
+        self._noise_ahead: list[torch.Tensor] = []  # noise drawn for coming tokens, in order (speculative.py)
+        self.draft: LoadedModel | None = None  # a draft model proposing tokens (speculative decoding)
+        self.draft_tokens = 0  # tokens it proposes per step
+        self.draft_proposed = 0  # draft tokens proposed so far
+        self.draft_accepted = 0  # ... and kept because the model chose the same token
         self._counts = None
         if self.params.presence_penalty or self.params.frequency_penalty:
             self._counts = torch.zeros(runner.loaded.config.vocab_size, device=runner.loaded.device)
@@ -184,6 +196,22 @@ class Request:
         self.finished_at = time.perf_counter()
         return tail
 
+    def _noise(self, ahead: int) -> torch.Tensor:
+        """
+        The Exp(1) noise (vocab,) of the token `ahead` places after the next one to be chosen. Noise is
+        drawn from the request's generator once per token and in token order, whoever asks first (a draft
+        model looking ahead, or the model itself), so speculation never changes which noise a token gets.
+        """
+        while len(self._noise_ahead) <= ahead:
+            self._noise_ahead.append(draw_noise(self._generator, self.model.config.vocab_size, self.model.device))
+        return self._noise_ahead[ahead]
+
+    def _take_noise(self) -> torch.Tensor:
+        """The next token's noise, used up."""
+        noise = self._noise(0)
+        self._noise_ahead.pop(0)
+        return noise
+
     def _notify(self, new_tokens: list[TokenInfo], new_text: str) -> None:
         if self.on_update is not None:
             self.on_update(self, new_tokens, new_text)
@@ -197,7 +225,8 @@ def token_statistics(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> li
     """
     chosen = logprobs.gather(1, tokens.unsqueeze(1))  # (N, 1)
     top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
-    return [chosen.squeeze(1), (logprobs > chosen).sum(1) + 1, -(logprobs.exp() * logprobs).sum(-1), top_ids, top_lp]
+    entropy = torch.special.entr(logprobs.exp()).sum(-1)  # -p log p, 0 where p is 0 (a -inf logit)
+    return [chosen.squeeze(1), (logprobs > chosen).sum(1) + 1, entropy, top_ids, top_lp]
 
 
 def alternatives(ids: list[int], logprobs: list[float], sampling_logprobs: list[float]) -> list[Alternative]:
@@ -222,6 +251,7 @@ class ModelRunner:
         self.running: list[Request] = []
         self.owner: list[Request | None] = [None] * self.num_slots
         self.last_used = [0] * self.num_slots
+        self._drafts: dict[int, DraftCache] = {}  # draft models' KV caches, by id of the draft
         self._clock = itertools.count(1)
 
     @property
@@ -255,8 +285,18 @@ class ModelRunner:
             r.window_slides += 1
             self._prefill(r, r._ids[-(self.loaded.config.block_size // 2):])
         batch = sorted((r for r in decoding if r not in sliding and r.finish_reason is None), key=lambda r: r._slot)
+        for r in [r for r in batch if r.draft is not None]:
+            if self._speculate(r):
+                batch.remove(r)
         if batch:
             self._decode(batch)
+
+    def _speculate(self, r: Request) -> bool:
+        """One speculative step for r with its draft model (speculative.py); False if it must decode plainly."""
+        drafts = self._drafts.get(id(r.draft))
+        if drafts is None or drafts.draft is not r.draft:
+            drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots)
+        return speculative_step(self, r, drafts)
 
     def _pick_slot(self, ids: list[int]) -> int | None:
         """A free slot for a new sequence, pre-filled with the longest cached prefix of `ids` we have."""
@@ -310,14 +350,23 @@ class ModelRunner:
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Choose each request's next token from its row of logits (B, vocab) and record it."""
         tokenizer = get_tokenizer()
+        faults = logits_fault(logits)
+        if any(faults):  # such a row has no distribution to sample: its request fails, the others go on
+            for r, fault in zip(batch, faults):
+                if fault is not None:
+                    self._complete(r, "error", f"{self.loaded.name}: {fault}")
+            keep = [i for i, fault in enumerate(faults) if fault is None]
+            batch, logits = [batch[i] for i in keep], logits[keep]
+            if not batch:
+                return
         raw = logits.float()
-        logprobs = raw.log_softmax(-1)  # (B, vocab)
+        logprobs = model_logprobs(raw)  # (B, vocab), float64
         tokens, sampling = self._choose(batch, raw)  # (B,), (B, vocab) or None for plain greedy
         picked = tokens.unsqueeze(1)  # (B, 1)
         chosen_lp, rank, entropy, top_ids, top_lp = token_statistics(
             logprobs, tokens, max(r.params.top_logprobs for r in batch))
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
-            chosen_slp = torch.zeros_like(tokens, dtype=raw.dtype)
+            chosen_slp = torch.zeros_like(tokens, dtype=logprobs.dtype)
             top_slp = torch.where(top_ids == picked, 0.0, float("-inf"))
         else:
             chosen_slp, top_slp = sampling.gather(1, picked).squeeze(1), sampling.gather(1, top_ids)
@@ -347,12 +396,13 @@ class ModelRunner:
     def _choose(batch: list[Request], raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens (B,) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
         if all(r.params.is_plain_greedy for r in batch):
-            return raw.argmax(-1), None
+            return stable_logits(raw).argmax(-1), None  # +inf logits win, as in the sampler
         tokens, rows = [], []
         for i, r in enumerate(batch):
             p = r.params
-            noise = None if p.temperature == 0 else draw_noise(r._generator, raw.size(-1), raw.device)
-            seen = torch.tensor(r._ids, device=raw.device) if p.repetition_penalty != 1.0 else None
+            noise = None if p.temperature == 0 else r._take_noise()
+            seen = (torch.tensor(r._ids[r._prefix_len:], device=raw.device, dtype=torch.long)
+                    if p.repetition_penalty != 1.0 else None)  # prompt + output, not text_context's prefix
             token, sampling_lp = choose(apply_penalties(raw[i], p, seen, r._counts), p, noise)
             tokens.append(token)
             rows.append(sampling_lp)
@@ -372,6 +422,38 @@ class ModelRunner:
         if r._slot is not None:
             self.owner[r._slot] = None
             self.last_used[r._slot] = next(self._clock)
+
+
+def text_context(ids: list[int], eot_prefix: bool = True) -> list[int]:
+    """
+    The one conditioning rule for "how likely is this text" and "continue this text": the model sees
+    the text's ids after <|endoftext|>, as GPT-2 saw every document in training, so the first token
+    is predicted from it (as lm-evaluation-harness's loglikelihood_rolling and `nanoplay score` do).
+    Ids that already begin with it (a chat template) are left as they are. eot_prefix=False gives
+    the ids as they are: the first token is then predicted from nothing (scoring skips it). An empty
+    text is [<|endoftext|>] either way: generation needs a token to start from.
+    """
+    eot = get_tokenizer().eot_id
+    if not ids or (eot_prefix and ids[0] != eot):
+        return [eot, *ids]
+    return list(ids)
+
+
+def check_token_ids(model: LoadedModel, ids, from_text: bool) -> None:
+    """
+    The one check of input token ids against a model's vocabulary, for every entry point (gen, score,
+    eval, the playground, the Python API). `ids` is a list or a tensor of the whole sequence the model
+    will see; `from_text`: they come from GPT-2's BPE, which a model with another vocabulary (a
+    character-level nanoGPT) cannot read. Raises NanoplayError naming the model and the fix.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    vocab = model.config.vocab_size
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if model.foreign_vocabulary and (from_text or bad.numel()):
+        raise NanoplayError(model.foreign_vocabulary)
+    if bad.numel():
+        raise NanoplayError(f"token id {bad[0].item()} is outside {model.name}'s vocabulary of {vocab} "
+                            f"(ids 0 to {vocab - 1})")
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -423,16 +505,18 @@ class Engine:
     # -- models ------------------------------------------------------------------------------------
 
     def load(self, spec: str, device: str | None = None, dtype: torch.dtype = torch.float32,
-             progress=None) -> LoadedModel:
+             progress=None, gelu: str | None = None) -> LoadedModel:
         """
         Load `spec` once (None: onto the GPU when there is one, else the CPU); later calls share it.
         dtype torch.int8 quantizes the weight matrices to int8 (CPU only; see precision.py).
+        `gelu` ("tanh" or "exact") sets a nanoGPT checkpoint's GELU, as the spec suffix #gelu=... does.
         """
         device = resolve_device(device)
-        key = (spec, str(device), dtype)
+        key = (spec, str(device), dtype, gelu)
         if key not in self._loaded:
             int8 = dtype == torch.int8  # int8 weights, float32 activations (precision.py)
-            loaded = load_model(spec, device=device, dtype=torch.float32 if int8 else dtype, progress=progress)
+            loaded = load_model(spec, device=device, dtype=torch.float32 if int8 else dtype, progress=progress,
+                                gelu=gelu)
             if int8:
                 quantize_int8(loaded.model)
                 loaded.name += " (int8)"
@@ -468,18 +552,25 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------
 
     def submit(self, model: LoadedModel, prompt: str | list[int], params: SamplingParams | None = None,
-               on_update: UpdateCallback | None = None) -> Request:
-        """Queue a completion of `prompt` (text, or token ids) and return its Request at once."""
+               on_update: UpdateCallback | None = None, eot_prefix: bool = True, draft: LoadedModel | None = None,
+               draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Request:
+        """
+        Queue a completion of `prompt` (text, or token ids) and return its Request at once. The model
+        sees the prompt as `text_context` gives it: after <|endoftext|> unless eot_prefix is False.
+        With a `draft` model sharing the vocabulary, the request decodes speculatively: the draft
+        proposes `draft_tokens` tokens per step and the model checks them in one forward, giving exactly
+        the tokens and figures it gives alone (speculative.py). Raises NanoplayError for bad input.
+        """
+        if draft is not None:
+            check_draft(model, draft, draft_tokens)
         tokenizer = get_tokenizer()
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:  # unconditional generation starts from <|endoftext|>, as GPT-2 was trained
-            ids = [tokenizer.eot_id]
-        vocab = model.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise NanoplayError(f"prompt token id {bad[0]} is outside {model.name}'s vocabulary of {vocab}")
+        context = text_context(ids, eot_prefix)
+        check_token_ids(model, context, from_text=isinstance(prompt, str))
         runner = self._runner(model)
-        request = Request(runner, ids, params or SamplingParams(), on_update)
+        request = Request(runner, ids, params or SamplingParams(), on_update, prefix=context[:len(context) - len(ids)])
+        if draft is not None:
+            request.draft, request.draft_tokens = draft, draft_tokens
         with self._cond:
             runner.queue.append(request)
             self._cond.notify_all()
@@ -508,8 +599,9 @@ class Engine:
             elif not self.step():
                 break
 
-    def generate(self, model: LoadedModel, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
-        request = self.submit(model, prompt, params)
+    def generate(self, model: LoadedModel, prompt: str | list[int], params: SamplingParams | None = None,
+                 eot_prefix: bool = True) -> Request:
+        request = self.submit(model, prompt, params, eot_prefix=eot_prefix)
         self.run_until_done([request])
         return request
 
@@ -546,15 +638,17 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, model: LoadedModel, text: str | list[int], top_logprobs: int = 5,
-              prepend_eot: bool = True) -> list[TokenInfo]:
+              eot_prefix: bool = True) -> list[TokenInfo]:
         """
         Per-token data for every token of `text` under `model`, each predicted from the tokens before
-        it (the first from <|endoftext|> when prepend_eot). Texts longer than the context are scored in
-        windows that overlap by half, so every token sees at least half a context.
+        it in `text_context(ids, eot_prefix)`: the first from <|endoftext|>, or (eot_prefix=False) not
+        at all. Texts longer than the context are scored in windows that overlap by half, so every
+        token sees at least half a context. Raises NanoplayError when the model's logits are NaN.
         """
         tokenizer = get_tokenizer()
         ids = tokenizer.encode(text) if isinstance(text, str) else list(text)
-        seq = [tokenizer.eot_id] + ids if prepend_eot else ids
+        seq = text_context(ids, eot_prefix) if ids else []
+        check_token_ids(model, seq, from_text=isinstance(text, str))
         window = model.config.block_size
         stride = max(1, window // 2)
         stream = TextStream(tokenizer)
@@ -563,7 +657,11 @@ class Engine:
         while first_target < len(seq):
             end = min(begin + window, len(seq))
             idx = torch.tensor([seq[begin:end]], device=model.device)
-            logprobs = model.model(idx)[0].float().log_softmax(-1)  # (T, vocab): predicts seq[begin+1:end+1]
+            logits = model.model(idx)[0]  # (T, vocab): predicts seq[begin+1:end+1]
+            fault = next((f for f in logits_fault(logits) if f is not None), None)
+            if fault is not None:
+                raise NanoplayError(f"{model.name}: {fault}")
+            logprobs = model_logprobs(logits)
             rows = logprobs[first_target - 1 - begin:end - 1 - begin]  # predictions of seq[first_target:end]
             targets = torch.tensor(seq[first_target:end], device=model.device)
             columns = [c.tolist() for c in token_statistics(rows, targets, top_logprobs)]

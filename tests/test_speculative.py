@@ -1,0 +1,126 @@
+"""Speculative decoding: with and without a draft model, a request gives the same tokens and figures."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from nanoplay.engine import Engine
+from nanoplay.errors import NanoplayError
+from nanoplay.loading import LoadedModel
+from nanoplay.sampling import SamplingParams
+from tests.conftest import tiny_model
+
+
+def loaded(model, name):
+    return LoadedModel(name=name, model=model, source="test", location="memory")
+
+
+def truncated(model, n_layer):
+    """The model's first n_layer blocks with its own embeddings and head: a draft that often agrees."""
+    draft = copy.deepcopy(model)
+    draft.transformer.h = draft.transformer.h[:n_layer]
+    draft.config = dataclasses.replace(draft.config, n_layer=n_layer)
+    return draft
+
+
+def generate(engine, model, prompt, params, draft=None, draft_tokens=4):
+    requests = [engine.submit(model, prompt, params, draft=draft, draft_tokens=draft_tokens)]
+    engine.run_until_done(requests)
+    return requests[0]
+
+
+def assert_same(plain, speculative):
+    assert speculative.finish_reason == plain.finish_reason
+    assert [t.id for t in speculative.tokens] == [t.id for t in plain.tokens]
+    assert speculative.text == plain.text
+    for a, b in zip(plain.tokens, speculative.tokens):
+        assert b.rank == a.rank
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+        assert b.sampling_logprob == pytest.approx(a.sampling_logprob, abs=1e-4)
+        assert b.entropy == pytest.approx(a.entropy, abs=1e-4)
+        assert [x.id for x in b.top] == [x.id for x in a.top]
+
+
+SETTINGS = [
+    dict(temperature=0),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=50),
+    dict(temperature=1.2, top_p=0.9, repetition_penalty=1.3),
+    dict(temperature=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_draft_changes_no_token_or_figure(settings):
+    target = loaded(tiny_model(seed=1, n_layer=3), "target")
+    drafts = {"itself": target, "truncated": loaded(truncated(target.model, 1), "truncated"),
+              "unrelated": loaded(tiny_model(seed=2), "unrelated")}
+    engine = Engine()
+    for seed in (0, 1):
+        params = SamplingParams(max_new_tokens=24, seed=seed, top_logprobs=3, stop_on_eot=False, **settings)
+        plain = generate(engine, target, "The cat sat on", params)
+        assert len(plain.tokens) == 24
+        for name, draft in drafts.items():
+            speculative = generate(engine, target, "The cat sat on", params, draft=draft)
+            assert_same(plain, speculative)
+            assert speculative.draft_proposed > 0
+            if name == "itself":  # a draft equal to the model is always right
+                assert speculative.draft_accepted == speculative.draft_proposed
+
+
+def test_a_draft_that_agrees_saves_forwards_of_the_model():
+    target = loaded(tiny_model(seed=1), "target")
+    twin = loaded(copy.deepcopy(target.model), "twin")  # the same weights: every proposal is right
+    calls = []
+    hook = target.model.register_forward_hook(lambda *_: calls.append(1))
+    engine = Engine()
+    params = SamplingParams(max_new_tokens=21, temperature=0.8, seed=3, stop_on_eot=False)
+    plain = generate(engine, target, "Hello", params)
+    plain_calls, calls[:] = len(calls), []
+    speculative = generate(engine, target, "Hello", params, draft=twin, draft_tokens=4)
+    hook.remove()
+    assert plain_calls == 21  # the prefill gives the first token, then one forward per token
+    assert len(calls) == 1 + 4  # the prefill, then 20 tokens in checks of 4 proposals + 1
+    assert speculative.draft_accepted == speculative.draft_proposed == 16
+    assert_same(plain, speculative)
+
+
+def test_speculation_survives_window_slides_and_batching():
+    target = loaded(tiny_model(seed=4), "target")  # context 64
+    draft = loaded(truncated(target.model, 1), "draft")
+    engine = Engine()
+    prompt = list(range(1000, 1050))  # 50 tokens: the window slides while 40 are generated
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=9, stop_on_eot=False)
+    plain = generate(engine, target, prompt, params)
+    assert plain.window_slides >= 1
+    other_params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5, stop_on_eot=False)
+    alone = generate(engine, target, "Another prompt", other_params)
+    # the speculative request runs beside an ordinary one on the same model
+    together = [engine.submit(target, prompt, params, draft=draft), engine.submit(target, "Another prompt", other_params)]
+    engine.run_until_done(together)
+    assert_same(plain, together[0])
+    assert together[0].window_slides == plain.window_slides
+    assert_same(alone, together[1])
+
+
+def test_stop_strings_end_a_speculative_request_where_they_end_a_plain_one():
+    target = loaded(tiny_model(seed=1), "target")
+    engine = Engine()
+    free = generate(engine, target, "Once", SamplingParams(max_new_tokens=30, temperature=0, stop_on_eot=False))
+    stop = free.text[8:12]  # a piece of what it writes anyway
+    assert stop.strip()
+    params = SamplingParams(max_new_tokens=30, temperature=0, stop=[stop], stop_on_eot=False)
+    plain = generate(engine, target, "Once", params)
+    assert plain.finish_reason == "stop"
+    assert_same(plain, generate(engine, target, "Once", params, draft=target))
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    target = loaded(tiny_model(seed=1), "target")
+    char_level = loaded(tiny_model(seed=2, vocab_size=65), "chars")
+    with pytest.raises(NanoplayError, match="vocabulary"):
+        Engine().submit(target, "Hi", SamplingParams(), draft=char_level)
+    with pytest.raises(NanoplayError, match="draft tokens"):
+        Engine().submit(target, "Hi", SamplingParams(), draft=target, draft_tokens=0)
