@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -124,3 +125,23 @@ def test_a_draft_with_another_vocabulary_is_refused():
         Engine().submit(target, "Hi", SamplingParams(), draft=char_level)
     with pytest.raises(NanoplayError, match="draft tokens"):
         Engine().submit(target, "Hi", SamplingParams(), draft=target, draft_tokens=0)
+
+
+def test_gen_draft_gives_the_same_json_and_reports_acceptance(tiny_run, capsys):
+    from nanoplay.cli import main
+
+    argv = ["gen", "-m", "tiny@200", "--prompt", "The future", "--max-new-tokens", "12", "--temperature", "0.9",
+            "--seed", "5", "--json", "--no-stop-eot"]
+    assert main(argv) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(argv + ["--draft", "tiny@100", "--draft-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    speculative = [json.loads(line) for line in out.splitlines()]
+    assert [t["id"] for t in speculative[0]["tokens"]] == [t["id"] for t in plain[0]["tokens"]]
+    assert speculative[0]["text"] == plain[0]["text"]
+    assert speculative[0]["draft"] == "tiny@100" and plain[0]["draft"] is None
+    accepted, proposed = speculative[0]["draft_accepted"], speculative[0]["draft_proposed"]
+    assert 0 <= accepted <= proposed > 0
+    assert f"draft tiny@100: {accepted} of {proposed} proposed tokens accepted" in err
+    assert main(argv + ["--draft", "tiny@100", "--draft-tokens", "0"]) == 2
+    assert "draft tokens per step must be between 1 and 16" in capsys.readouterr().err

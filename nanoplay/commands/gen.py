@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per token in --json output")
     p.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    p.add_argument("--draft", metavar="SPEC", help="a small model with the same vocabulary that drafts tokens for every "
+                                                   "model to check (speculative decoding: same output, fewer forwards)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per step (1-16)")
     p.set_defaults(run=run)
 
 
@@ -130,6 +133,9 @@ def completion_record(request, prompt: str, index: int) -> dict:
         "completion_tokens": len(request.tokens),
         "perplexity": request.perplexity,
         "tokens_per_second": request.tokens_per_second,
+        "draft": request.draft.name if request.draft else None,
+        "draft_proposed": request.draft_proposed,  # draft tokens proposed, and kept as the model's own choice
+        "draft_accepted": request.draft_accepted,
         "tokens": [
             {"token": t.text, "id": t.id, "bytes": list(t.bytes), "logprob": t.logprob,
              "sampling_logprob": t.sampling_logprob, "rank": t.rank, "entropy": t.entropy, "top_logprobs": top(t.top)}
@@ -151,6 +157,7 @@ def run(args) -> int:
     dtype = torch_dtype(args.dtype, device)
     engine = Engine()
     models = load_models(engine, args.model, device, dtype)
+    draft = load_models(engine, [args.draft], device, dtype)[0] if args.draft else None
     base_seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = []  # (request, prompt, sample index), in output order
     for model in models:
@@ -165,7 +172,8 @@ def run(args) -> int:
                 prompt_input = render_prompt([{"role": "user", "content": prompt}], model.chat_template)
             for i in range(args.n):
                 params = sampling_params(args, base_seed + i, model.chat_template, args.chat)
-                jobs.append((engine.submit(model, prompt_input, params), prompt, i))
+                jobs.append((engine.submit(model, prompt_input, params, draft=draft, draft_tokens=args.draft_tokens),
+                             prompt, i))
     for request, _, i in jobs:
         if request.prompt_truncated and i == 0:  # a prompt's samples share its truncation: one note
             print(f"nanoplay: note: prompt longer than {request.model.name}'s context of "
@@ -186,6 +194,11 @@ def run(args) -> int:
         write_records(jobs)
     else:
         stream_text(engine, jobs, show_headers=len(jobs) > 1)
+    if draft is not None:
+        proposed = sum(r.draft_proposed for r, _, _ in jobs)
+        accepted = sum(r.draft_accepted for r, _, _ in jobs)
+        print(f"nanoplay: draft {draft.name}: {accepted} of {proposed} proposed tokens accepted"
+              + (f" ({accepted / proposed:.0%})" if proposed else ""), file=sys.stderr)
     failed = [r for r, _, _ in jobs if r.finish_reason == "error"]
     for r in failed:
         print(f"nanoplay: error: {r.error}", file=sys.stderr)
