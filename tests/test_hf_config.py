@@ -16,7 +16,7 @@ from nanoplay.loading import load_model
 VOCAB = 512  # small: these tests build a model per setting
 IDX = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))
 BASE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0)
+            attn_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
 
 
 def hf_model(seed=0, attn_implementation=None, **settings):
