@@ -10,6 +10,7 @@ and only ratios measured side by side in one run are quoted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .sampling import SamplingParams
 SHAPES = {
     "owt-30m": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=50304),
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
 }
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
 # llama.cpp's type for each of ours: F16 is its 16-bit type (the writer has no BF16), Q8_0 its 8-bit one
@@ -272,3 +275,51 @@ def run_bench(model: LoadedModel, batches=(1, 4), prompt_tokens: int = 128, new_
     if reference is not None and dtype != torch.float32:
         report["quality"] = quality(reference, model, quality_text_ids())
     return report
+
+
+def truncated_draft(loaded: LoadedModel, n_layer: int) -> LoadedModel:
+    """The model's first n_layer blocks with its own embeddings, final LayerNorm and head (shared, not
+    copied): a draft that agrees with the model more often than an unrelated one of the same size."""
+    if not 1 <= n_layer < loaded.config.n_layer:
+        raise ValueError(f"a truncated draft keeps 1 to {loaded.config.n_layer - 1} of the model's layers")
+    model = loaded.model
+    draft = copy.copy(model)  # shallow: the modules, and so the weights, are the model's own
+    draft._modules = dict(model._modules)  # ... but in dicts of its own, so the model stays whole
+    draft.transformer = torch.nn.ModuleDict(dict(model.transformer.items()))
+    draft.transformer.h = torch.nn.ModuleList(list(model.transformer.h[:n_layer]))
+    draft.config = dataclasses.replace(loaded.config, n_layer=n_layer)
+    return LoadedModel(name=f"{loaded.name}, first {n_layer} layers", model=draft, source=loaded.source,
+                       location=loaded.location)
+
+
+def bench_draft(model: LoadedModel, draft: LoadedModel, new_tokens: int = 128, draft_tokens: int = 4,
+                repeats: int = 3, temperature: float = 0.0) -> dict:
+    """
+    Decode tok/s of `model` alone and with `draft` proposing `draft_tokens` per step (speculative.py),
+    in alternating rounds from the same prompt (the bundled corpus's text, so a trained draft meets
+    text like its training data); the best round of each, the speed-up, and the share of proposed
+    tokens accepted. Both runs give the same tokens: that is checked, not assumed.
+    """
+    engine = Engine()
+    prompt = quality_text_ids(min(64, model.config.block_size // 4))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=0, stop_on_eot=False)
+
+    def run(with_draft: bool):
+        request = engine.submit(model, prompt, params, eot_prefix=False, draft=draft if with_draft else None,
+                                draft_tokens=draft_tokens)
+        engine.run_until_done([request])
+        return request
+
+    run(False), run(True)  # warm up both models and their caches
+    best = {False: 0.0, True: 0.0}
+    for _ in range(repeats):
+        runs = {with_draft: run(with_draft) for with_draft in (False, True)}
+        if [t.id for t in runs[True].tokens] != [t.id for t in runs[False].tokens]:
+            raise RuntimeError("speculative decoding changed the tokens: a bug, please report it")
+        for with_draft, r in runs.items():
+            best[with_draft] = max(best[with_draft], r.tokens_per_second or 0.0)
+    speculative = runs[True]
+    return {"model": model.name, "draft": draft.name, "draft_tokens": draft_tokens, "temperature": temperature,
+            "plain_tok_s": best[False], "draft_tok_s": best[True], "speedup": best[True] / best[False],
+            "acceptance": speculative.draft_accepted / max(1, speculative.draft_proposed),
+            "tokens": len(speculative.tokens)}

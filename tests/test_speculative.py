@@ -145,3 +145,25 @@ def test_gen_draft_gives_the_same_json_and_reports_acceptance(tiny_run, capsys):
     assert f"draft tiny@100: {accepted} of {proposed} proposed tokens accepted" in err
     assert main(argv + ["--draft", "tiny@100", "--draft-tokens", "0"]) == 2
     assert "draft tokens per step must be between 1 and 16" in capsys.readouterr().err
+
+
+def test_bench_draft_reports_speed_and_acceptance(tiny_run, capsys):
+    from nanoplay.cli import main
+
+    common = ["bench", "-m", "tiny@200", "--new-tokens", "8", "--prompt-tokens", "8", "--repeats", "1", "--dtype", "fp32"]
+    assert main(common + ["--draft", "tiny@100", "--draft-tokens", "2", "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "speculative decoding" in out and out.count("tiny@100") == 2  # a row per --draft-tokens
+    assert main(common + ["--draft-layers", "1"]) == 0
+    assert "first 1 layers" in capsys.readouterr().out
+
+
+def test_truncated_draft_leaves_the_model_whole():
+    from nanoplay.bench import truncated_draft
+
+    target = loaded(tiny_model(seed=1, n_layer=3), "target")
+    before = target.model(torch.tensor([[1, 2, 3]]))
+    draft = truncated_draft(target, 1)
+    assert len(draft.model.transformer.h) == 1 and len(target.model.transformer.h) == 3
+    torch.testing.assert_close(target.model(torch.tensor([[1, 2, 3]])), before)
+    assert draft.model.transformer.wte is target.model.transformer.wte  # shared, not copied

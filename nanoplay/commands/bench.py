@@ -7,7 +7,7 @@ from .common import add_model_options, load_models, resolve_device, stdout_conso
 
 
 # nanoplay.bench.SHAPES, named here so that parsing the command line does not import torch
-SHAPE_NAMES = ("gpt2-124m", "owt-30m")
+SHAPE_NAMES = ("gpt2-124m", "gpt2-large", "gpt2-medium", "owt-30m")
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,13 @@ def register(subparsers) -> None:
     p.add_argument("--scoring", action="store_true",
                    help="benchmark batched scoring (nanoplay eval's path) against a transformers forward instead")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    draft = p.add_mutually_exclusive_group()
+    draft.add_argument("--draft", metavar="SPEC", help="speculative decoding instead: each model alone against the "
+                                                       "model with this draft (a model spec or a --shape name)")
+    draft.add_argument("--draft-layers", type=int, metavar="N",
+                       help="speculative decoding instead, the draft being each model's own first N layers")
+    p.add_argument("--draft-tokens", type=int, action="append", metavar="K",
+                   help="tokens the draft proposes per step (repeatable; default 4)")
     p.set_defaults(run=run)
 
 
@@ -72,6 +79,8 @@ def run(args) -> int:
             raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} does not fit {reference.name}'s context of "
                                 f"{config.block_size} tokens: give at most {config.block_size - 2}")
     console = stdout_console()
+    if args.draft or args.draft_layers:
+        return run_draft(args, engine, sources, device, console)
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, "
                   f"{', '.join(PRECISIONS[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
                   f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
@@ -135,3 +144,31 @@ def render_scoring(r: dict):
     table.add_row("nanoplay", f"{r['ours_tokens_per_s']:.0f}", f"{r['ratio']:.2f}x")
     table.add_row("transformers forward", f"{r['transformers_tokens_per_s']:.0f}", "")
     return table
+
+
+def run_draft(args, engine, sources, device, console) -> int:
+    """bench --draft / --draft-layers: each model's decode speed alone and with a draft model."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..bench import SHAPES, bench_draft, random_model, truncated_draft
+
+    draft = None
+    if args.draft in SHAPES:
+        draft = random_model(args.draft, seed=1)
+        draft.model.to(device)
+    elif args.draft:
+        draft = load_models(engine, [args.draft], device, sources[0][0].dtype)[0]
+    table = Table(title="speculative decoding: greedy, the same tokens with and without the draft "
+                        f"(checked), best of {args.repeats} alternating rounds of {args.new_tokens} tokens")
+    for col in ("model", "draft", "k", "alone tok/s", "with draft tok/s", "speed-up", "accepted"):
+        table.add_column(col, justify="right")
+    for reference, variants in sources:
+        for model in variants.values():
+            this_draft = draft or truncated_draft(model, args.draft_layers)
+            for k in args.draft_tokens or [4]:
+                r = bench_draft(model, this_draft, new_tokens=args.new_tokens, draft_tokens=k, repeats=args.repeats)
+                table.add_row(Text(r["model"]), Text(r["draft"]), str(k), f"{r['plain_tok_s']:.1f}",
+                              f"{r['draft_tok_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance']:.0%}")
+    console.print(table)
+    return 0
