@@ -88,7 +88,7 @@ def test_printed_config_reads_back_and_unknown_keys_are_refused(tmp_path):
 BAD_VALUES = [
     (["--learning-rate", "-1"], "learning_rate must be greater than 0, not -1.0"),
     (["--dropout", "1.5"], "dropout must be at least 0 and below 1, not 1.5"),
-    (["--activation", "relu2"], "activation 'relu2': use gelu_tanh or gelu"),
+    (["--activation", "gelu2"], "activation 'gelu2': use gelu_tanh or gelu or gelu_10 or quick_gelu"),
     (["--vocab-size", "100"], "vocab_size 100 is smaller than the GPT-2 tokenizer's 50257 tokens: "
                               "use 50304 (padded to a multiple of 64, the default) or 50257"),
     (["--batch-size", "0"], "batch_size must be at least 1, not 0"),
@@ -106,7 +106,8 @@ def test_bad_settings_are_one_line_and_exit_2_before_anything_runs(env, run_root
     from nanoplay import cli
 
     assert cli.main(["train", "--preset", "demo", *TINY_FLAGS, "--name=bad", *flags]) == 2
-    assert capsys.readouterr().err == f"nanoplay: error: {message}\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"nanoplay: error: {message}") and err.count("\n") == 1
     assert not (run_root / "bad").exists()
 
 
@@ -123,12 +124,64 @@ def test_run_names_are_one_plain_folder_name(env, run_root, capsys, name):
 
 
 def test_learning_rate_schedule_by_hand():
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=14, max_iters=40)
     assert lr_at(0, cfg) == pytest.approx(1 / 5)
     assert lr_at(3, cfg) == pytest.approx(4 / 5)
     assert lr_at(4, cfg) == pytest.approx(1.0)  # cosine starts at the top
     assert lr_at(9, cfg) == pytest.approx(0.1 + 0.5 * 0.9)  # half way: cos = 0
-    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(39, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("max_iters, warmup_iters, lr_decay_iters", [
+    (8, 20, 0),  # the default fine-tune: 3 epochs of 20 conversations, warm-up 20 steps
+    (12, 2, 0), (100, 500, 0), (300, 30, 0), (40, 0, 1000), (1000, 500, 20000), (1, 5, 0),
+])
+def test_the_schedule_fits_any_run_length(max_iters, warmup_iters, lr_decay_iters):
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters,
+                      max_iters=max_iters)
+    lrs = [lr_at(step, cfg) for step in range(max_iters)]
+    warmup = min(warmup_iters, max_iters // 10)  # at most a tenth of the run
+    assert max(lrs) == pytest.approx(1e-3)  # every run reaches its learning rate...
+    assert lrs.index(max(lrs)) == warmup  # ...right after its warm-up
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # warming up
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then decaying...
+    if max_iters >= 2:
+        assert lr_at(max_iters, cfg) == pytest.approx(1e-4)  # ...to min_lr by the end of the run
+        assert lrs[-1] < 1e-3
+
+
+def test_a_short_run_warns_in_one_line_and_print_config_notes_the_capped_schedule(env, run_root, capsys):
+    from nanoplay import cli
+
+    assert cli.main(["train", "--preset", "demo", "--max-iters", "8", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "warmup_iters = 30  # capped: 0 steps, 10% of max_iters 8, warm up" in printed
+    cfg = load_preset("demo", **{**TINY, "max_iters": 3, "eval_interval": 0, "name": "short"})
+    train(cfg, display="plain")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: 3 steps are too few to learn much (the loss barely moves in under 50): raise --max-iters"]
+    train(load_preset("demo", **{**TINY, "max_iters": 50, "eval_interval": 0, "name": "long"}), display="plain")
+    assert capsys.readouterr().err == ""
+
+
+def test_eta_is_smooth_through_compilation_recompilation_and_evaluation_spikes():
+    from trainer.monitor import eta_seconds
+
+    # a hand-made run of 200 steps: 1 s each, the first 30 s (compilation), a 12 s recompilation at
+    # step 3 (a new batch shape), 0.5 s steps in a quiet stretch, and an 8 s evaluation after every 50th step
+    steps = [30.0, 1.0, 12.0] + [1.0] * 37 + [0.5] * 20 + [1.0] * 140
+    evals = {50: 8.0, 100: 8.0, 150: 8.0}  # after these steps (the one at 200 ends the run: not ahead of any step)
+    truth = [sum(steps[k + 1:]) + sum(v for s, v in evals.items() if s > k + 1) for k in range(len(steps))]
+    etas, overhead = [], 0.0
+    for k in range(len(steps)):
+        overhead += evals.get(k, 0.0)  # the evaluation after step k shows up between step k and step k + 1
+        etas.append(eta_seconds(steps[:k + 1], overhead, len(steps) - k - 1))
+    assert math.isnan(etas[0])  # the first step (compilation) says nothing about the others
+    for k in range(1, len(steps) - 1):
+        assert truth[k] / 1.6 <= etas[k] <= truth[k] * 1.6, (k, etas[k], truth[k])
+        assert etas[k + 1] <= etas[k] * 1.25, (k, etas[k], etas[k + 1])  # never jumps up
+    # by hand: after step 60, the median of the last 50 steps (1 s: 30 of them) plus 8 s spread over 59 steps
+    assert etas[59] == pytest.approx(140 * (1.0 + 8.0 / 59))
 
 
 def test_braille_plot_and_peak_table():

@@ -43,6 +43,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=4, metadata={"section": "optim"})
     max_iters: int = field(default=20000, metadata={"section": "optim"})
     epochs: float = field(default=0.0, metadata={"section": "optim", "help": "fine-tuning: passes over the data (sets max_iters)"})
+    min_iters: int = field(default=0, metadata={"section": "optim", "help": (
+        "fine-tuning: at least this many steps when epochs sets max_iters (a small set needs many passes)")})
     learning_rate: float = field(default=1e-3, metadata={"section": "optim"})
     min_lr: float = field(default=1e-4, metadata={"section": "optim"})
     warmup_iters: int = field(default=500, metadata={"section": "optim"})
@@ -73,7 +75,7 @@ class TrainConfig:
                      "max_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise NanoplayError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "epochs", "min_lr", "weight_decay", "grad_clip", "num_proc",
+        for name in ("warmup_iters", "lr_decay_iters", "epochs", "min_iters", "min_lr", "weight_decay", "grad_clip", "num_proc",
                      "seed", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise NanoplayError(f"{name} must be 0 or more, not {getattr(self, name)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -32,14 +33,58 @@ from .config import TrainConfig
 from .monitor import Monitor
 
 
+WARMUP_SHARE = 0.1  # warm-up takes at most this share of the run's steps
+MIN_LEARNING_STEPS = 50  # fewer steps than this barely move the loss: the run says so
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule sized to a run: warm-up steps, and the step where the cosine decay ends."""
+
+    warmup: int
+    decay_end: int
+
+
+def fit_schedule(cfg: TrainConfig) -> Schedule:
+    """
+    warmup_iters and lr_decay_iters are upper bounds that the run's length caps: warm-up takes at most
+    WARMUP_SHARE of max_iters, and the decay ends by max_iters (lr_decay_iters 0: at max_iters). So a
+    short run (a fine-tune of a few conversations, a test) still reaches learning_rate and ends at min_lr,
+    instead of stopping part-way up the warm-up ramp.
+    """
+    warmup = min(cfg.warmup_iters, int(cfg.max_iters * WARMUP_SHARE))
+    decay_end = min(cfg.lr_decay_iters or cfg.max_iters, cfg.max_iters)
+    return Schedule(warmup, max(decay_end, warmup))
+
+
+def schedule_notes(cfg: TrainConfig) -> dict[str, str]:
+    """Comments for --print-config on the schedule keys that the run's length caps."""
+    fitted, notes = fit_schedule(cfg), {}
+    if fitted.warmup < cfg.warmup_iters:
+        notes["warmup_iters"] = (f"capped: {fitted.warmup} steps, {WARMUP_SHARE:.0%} of max_iters "
+                                 f"{cfg.max_iters}, warm up")
+    if cfg.lr_decay_iters > cfg.max_iters:
+        notes["lr_decay_iters"] = f"capped: the decay ends at max_iters {cfg.max_iters}"
+    return notes
+
+
+def short_run_warning(cfg: TrainConfig) -> str | None:
+    """One line when the run has too few steps to learn much, naming the flags that lengthen it."""
+    if cfg.max_iters >= MIN_LEARNING_STEPS:
+        return None
+    fix = "--epochs or --min-iters (a --max-iters wins over both)" if cfg.epochs else "--max-iters"
+    return (f"warning: {cfg.max_iters} steps are too few to learn much (the loss barely moves in under "
+            f"{MIN_LEARNING_STEPS}): raise {fix}")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to learning_rate, then cosine decay to min_lr at lr_decay_iters, then flat."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_iters:
+    """Linear warm-up to learning_rate, then cosine decay to min_lr, then flat; sized by fit_schedule."""
+    fitted = fit_schedule(cfg)
+    if step < fitted.warmup:
+        return cfg.learning_rate * (step + 1) / (fitted.warmup + 1)
+    if step >= fitted.decay_end:
         return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    ratio = (step - fitted.warmup) / max(1, fitted.decay_end - fitted.warmup)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -172,6 +217,12 @@ def train_loop(cfg: TrainConfig, model: GPT, data, run_dir, *, meta: dict, title
         model.train()
         return total.item() / len(batches)
 
+    if dist_info.is_main and display != "none":  # before the live view starts; stderr, as warnings go
+        if resume_state is not None:
+            print(f"resuming {run_dir} from step {start_step} (of {cfg.max_iters})", file=sys.stderr, flush=True)
+        warning = short_run_warning(cfg)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     monitor = None
     if dist_info.is_main:
         monitor = Monitor(run_dir=run_dir, title=title, max_iters=cfg.max_iters, start_step=start_step,

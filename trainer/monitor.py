@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +79,27 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+ETA_WINDOW = 50  # recent steps whose median time is the typical step
+
+
+def eta_seconds(step_seconds: list[float], overhead_seconds: float, steps_left: int) -> float:
+    """
+    Seconds until the run ends: `steps_left` x (the median time of the last ETA_WINDOW steps, the lower
+    middle one of an even count, + the evaluation/checkpoint time so far spread over the steps so far);
+    NaN until a step after the first.
+
+    `step_seconds` are the optimizer steps' own times, oldest first. The first is left out (it compiles
+    and warms up caches), and a median ignores the odd slow step (a recompilation for a new batch shape,
+    another process taking the CPU) that would move a mean or a moving average several-fold; the
+    evaluations, samples and checkpoints between steps (`overhead_seconds` in all) come in at their
+    average cost per step, so the estimate neither leaves them out nor jumps when one happens.
+    """
+    times = step_seconds[1:]
+    if not times:
+        return float("nan")
+    return steps_left * (statistics.median_low(times[-ETA_WINDOW:]) + overhead_seconds / len(times))
+
+
 @dataclass
 class Progress:
     """What `on_progress` receives after every step."""
@@ -110,17 +133,22 @@ class Monitor:
         self.last: dict = {}
         self.val_loss = self.best_val = None
         self.sample = ""
-        self.step_time = None  # moving average of seconds per step
+        self.notice = ""  # a line shown in the live view (the signal handler's "finishing this step")
+        self.step_seconds: list[float] = []  # this process's steps, for the ETA
+        self.overhead_seconds = 0.0  # time between steps: evaluations, samples, checkpoints
+        self.last_step_end: float | None = None
         self.start_step = start_step
         self.on_progress = on_progress
         if display == "auto":
             display = "live" if sys.stdout.isatty() else "plain"
         self.display = display
         self.live = None
+        self.restore_terminal = None
         if display == "live":
             from rich.live import Live
 
             self.live = Live(self._render(), refresh_per_second=4, transient=False)
+            self.restore_terminal = _quiet_control_echo()
             self.live.start()
 
     def _record(self, entry: dict):
@@ -131,9 +159,12 @@ class Monitor:
         """One optimizer step done: `tokens` processed (all ranks) in `seconds`."""
         tokens_per_s = tokens / seconds if seconds > 0 else 0.0
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else None
-        if step > self.start_step + 1:  # the first step includes compilation: keep it out of the ETA
-            self.step_time = seconds if self.step_time is None else 0.9 * self.step_time + 0.1 * seconds
-        eta = (self.max_iters - step) * self.step_time if self.step_time else float("nan")
+        now = time.perf_counter()
+        if self.last_step_end is not None:  # what ran since the previous step, besides this step itself
+            self.overhead_seconds += max(0.0, now - self.last_step_end - seconds)
+        self.last_step_end = now
+        self.step_seconds.append(seconds)
+        eta = eta_seconds(self.step_seconds, self.overhead_seconds, self.max_iters - step)
         self.last = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu, eta=eta)
         self.losses.append(loss)
         self._record({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "seconds": round(seconds, 4),
@@ -204,9 +235,35 @@ class Monitor:
     def close(self):
         if self.live:
             self.live.stop()
+        if self.restore_terminal:
+            self.restore_terminal()
         if self.writer:
             self.writer.close()
         self.metrics.close()
+
+
+def _quiet_control_echo():
+    """
+    Stop the terminal echoing Ctrl+C as `^C` while the live view is drawn; returns the function that
+    restores the terminal (None when stdin is not a terminal). The view leaves the cursor at the end of
+    its full-width bottom border, so an echoed `^C` wraps onto a new line and the next redraw starts one
+    line low, leaving a second top border behind.
+    """
+    try:
+        import termios
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            return None
+        saved = termios.tcgetattr(fd)
+        quiet = termios.tcgetattr(fd)
+        quiet[3] &= ~termios.ECHOCTL  # [3]: the local modes
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (AttributeError, ValueError, OSError, termios.error):  # no stdin, or not a real one (a test's capture)
+        return None
+    return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _tensorboard_writer(directory: Path):

@@ -13,7 +13,7 @@ from nanoplay.textdata import resolve_source
 
 from . import checkpoints, data
 from .config import TrainConfig
-from .loop import TrainResult, find_resume, init_distributed, pick_device, train_loop
+from .loop import TrainResult, find_resume, init_distributed, pick_device, schedule_notes, train_loop
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias", "activation")
 FIXED_ON_RESUME = ("init", *(f for f in MODEL_FIELDS if f != "dropout"))  # the checkpoint's model has them
@@ -98,13 +98,14 @@ def setup(cfg: TrainConfig, resume: bool, overrides: dict) -> tuple[TrainConfig,
 
 
 def config_notes(cfg: TrainConfig, resume: bool) -> dict[str, str]:
-    """Comments for --print-config where a value does not come from the config itself."""
+    """Comments for --print-config where a value does not come from the config itself, or the run caps it."""
+    notes = schedule_notes(cfg)
     if resume:
-        return {"model": f"the model of {cfg.name}'s newest checkpoint: --resume keeps its shape"}
-    if cfg.init:
-        return {"model": f"the shape of --init {cfg.init}: read from the model, not from here (dropout excepted; "
-                         f"a --block-size flag below its context crops it)"}
-    return {}
+        notes["model"] = f"the model of {cfg.name}'s newest checkpoint: --resume keeps its shape"
+    elif cfg.init:
+        notes["model"] = (f"the shape of --init {cfg.init}: read from the model, not from here (dropout excepted; "
+                          f"a --block-size flag below its context crops it)")
+    return notes
 
 
 def prepare_data(cfg: TrainConfig, dist_info, progress: bool = True) -> data.TokenData:
