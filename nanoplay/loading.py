@@ -296,8 +296,8 @@ def _nanogpt_vocabulary(path: Path, data: dict, name: str, vocab_size: int) -> s
     candidates = [path.parent / "meta.pkl"] + ([Path("data") / str(dataset) / "meta.pkl"] if dataset else [])
     meta = next((p for p in candidates if p.is_file()), None)
     where = f"its characters are in {meta}" if meta else "nanoGPT keeps its characters in the data set's meta.pkl"
-    source = f" from {dataset}" if dataset else ""
-    return (f"{name} is a character-level nanoGPT model ({vocab_size}-token vocabulary{source}), not GPT-2's BPE: "
+    source = f", data set {dataset}" if dataset else ""
+    return (f"{name} has a {vocab_size}-token vocabulary, not GPT-2's BPE (a character-level nanoGPT model{source}): "
             f"nanoplay encodes text with GPT-2's BPE only; {where}, a pickle nanoplay does not read, so it would "
             f"need that character table as a tokenizer")
 

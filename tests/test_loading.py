@@ -404,9 +404,9 @@ def char_ckpt(tmp_path, monkeypatch):
     return tmp_path / "ckpt_char.pt"
 
 
-CHAR_MESSAGE = ("ckpt_char.pt is a character-level nanoGPT model (65-token vocabulary from shakespeare_char), not "
-                "GPT-2's BPE: nanoplay encodes text with GPT-2's BPE only; its characters are in meta.pkl, a pickle "
-                "nanoplay does not read, so it would need that character table as a tokenizer")
+CHAR_MESSAGE = ("ckpt_char.pt has a 65-token vocabulary, not GPT-2's BPE (a character-level nanoGPT model, data set "
+                "shakespeare_char): nanoplay encodes text with GPT-2's BPE only; its characters are in meta.pkl, a "
+                "pickle nanoplay does not read, so it would need that character table as a tokenizer")
 
 
 @pytest.mark.parametrize("argv", [
