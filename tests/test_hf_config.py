@@ -103,12 +103,12 @@ def test_each_setting_changes_the_logits(settings):
     ({}, {"activation_function": "gelu_fancy"},
      "uses activation_function 'gelu_fancy', which transformers' GPT-2 does not know either"),
     ({"add_cross_attention": True}, None, "has cross-attention layers (add_cross_attention)"),
-    ({}, {"vocab_size": 600}, "transformer.wte.weight has shape (512, 32), config expects (600, 32) (the config's "
-                              "vocab_size does not match the weights)"),
+    ({}, {"vocab_size": 600}, ("transformer.wte.weight has shape (512, 32), config expects (600, 32) (the config's "
+                               "vocab_size does not match the weights)")),
     ({}, {"n_positions": 128}, "transformer.wpe.weight has shape (64, 32), config expects (128, 32)"),
     ({}, {"n_inner": 64}, "mlp.c_fc.weight has shape"),
-    ({}, {"tie_word_embeddings": False}, "its config says the output head is not tied to the input embedding "
-                                         "(tie_word_embeddings false), but it holds no lm_head.weight"),
+    ({}, {"tie_word_embeddings": False}, ("its config says the output head is not tied to the input embedding "
+                                          "(tie_word_embeddings false), but it holds no lm_head.weight")),
 ])
 def test_refused_settings_say_so_in_one_line(tmp_path, settings, edit, message):
     directory = save_hf(hf_model(**settings), tmp_path / "hf")
@@ -192,7 +192,7 @@ def test_untied_head_trains_and_saves(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NANOPLAY_CHECKPOINTS", str(tmp_path / "checkpoints"))
     directory = save_hf(hf_model(tie_word_embeddings=False, vocab_size=50257), tmp_path / "untied")  # the trainer's vocabulary
-    model, cfg = model_from_spec(str(directory), load_preset("demo"), crop_block_size=False)
+    model, _ = model_from_spec(str(directory), load_preset("demo"), crop_block_size=False)
     assert model.config.tie_word_embeddings is False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     head_before = model.lm_head.weight.detach().clone()

@@ -491,7 +491,6 @@ def test_written_files_have_the_usual_permissions(tmp_path, monkeypatch, umask):
         note = write_file_atomically(tmp_path / "note.md", "# hi\n")
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "ck") == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~umask
     for f in (tmp_path / "ck" / "model.safetensors", tmp_path / "ck" / "config.json", session, note):
-        assert mode(f) == 0o666 & ~umask, f
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
