@@ -6,7 +6,8 @@ The order in which a request's settings act on the model's next-token logits:
      is divided by the penalty when positive and multiplied by it when negative;
   2. presence and frequency penalties (OpenAI's formula, over generated tokens):
      logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0);
-  3. temperature: logits / temperature (temperature 0 means greedy: the argmax of step 2's logits);
+  3. temperature: (logits - max) / temperature (temperature 0 means greedy: the argmax of step 2's
+     logits; subtracting the maximum first keeps a tiny temperature finite, so it tends to greedy);
   4. top-k: keep the k highest;
   5. top-p (nucleus): keep the smallest set whose probability reaches p;
   6. min-p: keep tokens whose probability is at least min_p times the most likely one's;
@@ -20,10 +21,17 @@ models, not from luck.
 
 Every generated token also carries statistics of the model's raw distribution (before step 1):
 log-probability, rank, entropy, and the top alternatives.
+
+Non-finite logits have one meaning everywhere: -inf is a token the model rules out, +inf a token that
+takes all the probability (shared evenly when several do), and NaN has no meaning: the request fails
+with an error naming it (`logits_fault`). The per-step maths runs in float64 on logits whose maximum is
+subtracted first, so no setting can overflow them into NaN, and a removed token is never drawn.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 
@@ -50,7 +58,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # strings that end the completion (not included)
     stop_token_ids: list[int] = field(default_factory=list)  # e.g. a chat template's <|end|>
     stop_on_eot: bool = True  # <|endoftext|> ends the completion
-    seed: int | None = None  # None: a random seed, recorded on the request
+    seed: int | None = None  # None: a random seed, recorded on the request (greedy uses none)
     top_logprobs: int = 5  # alternatives reported per token
 
     def __post_init__(self):
@@ -65,6 +73,9 @@ class SamplingParams:
             (all(self.stop), "stop strings must not be empty"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be between 0 and 2**63 - 1"),
         ]
+        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        checks += [(getattr(self, name) is None or math.isfinite(getattr(self, name)), f"{name} must be a finite number")
+                   for name in numbers]
         for ok, message in checks:
             if not ok:
                 raise NanoplayError(f"invalid sampling setting: {message}")
@@ -78,9 +89,12 @@ class SamplingParams:
                 and not self.frequency_penalty)
 
     def with_seed(self) -> "SamplingParams":
-        """A copy whose seed is fixed (a fresh random one if unset)."""
+        """A copy whose seed is fixed (a fresh random one if unset). Greedy decoding (temperature 0)
+        draws no random numbers, so its seed is None: a seed there would claim an effect it has not."""
         d = asdict(self)
-        if d["seed"] is None:
+        if self.temperature == 0:
+            d["seed"] = None
+        elif d["seed"] is None:
             d["seed"] = secrets.randbits(31)
         return SamplingParams(**d)
 
@@ -88,28 +102,123 @@ class SamplingParams:
         return asdict(self)
 
 
+# Prompt k of a run (from 0) gets the stream seed + PROMPT_SEED_STRIDE * k, its samples that + 0, 1, ...:
+# distinct for up to 4294 prompts of up to a million samples each, also in the 32 bits of a seed that
+# torch's CPU generator uses (it ignores the rest: seeds 1 and 1 + 2**32 draw the same numbers).
+PROMPT_SEED_STRIDE = 1_000_003
+
+
+def derive_seed(seed: int, prompt_index: int = 0, sample_index: int = 0) -> int:
+    """The seed of sample `sample_index` of prompt `prompt_index` in a run seeded with `seed`, wrapped
+    into [0, 2**63). Prompt 0's samples use seed, seed + 1, ...; models share it (common random numbers)."""
+    return (seed + PROMPT_SEED_STRIDE * prompt_index + sample_index) % 2**63
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ",": ","}
+
+
+def parse_stop_string(text: str) -> str:
+    """
+    A stop string as typed (`gen --stop`, the playground's settings): backslash escapes \\n (newline),
+    \\t (tab), \\r, \\\\ (a backslash), \\, (a comma, which separates the playground's stop strings)
+    and \\uXXXX (any character by its code point); any other backslash is an error.
+    """
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        code = text[i + 1:i + 2]
+        if code in _ESCAPES:
+            out.append(_ESCAPES[code])
+            i += 2
+        elif code == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
+            out.append(chr(int(text[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            raise NanoplayError(f"stop string {text}: unknown escape {text[i:i + 2]}; the escapes are "
+                                f"\\n \\t \\r \\\\ (a backslash) \\, and \\uXXXX")
+    return "".join(out)
+
+
+def format_stop_string(stop: str) -> str:
+    """The inverse of parse_stop_string: what to type to get `stop`."""
+    special = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", ",": "\\,"}
+    return "".join(special.get(c, c) if c.isprintable() or c in special or ord(c) > 0xFFFF else f"\\u{ord(c):04x}"
+                   for c in stop)
+
+
+def parse_stop_list(text: str) -> list[str]:
+    """Comma-separated stop strings, as the playground's settings field takes them (\\, for a comma in
+    one; spaces around each are dropped), each read by parse_stop_string."""
+    parts = re.split(r"(?<!\\),", text.replace("\\\\", "\0"))  # split at commas no backslash escapes
+    return [parse_stop_string(part.replace("\0", "\\\\").strip()) for part in parts if part.strip()]
+
+
+def logits_fault(logits: torch.Tensor) -> list[str | None]:
+    """
+    For rows of a model's logits (B, vocab): why a row defines no distribution, or None when it does.
+    NaN anywhere is a fault of the model (damaged weights, an overflow in a low-precision dtype); a
+    row that rules out every token is one too.
+    """
+    nan = torch.isnan(logits).any(-1).tolist()
+    empty = (logits == float("-inf")).all(-1).tolist()
+    return ["model produced NaN logits (damaged weights, or an overflow in its dtype: try --dtype float32)" if n
+            else "model produced logits that are -inf for every token" if e else None for n, e in zip(nan, empty)]
+
+
+def stable_logits(logits: torch.Tensor) -> torch.Tensor:
+    """
+    Logits (..., vocab) as float64 with the same distribution and no +inf or NaN: where a row has +inf
+    entries they share all the probability (the limit of ever larger logits), so they become 0 and the
+    rest -inf; NaN, which penalty arithmetic on a ruled-out token can give (-inf + inf), stays ruled out.
+    Rows with NaN from the model itself are refused earlier (`logits_fault`).
+    """
+    logits = logits.double()
+    logits = logits.masked_fill(torch.isnan(logits), float("-inf"))
+    infinite = logits == math.inf
+    if infinite.any():
+        rows = infinite.any(-1, keepdim=True)
+        logits = torch.where(rows, torch.where(infinite, 0.0, float("-inf")).to(logits.dtype), logits)
+    return logits
+
+
+def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The model's raw log-probabilities (..., vocab) in float64, finite for every token it does not rule
+    out however large its logits (float32 logits of +-3e38 differ by more than float32 can hold)."""
+    return stable_logits(logits).log_softmax(-1)
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                     generated_counts: torch.Tensor | None) -> torch.Tensor:
-    """Steps 1-2 on one row. seen: ids in prompt + output; generated_counts: (V,) counts of output ids."""
-    if params.repetition_penalty != 1.0 and seen.numel():
+    """Steps 1-2 on one row (float64 out). seen: ids in prompt + output; generated_counts: (V,) counts of output ids."""
+    logits = stable_logits(logits)
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         picked = logits[seen]
         logits = logits.clone()
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and generated_counts is not None:
         counts = generated_counts.to(logits.dtype)
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+        logits = logits - (params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype))
+    return stable_logits(logits)  # a huge penalty can overflow to +-inf: keep one meaning for it
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Steps 3-6 on one row: temperature, top-k, top-p, min-p; removed entries become -inf."""
-    logits = logits / params.temperature
+    """
+    Steps 3-6 on one row: temperature, top-k, top-p, min-p; removed entries become -inf. The result
+    (float64) differs from logits / temperature by a constant (its maximum is 0), which no softmax sees.
+    """
+    logits = stable_logits(logits)
+    # subtract the maximum before dividing: a tiny temperature then sends the others to -inf, never to NaN
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.double().softmax(-1)  # float64: the boundary must not move with rounding
+        probs = sorted_logits.softmax(-1)  # float64: the boundary must not move with rounding
         # drop a token when the ones before it already reach top_p (the first token always stays)
         drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
@@ -127,13 +236,17 @@ def draw_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Ten
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-    """Pick the next token from one row of penalised logits; returns (id, sampling log-probs)."""
+    """
+    Pick the next token from one row of penalised logits (vocab,); returns (id, sampling log-probs
+    (vocab,), float64). The row must have a distribution (`logits_fault` is None for it).
+    """
     if params.temperature == 0:
-        token = int(torch.argmax(logits))
-        sampling_logprobs = torch.full_like(logits, float("-inf"))
+        token = int(torch.argmax(stable_logits(logits)))
+        sampling_logprobs = torch.full(logits.shape, float("-inf"), dtype=torch.float64, device=logits.device)
         sampling_logprobs[token] = 0.0  # greedy: a point mass
         return token, sampling_logprobs
     sampling_logprobs = filter_logits(logits, params).log_softmax(-1)
-    # exponential race: argmax p / E  ==  argmax log p - log E
-    token = int(torch.argmax(sampling_logprobs - noise.log()))
+    # exponential race: argmax p / E  ==  argmax log p - log E; a removed token stays out even if E is 0
+    race = torch.where(sampling_logprobs > float("-inf"), sampling_logprobs - noise.double().log(), float("-inf"))
+    token = int(torch.argmax(race))
     return token, sampling_logprobs

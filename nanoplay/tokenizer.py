@@ -80,14 +80,41 @@ class TextStream:
     Turns token ids into text as they arrive without ever splitting a UTF-8 character: bytes of an
     incomplete character are held back until the token that completes it (the incremental decoder
     does exactly that). `push` returns the text that became complete.
+
+    context: the ids before the first pushed one (a prompt). A character whose first bytes end the
+    context appears whole in the text of the token that completes it, as it would within one stream;
+    if the next bytes do not complete it, the broken character belongs to the context, so the stream's
+    text does not begin with its U+FFFD.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # a character is at most 4 bytes, so the context's last 3 bytes hold any unfinished one
+        self.decoder.decode(b"".join(tokenizer.token_bytes(i) for i in list(context)[-3:])[-3:])
+        self._context_bytes = self.decoder.getstate()[0]  # the context's unfinished character
+        self._since = b""  # bytes pushed while that character is unresolved
 
     def push(self, token_id: int) -> str:
-        return self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        data = self.tokenizer.token_bytes(token_id)
+        return self._resolve(self.decoder.decode(data), data)
 
     def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
+        return self._resolve(self.decoder.decode(b"", final=True), b"")
+
+    def _resolve(self, text: str, data: bytes) -> str:
+        """Drop the U+FFFD that stands for the context's own unfinished character, if it stays unfinished."""
+        if not self._context_bytes:
+            return text
+        self._since += data
+        if not text:  # still incomplete
+            return text
+        started = self._context_bytes + self._since
+        length = 2 if started[0] < 0xE0 else 3 if started[0] < 0xF0 else 4  # from its lead byte
+        try:
+            started[:length].decode("utf-8")
+            completed = len(started) >= length
+        except UnicodeDecodeError:
+            completed = False
+        self._context_bytes = self._since = b""
+        return text if completed else text[1:]

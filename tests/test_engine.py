@@ -118,6 +118,7 @@ def test_greedy_matches_transformers_generate():
     ours = loaded(build_model(config_from_hf(hf.config.to_dict(), "t"), state_from_hf(hf.state_dict()), "t"))
     prompt = get_tokenizer().encode("The meaning of life is")
     req = Engine().generate(ours, prompt, SamplingParams(max_new_tokens=12, temperature=0, stop_on_eot=False))
+    prompt = [get_tokenizer().eot_id] + prompt  # the engine's text_context: a prompt follows <|endoftext|>
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert [t.id for t in req.tokens] == ref[0, len(prompt):].tolist()
     for t in req.tokens:  # plain greedy: rank 1, and the sampling distribution is a point mass
@@ -133,7 +134,7 @@ def test_greedy_with_repetition_penalty_matches_transformers_generate():
     ours = loaded(build_model(config_from_hf(hf.config.to_dict(), "t"), state_from_hf(hf.state_dict()), "t"))
     prompt = get_tokenizer().encode("the the the the")
     req = Engine().generate(ours, prompt, SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.5,
-                                                         stop_on_eot=False, top_logprobs=3))
+                                                         stop_on_eot=False, top_logprobs=3), eot_prefix=False)
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                       repetition_penalty=1.5, pad_token_id=0)
     assert [t.id for t in req.tokens] == ref[0, len(prompt):].tolist()
@@ -145,7 +146,7 @@ def test_greedy_with_repetition_penalty_matches_transformers_generate():
 def test_token_data_is_consistent_with_the_model():
     model = tiny_model()
     req = Engine().generate(loaded(model), "Hi there", SamplingParams(max_new_tokens=6, seed=4, top_logprobs=3))
-    ids = get_tokenizer().encode("Hi there") + [t.id for t in req.tokens]
+    ids = [get_tokenizer().eot_id] + get_tokenizer().encode("Hi there") + [t.id for t in req.tokens]
     with torch.no_grad():
         logprobs = model(torch.tensor([ids]))[0].log_softmax(-1)
     for i, t in enumerate(req.tokens):
@@ -211,7 +212,7 @@ def test_n_samples_share_the_prompt_prefill():
     reqs = [engine.submit(lm, prompt, SamplingParams(max_new_tokens=3, seed=s)) for s in range(3)]
     engine.run_until_done(reqs)
     prefills = [s for s in lengths if s[1] > 1]
-    assert prefills == [torch.Size([1, 30])]  # the others copied the cached prompt, fed only its last token
+    assert prefills == [torch.Size([1, 31])]  # <|endoftext|> and the prompt; the others copied the cached prompt, fed only its last token
     # and those copies produce exactly what a fresh engine computes
     for s, r in enumerate(reqs):
         fresh = Engine().generate(loaded(tiny_model()), prompt, SamplingParams(max_new_tokens=3, seed=s))
@@ -227,7 +228,8 @@ def test_chat_turn_reuses_the_cached_conversation():
     history = list(range(500, 520)) + [t.id for t in first.tokens] + [600, 601]
     second = engine.submit(lm, history, SamplingParams(max_new_tokens=5, temperature=0))
     engine.run_until_done([second])
-    assert runner.cache.tokens[second._slot][:24] == history[:24]
+    history = [get_tokenizer().eot_id] + history  # the engine's text_context
+    assert runner.cache.tokens[second._slot][:25] == history[:25]
     assert [t.id for t in second.tokens] == greedy_reference(model, history, 5)
 
 

@@ -54,8 +54,11 @@ def test_min_p_matches_transformers(m):
 
 
 def test_temperature_scales_logits():
+    # the same distribution as logits / temperature; the maximum is subtracted first, so it is 0
     x = logits(3)
-    torch.testing.assert_close(filter_logits(x, SamplingParams(temperature=0.5)), x / 0.5)
+    ours = filter_logits(x, SamplingParams(temperature=0.5))
+    torch.testing.assert_close(ours, (x.double() - x.max()) / 0.5)
+    torch.testing.assert_close(ours.log_softmax(-1), (x.double() / 0.5).log_softmax(-1))
 
 
 def test_repetition_penalty_matches_transformers():
@@ -65,8 +68,8 @@ def test_repetition_penalty_matches_transformers():
     seen = torch.tensor([3, 3, 10, 500, 999])
     ours = apply_penalties(x, SamplingParams(repetition_penalty=1.3), seen, None)
     ref = RepetitionPenaltyLogitsProcessor(1.3)(seen.unsqueeze(0), x.clone().unsqueeze(0))[0]
-    torch.testing.assert_close(ours, ref)
-    assert ours[10] == (x[10] / 1.3 if x[10] > 0 else x[10] * 1.3)
+    torch.testing.assert_close(ours, ref.double())  # the sampler's maths runs in float64
+    assert ours[10] == pytest.approx(float(x[10]) / 1.3 if x[10] > 0 else float(x[10]) * 1.3)
 
 
 def test_presence_and_frequency_penalties_by_hand():
