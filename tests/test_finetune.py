@@ -17,8 +17,9 @@ from nanoplay.errors import NanoplayError
 from nanoplay.loading import load_model
 from nanoplay.sampling import SamplingParams
 from nanoplay.tokenizer import EOT_ID, get_tokenizer
-from trainer.chat_data import collate, load_conversations
+from trainer.chat_data import collate, load_conversations, split_examples
 from trainer.finetune import newest_pretrained, pad_vocab, run_finetune
+from trainer.monitor import read_metrics
 
 SYSTEM, USER, ASSISTANT = 50257, 50258, 50259
 
@@ -180,19 +181,26 @@ def test_print_config_is_what_runs_and_reads_back(env, tmp_path, capsys):
     path = write_jsonl(tmp_path / "dialogs.jsonl", dialogs)
     assert cli.main(["finetune", "--data", str(path), "--init", "base", "--sample-tokens", "0", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    # the base's shape (not owt-30m's 6/384/512), its name, and 3 epochs of the 11 training conversations
-    # (12 minus round(12 x 0.05) = 1 held out) at 8 per step: ceil(3 x 11 / 8) = 5 steps
+    # 3 epochs of the 11 training conversations (12 minus round(12 x 0.05) = 1 held out) at 4 per step are
+    # ceil(3 x 11 / 4) = 9 steps: too few to learn the format, so min_iters raises them to 100 (100 / 2.75 epochs)
+    assert ("max_iters = 100  # 3 epochs of 11 training conversations are 9 steps: min_iters raises it to "
+            "36.4 epochs") in printed
+    assert cli.main(["finetune", "--data", str(path), "--init", "base", "--sample-tokens", "0", "--min-iters", "5",
+                     "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    # the base's shape (not owt-30m's 6/384/512), its name, and the 9 steps of 3 epochs; the warm-up fits them
     for line in ("n_layer = 2", "n_embd = 32", "block_size = 64", "vocab_size = 50304", 'init = "base"',
-                 'name = "base-chat"', "max_iters = 5  # 3 epochs of 11 training conversations"):
+                 'name = "base-chat"', "max_iters = 9  # 3 epochs of 11 training conversations (delete",
+                 "warmup_iters = 20  # capped: 0 steps, 10% of max_iters 9, warm up"):
         assert line in printed, line
     assert "# the shape of --init base, its vocabulary padded for the chat tokens" in printed
     assert not (env / "base-chat").exists()
     config = tmp_path / "ft.toml"
     config.write_text(printed)
     assert cli.main(["finetune", "--config", str(config)]) == 0
-    assert "finished at step 5" in capsys.readouterr().out
+    assert "finished at step 9" in capsys.readouterr().out
     # max_iters written in the file wins over epochs, as a flag does
-    config.write_text(printed.replace("max_iters = 5", "max_iters = 2").replace('"base-chat"', '"two"'))
+    config.write_text(printed.replace("max_iters = 9", "max_iters = 2").replace('"base-chat"', '"two"'))
     assert cli.main(["finetune", "--config", str(config)]) == 0
     assert "finished at step 2" in capsys.readouterr().out
 
@@ -207,3 +215,33 @@ def test_finetune_names_and_help(env, tmp_path, capsys):
         cli.main(["finetune", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--name NAME run name under checkpoints/ (default: the --init model's name + -chat)" in help_text
+
+
+COLOURS = [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("blood", "red"),
+           ("sun", "yellow"), ("sea", "blue"), ("leaf", "green"), ("milk", "white"), ("night", "black")]
+LEGS = [("cat", "four"), ("bird", "two"), ("spider", "eight"), ("ant", "six"), ("dog", "four"),
+        ("snake", "no"), ("horse", "four"), ("duck", "two"), ("bee", "six"), ("fish", "no")]
+
+
+def test_the_default_finetune_learns_the_chat_format_from_20_conversations(env, tmp_path, capsys):
+    # the issue's case: 20 conversations with every default. Before, 3 epochs at 8 per step were 8 steps, all
+    # inside a 20-step warm-up (lr <= 3.8e-5): the held-out loss hardly moved and the answers had no <|end|>.
+    # A base of the demo's width (128) and vocabulary, 2 layers and a 64-token context keep it quick.
+    save_checkpoint(tiny_model(7, n_embd=128), env / "base" / step_dir_name(1), step=1)
+    dialogs = ([[{"role": "user", "content": f"What colour is the {x}?"},
+                 {"role": "assistant", "content": f"The {x} is {c}."}] for x, c in COLOURS]
+               + [[{"role": "user", "content": f"How many legs has a {x}?"},
+                   {"role": "assistant", "content": f"A {x} has {n} legs."}] for x, n in LEGS])
+    path = write_jsonl(tmp_path / "dialogs.jsonl", [{"messages": d} for d in dialogs])
+    result = run_finetune(overrides={"data": str(path), "sample_tokens": 0}, display="plain")
+    assert result.step == 100  # 3 epochs of 19 conversations at 4 per step are 15 steps: min_iters makes 100
+    assert "too few" not in capsys.readouterr().err
+    vals = [m["val_loss"] for m in read_metrics(env / "base-chat" / "metrics.jsonl") if "val_loss" in m]
+    assert vals[-1] < vals[0] - 5.0  # measured: 10.7 -> 3.0 nats (the old defaults: 10.7 -> 10.6)
+
+    lm = load_model("base-chat")
+    _, (held_out,) = split_examples(load_conversations(str(path), 64)[0], 0.05, seed=1337)  # the defaults' split
+    prompt = render_prompt(held_out.messages[:1], lm.chat_template)
+    req = Engine().generate(lm, prompt, SamplingParams(max_new_tokens=16, temperature=0,
+                                                       stop_token_ids=stop_token_ids(lm.chat_template)))
+    assert req.finish_reason == "stop" and req.text.strip(), req.text  # an answer, ended by <|end|>

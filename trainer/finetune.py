@@ -19,7 +19,7 @@ from nanoplay.tokenizer import get_tokenizer
 
 from . import chat_data, checkpoints
 from .config import TrainConfig, read_config_file
-from .loop import TrainResult, init_distributed, pick_device, train_loop
+from .loop import TrainResult, init_distributed, pick_device, schedule_notes, train_loop
 from .train import MODEL_FIELDS, resume_run, set_dropout
 
 DEFAULTS = Path(__file__).parent / "finetune.toml"
@@ -158,9 +158,14 @@ def plan_finetune(config_file: str | None = None, overrides: dict | None = None,
     micro_per_step = cfg.gradient_accumulation_steps * world_size
     data = chat_data.ChatData(train, val, cfg.batch_size, micro_per_step, cfg.seed, cfg.eval_batches, cfg.data)
     if cfg.epochs > 0 and "max_iters" not in user_keys:
-        cfg = dataclasses.replace(cfg, max_iters=math.ceil(cfg.epochs * data.steps_per_epoch()))
-        notes["max_iters"] = (f"{cfg.epochs:g} epochs of {len(train)} training conversations "
-                              f"(delete this line to count again for other data)")
+        epoch_steps = math.ceil(cfg.epochs * data.steps_per_epoch())
+        cfg = dataclasses.replace(cfg, max_iters=max(epoch_steps, cfg.min_iters))
+        counted = f"{cfg.epochs:g} epochs of {len(train)} training conversations"
+        if epoch_steps < cfg.min_iters:
+            counted = (f"{counted} are {epoch_steps} steps: min_iters raises it to "
+                       f"{cfg.max_iters / data.steps_per_epoch():.3g} epochs")
+        notes["max_iters"] = f"{counted} (delete this line to count again for other data)"
+    notes.update(schedule_notes(cfg))
     first = (val or train)[0].messages
     sample_messages = first[:next(i for i, m in enumerate(first) if m["role"] == "assistant")]
     return Plan(cfg, model.train(), resume_state, examples, problems, data, sample_messages, notes)
