@@ -12,6 +12,8 @@ from nanoplay.cli import main
     (["--threads", "0"], "--threads must be at least 1"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    (["--scoring", "--dtype", "int8"], "--scoring runs the same weights through transformers, which has no int8 "
+                                        "weights here: give --dtype fp32 or bf16"),
     (["--prompt-tokens", "63"], "--prompt-tokens 63 does not fit tiny@200's context of 64 tokens: give at most 62"),
 ])
 def test_bench_flags_are_checked(tiny_run, capsys, flags, message):

@@ -59,6 +59,9 @@ def run(args) -> int:
     dtypes = list(dict.fromkeys(torch_dtype(name, device) for name in args.dtype or ["auto"]))
     if torch.int8 in dtypes and torch.device(device).type != "cpu":
         raise NanoplayError("--dtype int8 runs on the CPU only (torch's int8 kernel): add --device cpu")
+    if torch.int8 in dtypes and args.scoring:
+        raise NanoplayError("--scoring runs the same weights through transformers, which has no int8 weights "
+                            "here: give --dtype fp32 or bf16")
     engine = Engine()
     # (float32 reference, {dtype: the model at that precision}) per model: the reference is what llama.cpp
     # converts and what a lower precision's quality is measured against
