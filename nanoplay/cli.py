@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "nanoplay.commands.models",
     "nanoplay.commands.export",
     "nanoplay.commands.eval",
+    "nanoplay.commands.report",
     "nanoplay.commands.train",
 ]
 

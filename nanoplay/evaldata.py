@@ -2,6 +2,9 @@
 The data sets `nanoplay eval --data` accepts, loaded once and shared by every model evaluated.
 
     wikitext-2, wikitext-103   raw test split, rows joined with "\\n\\n" (the HF perplexity guide)
+    wikitext                   lm-evaluation-harness's task of that name: the wikitext-2 test split as
+                               its 62 articles (EleutherAI/wikitext_document_level), each detokenized
+                               and scored on its own; words and bytes counted on the original article
     lambada                    EleutherAI/lambada_openai, the 5,153 texts OpenAI's GPT-2 was scored on
     openwebtext, pydoc-topics  the trainer's validation split, tokenised as the trainer does
     a path or a Hub id         local .txt/.jsonl/.parquet files or folders, or a Hub text data set (all of it,
@@ -13,6 +16,7 @@ The named sets come from the Hub through `datasets.load_dataset` (cached after t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +28,13 @@ from .tokenizer import get_tokenizer
 
 WIKITEXT_HUB = "Salesforce/wikitext"
 WIKITEXT_CONFIGS = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+HARNESS_WIKITEXT_HUB = "EleutherAI/wikitext_document_level"
+HARNESS_WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 LAMBADA_HUB = "EleutherAI/lambada_openai"
 LAMBADA_CONFIG = "default"  # the English texts; the other configs are machine translations
 ALIASES = {"wikitext2": "wikitext-2", "wikitext103": "wikitext-103", "lambada_openai": "lambada",
-           "lambada-openai": "lambada", "owt": "openwebtext"}
-NAMED = (*WIKITEXT_CONFIGS, "lambada", "openwebtext")
+           "lambada-openai": "lambada", "owt": "openwebtext", "wikitext-harness": "wikitext"}
+NAMED = (*WIKITEXT_CONFIGS, "wikitext", "lambada", "openwebtext")
 TRAINING_CORPORA = ("openwebtext", "pydoc-topics")  # evaluated on the validation split the trainer holds out
 LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".raw": "text"}
 
@@ -37,7 +43,7 @@ LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".tx
 class EvalData:
     """One evaluation set: a token stream for perplexity, or LAMBADA's texts."""
 
-    key: str  # wikitext-2 | wikitext-103 | lambada | openwebtext | the path or Hub id given
+    key: str  # wikitext-2 | wikitext-103 | wikitext | lambada | openwebtext | the path or Hub id given
     kind: str  # "stream" | "lambada"
     description: str  # where it came from and how it was joined
     rows: int  # rows (documents, lines, examples) used
@@ -45,6 +51,7 @@ class EvalData:
     n_bytes: int = 0  # stream: UTF-8 bytes of the text
     n_words: int = 0  # stream: whitespace-separated words of the text
     texts: list[str] | None = None  # lambada
+    doc_lengths: list[int] | None = None  # stream of documents scored one by one (the rolling rule): tokens each
 
     @property
     def is_wikitext(self) -> bool:
@@ -59,7 +66,8 @@ def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | No
     if name not in NAMED:
         name, local = spec.strip(), ""  # a path or Hub id, which may itself hold a "="
     elif sep and name == "openwebtext":
-        raise NanoplayError(f"--data {spec}: NAME=PATH gives a local copy of wikitext-2, wikitext-103 or lambada; "
+        raise NanoplayError(f"--data {spec}: NAME=PATH gives a local copy of wikitext-2, wikitext-103, wikitext or "
+                            f"lambada; "
                             f"pass other text files as the path alone")
     if name in WIKITEXT_CONFIGS:
         if local:  # blank lines of the original wiki.*.raw files are empty rows, as the Hub's rows have them
@@ -68,6 +76,15 @@ def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | No
             rows, where = _hub_rows(name, WIKITEXT_HUB, WIKITEXT_CONFIGS[name], "test", "text"), WIKITEXT_HUB
         rows = rows[:limit] if limit else rows
         return wikitext_stream(name, rows, f"{where} {WIKITEXT_CONFIGS[name]} test, rows joined with '\\n\\n'")
+    if name == "wikitext":
+        if local:
+            pages, where = _local_pages(Path(local)), local
+        else:
+            pages, where = _hub_rows(name, HARNESS_WIKITEXT_HUB, HARNESS_WIKITEXT_CONFIG, "test", "page"), \
+                HARNESS_WIKITEXT_HUB
+        pages = pages[:limit] if limit else pages
+        return harness_wikitext(pages, f"{where} {HARNESS_WIKITEXT_CONFIG} test as lm-evaluation-harness's wikitext "
+                                       f"task: an article per document, detokenized")
     if name == "lambada":
         if local:
             texts, where = _local_rows(Path(local), "text"), local
@@ -88,6 +105,41 @@ def wikitext_stream(key: str, rows: list[str], description: str) -> EvalData:
     ids = torch.tensor(get_tokenizer().encode(text), dtype=torch.long)
     return EvalData(key=key, kind="stream", description=description, rows=len(rows), ids=ids,
                     n_bytes=len(text.encode("utf-8")), n_words=len(text.split()))
+
+
+def harness_wikitext(pages: list[str], description: str) -> EvalData:
+    """
+    lm-evaluation-harness's wikitext task: each article detokenized (`wikitext_detokenizer`) and
+    tokenized on its own, to be scored one by one; its words (`re.split(r"\\s+", page)`, as the
+    harness counts them) and UTF-8 bytes are those of the original article.
+    """
+    tok = get_tokenizer()
+    docs = [tok.encode(wikitext_detokenizer(page)) for page in pages]
+    return EvalData(key="wikitext", kind="stream", description=description, rows=len(pages),
+                    ids=torch.tensor([i for d in docs for i in d], dtype=torch.long),
+                    n_bytes=sum(len(p.encode("utf-8")) for p in pages),
+                    n_words=sum(len(re.split(r"\s+", p)) for p in pages), doc_lengths=[len(d) for d in docs])
+
+
+# lm-evaluation-harness's wikitext_detokenizer (lm_eval/tasks/wikitext/preprocess_wikitext.py), which
+# undoes WikiText's tokenisation before GPT-2's BPE sees the text: plain replacements and regular
+# expressions, applied in this order.
+_DETOKENIZE = (
+    ("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),  # contractions
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),  # number separators
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),  # punctuation
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"), (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),  # brackets
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"), (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),  # headings
+    (" \u00b0 ", "\u00b0"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+)
+
+
+def wikitext_detokenizer(text: str) -> str:
+    for pattern, replacement in _DETOKENIZE:
+        text = pattern.sub(replacement, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, replacement)
+    return text
 
 
 def documents_stream(key: str, docs: list[str], description: str | None = None) -> EvalData:
@@ -135,6 +187,26 @@ def _hub_rows(key: str, repo: str, config: str, split: str, column: str) -> list
         raise NanoplayError(f"{key}: the datasets cache has {repo} but not its {config} config; run once with "
                             f"network, or pass a local copy as --data {key}=PATH") from e
     return list(ds[column])
+
+
+ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")  # " = Robert Boulter = ": a new article (one "=" each side)
+
+
+def _local_pages(path: Path) -> list[str]:
+    """
+    Articles of a local copy of the harness's WikiText: a .parquet/.jsonl with its `page` column, or the
+    original wiki.test.raw, cut before each top-level heading line.
+    """
+    if path.suffix.lower() not in (".raw", ".txt"):
+        return _local_rows(path, "page")
+    if not path.is_file():
+        raise NanoplayError(f"{path}: no such file")
+    pages: list[list[str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if ARTICLE_HEADING.match(line.rstrip("\n")) or not pages:
+            pages.append([])
+        pages[-1].append(line)
+    return ["".join(p) for p in pages]
 
 
 def _local_rows(path: Path, column: str) -> list[str]:

@@ -17,6 +17,12 @@ The last two rescale the mean token loss to the whole text's tokens (Megatron-LM
 perplexity" for WikiText), which is exact when every token is scored and otherwise treats the
 handful of unscored window starts as average tokens.
 
+`rule="rolling"` is lm-evaluation-harness's loglikelihood_rolling instead: every token is scored, the
+first predicted from <|endoftext|>; the first window predicts the first `context` tokens, each later
+one the next `context` tokens (fewer at the end) with the model reading the `context` tokens before
+the last of them, so no token is scored twice. Documents (the harness's WikiText articles) are scored one by
+one, each from its own <|endoftext|>.
+
 LAMBADA is scored like lm-evaluation-harness (context = the text up to its last space, target = the
 space and the last word, accuracy = every target token is the greedy choice, perplexity = exp of the
 mean target nll per example); `rule="last-token"` is OpenAI's easier GPT-2 rule, where only the
@@ -33,9 +39,11 @@ import torch
 from torch.nn import functional as F
 
 from .errors import NanoplayError
+from .tokenizer import EOT_ID
 
 LN2 = math.log(2)
 LAMBADA_RULES = ("word", "last-token")
+RULES = ("strided", "rolling")  # perplexity rules: the HF guide's sliding window, the harness's rolling windows
 DEFAULT_BATCH_TOKENS = 8192  # tokens per forward
 # Rows of logits projected at once: small enough on CPU that the (rows, vocab) block stays in cache
 # while cross-entropy reads it back, large enough on GPU to keep it busy.
@@ -91,12 +99,13 @@ def target_scores(model, hidden: torch.Tensor, targets: torch.Tensor,
 @dataclass
 class PerplexityResult:
     nll: float  # summed negative log-likelihood of the scored tokens, nats
-    scored: int  # tokens that were predicted (all but the first of each non-overlapping window)
+    scored: int  # tokens that were predicted (strided: all but the first of each non-overlapping window)
     tokens: int  # tokens in the whole stream
     bytes: int  # UTF-8 bytes of the text those tokens spell (end-of-text separators count 0)
-    words: int  # whitespace-separated words in the text
+    words: int  # words in the text (whitespace-separated; the harness's count for its WikiText)
     context: int
-    stride: int
+    stride: int | None  # None under the rolling rule
+    rule: str = "strided"
 
     @property
     def loss(self) -> float:
@@ -111,13 +120,17 @@ class PerplexityResult:
         return self.loss / LN2 * self.tokens / self.bytes
 
     @property
+    def byte_ppl(self) -> float:
+        return math.exp(self.loss * self.tokens / self.bytes)
+
+    @property
     def word_ppl(self) -> float:
         return math.exp(self.loss * self.tokens / self.words)
 
     def to_dict(self) -> dict:
-        return dict(loss=self.loss, ppl=self.ppl, bits_per_byte=self.bits_per_byte, word_ppl=self.word_ppl,
-                    nll=self.nll, scored_tokens=self.scored, tokens=self.tokens, bytes=self.bytes,
-                    words=self.words, context=self.context, stride=self.stride)
+        return dict(loss=self.loss, ppl=self.ppl, bits_per_byte=self.bits_per_byte, byte_ppl=self.byte_ppl,
+                    word_ppl=self.word_ppl, nll=self.nll, scored_tokens=self.scored, tokens=self.tokens,
+                    bytes=self.bytes, words=self.words, context=self.context, stride=self.stride, rule=self.rule)
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -139,47 +152,120 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
     return windows
 
 
+def rolling_windows(n_tokens: int, context: int, offset: int = 0) -> list[tuple[int, int, int]]:
+    """
+    lm-evaluation-harness's loglikelihood_rolling windows (its get_rolling_token_windows with
+    context_len=1, then make_disjoint_window) for one text of n_tokens tokens that sits in a stream
+    after an <|endoftext|> at `offset`: the text is stream[offset + 1 : offset + 1 + n_tokens].
+    (begin, end, first) as in sliding_windows: the window holds stream[begin:end] (at most context + 1
+    tokens: the model reads all but the last) and scores [first, end). Every token of the text is
+    scored exactly once.
+    """
+    windows, done = [], 0
+    while done < n_tokens:
+        n = min(context, n_tokens - done)  # tokens this window predicts
+        end = offset + 1 + done + n
+        begin = offset if done == 0 else end - 1 - context  # the first reads from <|endoftext|>
+        windows.append((begin, end, offset + 1 + done))
+        done += n
+    return windows
+
+
+def plan_windows(n_tokens: int, context: int, *, rule: str = "strided", stride: int | None = None,
+                 doc_lengths: list[int] | None = None, eot_id: int = EOT_ID):
+    """
+    How a rule scores a stream of n_tokens ids: (prefix, windows, where). The model reads
+    `stream` = the ids with <|endoftext|> inserted before each document (rolling; none for strided),
+    `windows` over it as in sliding_windows, and `where` (n_tokens,) gives each id's position in it.
+    `prefix(ids)` builds that stream. doc_lengths: the rolling rule scores each document on its own
+    (default: the whole stream is one document).
+    """
+    if rule == "strided":
+        return (lambda ids: ids), sliding_windows(n_tokens, context, stride or context), torch.arange(n_tokens)
+    if rule != "rolling":
+        raise NanoplayError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+    lengths = doc_lengths if doc_lengths is not None else [n_tokens]
+    if sum(lengths) != n_tokens:
+        raise NanoplayError(f"documents of {sum(lengths)} tokens do not make up the {n_tokens}-token stream")
+    windows, where, offset = [], [], 0
+    for n in lengths:
+        windows += rolling_windows(n, context, offset)
+        where.append(torch.arange(offset + 1, offset + 1 + n))
+        offset += n + 1
+
+    def prefix(ids: torch.Tensor) -> torch.Tensor:
+        parts, start = [], 0
+        for n in lengths:
+            parts += [torch.tensor([eot_id], dtype=ids.dtype), ids[start:start + n]]
+            start += n
+        return torch.cat(parts)
+
+    return prefix, windows, torch.cat(where) if where else torch.zeros(0, dtype=torch.long)
+
+
+def scored_tokens(n_tokens: int, context: int, *, rule: str = "strided", stride: int | None = None,
+                  doc_lengths: list[int] | None = None) -> int:
+    """How many tokens a rule scores (a progress bar's total)."""
+    _, windows, _ = plan_windows(n_tokens, context, rule=rule, stride=stride, doc_lengths=doc_lengths)
+    return sum(end - first for _, end, first in windows)
+
+
 @torch.inference_mode()
-def token_nll(model, ids: torch.Tensor, context: int, stride: int, batch_size: int | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def window_nll(model, stream: torch.Tensor, windows: list[tuple[int, int, int]], batch_size: int | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """
-    Negative log-likelihood of every token of `ids` (N,) under the strided sliding window, as a float64
-    tensor (N,) with NaN for the tokens no window scores. Windows are scored `batch_size` at a time;
-    the shorter last windows are padded on the right, which a causal model never looks at.
-    on_progress(units, tokens), if given, is called after each batch with the tokens it scored (twice).
+    Negative log-likelihood, float64 (N,), of the tokens of `stream` (N,) that the (begin, end, first)
+    windows score, NaN elsewhere. The model reads stream[begin:end - 1] (the last token is only a
+    target); windows are scored `batch_size` at a time, the shorter ones padded on the right, which a
+    causal model never looks at. on_progress(units, tokens), if given, is called after each batch with
+    the tokens it scored (twice).
     """
-    n = ids.numel()
-    if n < 2:
-        raise NanoplayError("the text is too short to score: it needs at least two tokens")
-    windows = sliding_windows(n, context, stride)
-    batch_size = batch_size or default_batch_size(context)
+    n = stream.numel()
+    longest = max((end - begin - 1 for begin, end, _ in windows), default=1)
+    batch_size = batch_size or default_batch_size(longest)
     device = next(model.parameters()).device
     nll = torch.full((n,), float("nan"), dtype=torch.float64)
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
-        T = max(end - begin for begin, end, _ in batch)
+        T = max(end - begin - 1 for begin, end, _ in batch)
         x = torch.zeros((len(batch), T), dtype=torch.long)
         rows, cols, positions = [], [], []
         for r, (begin, end, first) in enumerate(batch):
-            x[r, :end - begin] = ids[begin:end]
+            x[r, :end - begin - 1] = stream[begin:end - 1]
             pos = torch.arange(first, end)  # the scored tokens, by absolute position
             rows.append(torch.full_like(pos, r))
             cols.append(pos - begin - 1)  # the hidden state at column t predicts the token at column t + 1
             positions.append(pos)
         rows, cols, positions = torch.cat(rows), torch.cat(cols), torch.cat(positions)
         hidden = final_hidden(model, x.to(device))  # (B, T, n_embd)
-        nll[positions] = target_scores(model, hidden[rows.to(device), cols.to(device)], ids[positions])[0]
+        nll[positions] = target_scores(model, hidden[rows.to(device), cols.to(device)], stream[positions])[0]
         if on_progress is not None:
             on_progress(positions.numel(), positions.numel())
     return nll
 
 
-def perplexity(model, ids: torch.Tensor, *, context: int, stride: int, n_bytes: int, n_words: int,
-               batch_size: int | None = None, on_progress=None) -> PerplexityResult:
-    nll = token_nll(model, ids, context, stride, batch_size, on_progress)
+def token_nll(model, ids: torch.Tensor, context: int, stride: int | None = None, batch_size: int | None = None,
+              on_progress: Callable[[int, int], None] | None = None, *, rule: str = "strided",
+              doc_lengths: list[int] | None = None) -> torch.Tensor:
+    """
+    Negative log-likelihood of every token of `ids` (N,) under a rule (strided sliding window, or the
+    harness's rolling windows), as a float64 tensor (N,) with NaN for the tokens no window scores.
+    """
+    n = ids.numel()
+    if n < (2 if rule == "strided" else 1):
+        raise NanoplayError("the text is too short to score: it needs at least two tokens")
+    prefix, windows, where = plan_windows(n, context, rule=rule, stride=stride, doc_lengths=doc_lengths)
+    return window_nll(model, prefix(ids), windows, batch_size, on_progress)[where]
+
+
+def perplexity(model, ids: torch.Tensor, *, context: int, stride: int | None, n_bytes: int, n_words: int,
+               rule: str = "strided", doc_lengths: list[int] | None = None, batch_size: int | None = None,
+               on_progress=None) -> PerplexityResult:
+    nll = token_nll(model, ids, context, stride, batch_size, on_progress, rule=rule, doc_lengths=doc_lengths)
     scored = ~torch.isnan(nll)
     return PerplexityResult(nll=nll[scored].sum().item(), scored=int(scored.sum()), tokens=ids.numel(),
-                            bytes=n_bytes, words=n_words, context=context, stride=stride)
+                            bytes=n_bytes, words=n_words, context=context,
+                            stride=stride if rule == "strided" else None, rule=rule)
 
 
 # -----------------------------------------------------------------------------
@@ -290,49 +376,72 @@ def lambada(model, texts: list[str], tokenizer, *, context: int, rule: str = "wo
 class Reference:
     models: tuple[str, ...]  # the spec names it applies to
     data: str  # a data set key of nanoplay.evaldata
-    metric: str  # loss | ppl | acc
+    metric: str  # loss | ppl | acc | word_ppl | byte_ppl | bits_per_byte
     value: float
     how: str  # the procedure behind the number, in a few words
     source: str
-    stride: int | None = None  # the stride it was measured at (perplexity only)
-    rule: str | None = None  # the LAMBADA rule it was measured under
+    stride: int | None = None  # the stride it was measured at (the strided rule only)
+    rule: str | None = None  # strided | rolling for perplexity; the LAMBADA rule it was measured under
+
+    def same_procedure(self, stride: int | None, rule: str | None) -> bool:
+        """Whether it was measured as we measure (a rule of None: any)."""
+        return self.stride in (None, stride) and (rule is None or self.rule in (None, rule))
+
+    def label(self) -> str:
+        """How it was measured, in a word or two: 'stride 1024', 'rolling', 'last-token'."""
+        return f"stride {self.stride}" if self.stride else str(self.rule)
 
 
 NANOGPT = "https://github.com/karpathy/nanoGPT#baselines"
 HARNESS = "https://github.com/EleutherAI/lm-evaluation-harness/issues/2159"
+# lm-evaluation-harness run on the Hub's gpt2 by workofart/ml-by-hand, as the baseline of its GPT-2 reproduction
+HARNESS_WIKITEXT = "https://github.com/workofart/ml-by-hand/releases/tag/gpt2-124m-openwebtext-56000"
 HF_GUIDE = "https://huggingface.co/docs/transformers/perplexity"
 NANOGPT_HOW = ("nanoGPT's OWT val split (0.05% of documents, seed 2357, the split nanoplay.textdata reproduces), "
                "random 1024-token windows, which average like stride 1024")
+HARNESS_WIKITEXT_HOW = "lm-evaluation-harness wikitext: articles, detokenized, rolling windows of 1024"
+GPT2 = ("gpt2", "openai-community/gpt2")
 
 REFERENCES = (
-    Reference(("gpt2", "openai-community/gpt2"), "openwebtext", "loss", 3.12, NANOGPT_HOW, NANOGPT, stride=1024),
+    Reference(GPT2, "openwebtext", "loss", 3.12, NANOGPT_HOW, NANOGPT, stride=1024, rule="strided"),
     Reference(("gpt2-medium", "openai-community/gpt2-medium"), "openwebtext", "loss", 2.84, NANOGPT_HOW, NANOGPT,
-              stride=1024),
+              stride=1024, rule="strided"),
     Reference(("gpt2-large", "openai-community/gpt2-large"), "openwebtext", "loss", 2.67, NANOGPT_HOW, NANOGPT,
-              stride=1024),
+              stride=1024, rule="strided"),
     Reference(("gpt2-xl", "openai-community/gpt2-xl"), "openwebtext", "loss", 2.54, NANOGPT_HOW, NANOGPT,
-              stride=1024),
-    Reference(("gpt2", "openai-community/gpt2"), "lambada", "acc", 0.3256,
-              "lm-evaluation-harness lambada_openai, whole last word", HARNESS, rule="word"),
-    Reference(("gpt2", "openai-community/gpt2"), "lambada", "ppl", 40.06,
-              "lm-evaluation-harness lambada_openai, whole last word", HARNESS, rule="word"),
+              stride=1024, rule="strided"),
+    Reference(GPT2, "lambada", "acc", 0.3256, "lm-evaluation-harness lambada_openai, whole last word", HARNESS,
+              rule="word"),
+    Reference(GPT2, "lambada", "ppl", 40.06, "lm-evaluation-harness lambada_openai, whole last word", HARNESS,
+              rule="word"),
+    Reference(GPT2, "wikitext", "word_ppl", 37.3698, HARNESS_WIKITEXT_HOW, HARNESS_WIKITEXT, rule="rolling"),
+    Reference(GPT2, "wikitext", "byte_ppl", 1.9682, HARNESS_WIKITEXT_HOW, HARNESS_WIKITEXT, rule="rolling"),
+    Reference(GPT2, "wikitext", "bits_per_byte", 0.9769, HARNESS_WIKITEXT_HOW, HARNESS_WIKITEXT, rule="rolling"),
     Reference(("gpt2-large", "openai-community/gpt2-large"), "wikitext-2", "ppl", 19.44,
-              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=1024),
+              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=1024, rule="strided"),
     Reference(("gpt2-large", "openai-community/gpt2-large"), "wikitext-2", "ppl", 16.44,
-              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=512),
+              "HF perplexity guide, raw test joined with blank lines", HF_GUIDE, stride=512, rule="strided"),
 )
 
 
 def find_references(model_name: str, data: str, metric: str, *, stride: int | None = None,
                     rule: str | None = None) -> list[Reference]:
     """
-    Published figures for a model, data set and metric. Those measured at our stride (or rule) come
-    first; figures measured otherwise are still returned, and the caller labels them as such.
+    Published figures for a model, data set and metric. Those measured as we measure (stride, rule)
+    come first; figures measured otherwise are still returned, and the caller labels them as such,
+    except LAMBADA figures under another rule, which measure another task.
     """
     found = [r for r in REFERENCES if model_name in r.models and r.data == data and r.metric == metric]
-    if rule is not None:
+    if rule in LAMBADA_RULES:
         found = [r for r in found if r.rule in (None, rule)]
-    return sorted(found, key=lambda r: r.stride not in (None, stride))
+    return sorted(found, key=lambda r: not r.same_procedure(stride, rule))
+
+
+def reference_records(model_name: str, data: str, metrics, *, stride: int | None, rule: str | None) -> list[dict]:
+    """The published figures for each metric, as JSON-ready records labelled with how they were measured."""
+    return [{"metric": metric, "value": ref.value, "how": ref.how, "source": ref.source, "stride": ref.stride,
+             "rule": ref.rule, "measured": ref.label(), "same_procedure": ref.same_procedure(stride, rule)}
+            for metric in metrics for ref in find_references(model_name, data, metric, stride=stride, rule=rule)]
 
 
 # -----------------------------------------------------------------------------

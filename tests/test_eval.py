@@ -461,3 +461,102 @@ def test_bench_scoring_compares_with_transformers_on_the_same_weights(hf_and_our
     assert result["max_logit_diff"] < 1e-4  # the twin really computes what we compute
     half = ev.bench_scoring(loaded, batch_size=3, seq_len=16, repeats=1, stride=8)
     assert half["ours_scored_tokens_per_s"] == pytest.approx(half["ours_tokens_per_s"] * (15 + 8 + 8) / 48)
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness's rolling rule and its WikiText task
+
+
+def test_rolling_windows_are_the_harness_windows():
+    # lm_eval's own test of get_rolling_token_windows + make_disjoint_window: 34 tokens, max_seq_len 10:
+    # ([eot, 0..8] -> 0..9), ([9..18] -> 10..19), ([19..28] -> 20..29), ([23..32] -> 30..33). In stream
+    # positions (the text after the <|endoftext|> at 0), the model reads [begin, end - 1) and scores [first, end).
+    assert ev.rolling_windows(34, 10) == [(0, 11, 1), (10, 21, 11), (20, 31, 21), (24, 35, 31)]
+    assert ev.rolling_windows(7, 10, offset=5) == [(5, 13, 6)]  # a short text: one window from its end-of-text
+    assert ev.rolling_windows(0, 10) == []
+
+
+def harness_rolling_nll(hf, ids: list[int], max_length=CTX) -> torch.Tensor:
+    """
+    The rolling rule written out directly against transformers: token i of the text belongs to the
+    window of tokens [k, min(k + max_length, n)) with k = i - i % max_length, and is predicted from
+    the max_length tokens (with <|endoftext|> in front of the text) before that window's last token.
+    """
+    tok = get_tokenizer()
+    full = [tok.eot_id] + ids  # full[t + 1] is token t
+    out = torch.empty(len(ids), dtype=torch.float64)
+    for k in range(0, len(ids), max_length):
+        end = min(k + max_length, len(ids))  # the window predicts tokens k..end-1, i.e. full[k+1..end]
+        start = max(0, end - max_length)  # the model reads full[start:end]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf(torch.tensor([full[start:end]])).logits[0].double(), dim=-1)
+        for t in range(k, end):
+            out[t] = -logprobs[t - start, ids[t]]  # full[t] (row t - start) predicts full[t + 1] = token t
+    return out
+
+
+def test_rolling_rule_matches_an_independent_implementation(hf_and_ours, prose_ids):
+    hf, loaded = hf_and_ours
+    ids = prose_ids[:300]  # 4 full windows of 64 and a short last one
+    ours = ev.token_nll(loaded.model, ids, CTX, rule="rolling", batch_size=3)
+    theirs = harness_rolling_nll(hf, ids.tolist())
+    assert not torch.isnan(ours).any()  # every token is scored, the first from <|endoftext|>
+    assert ours.sum().item() == pytest.approx(theirs.sum().item(), rel=1e-6)
+    assert torch.allclose(ours, theirs, atol=2e-5, rtol=0)
+    # documents are scored one by one, each from its own <|endoftext|>
+    docs = ev.token_nll(loaded.model, ids, CTX, rule="rolling", doc_lengths=[100, 200])
+    split = torch.cat([harness_rolling_nll(hf, ids[:100].tolist()), harness_rolling_nll(hf, ids[100:].tolist())])
+    assert docs.sum().item() == pytest.approx(split.sum().item(), rel=1e-6)
+    result = ev.perplexity(loaded.model, ids, context=CTX, stride=None, rule="rolling", n_bytes=1000, n_words=100)
+    assert (result.scored, result.tokens, result.stride, result.rule) == (300, 300, None, "rolling")
+    assert result.bits_per_byte == pytest.approx(theirs.sum().item() / 1000 / math.log(2), rel=1e-6)
+
+
+HARNESS_PAGES = [" = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . "
+                 "He had a guest @-@ starring role in 2000 ( aged 12 ) . \n",
+                 " = Du Fu = \n \n Du Fu was a prominent Chinese poet of the Tang dynasty . \n"]
+
+
+def test_harness_wikitext_documents_and_metrics(tmp_path):
+    import re
+
+    from nanoplay.evaldata import harness_wikitext, wikitext_detokenizer
+
+    assert wikitext_detokenizer(HARNESS_PAGES[0]) == (
+        " = Robert Boulter =\n\nRobert Boulter is an English film, television and theatre actor. "
+        "He had a guest-starring role in 2000 (aged 12).\n")
+    data = harness_wikitext(HARNESS_PAGES, "hand-made")
+    tok = get_tokenizer()
+    assert data.doc_lengths == [len(tok.encode(wikitext_detokenizer(p))) for p in HARNESS_PAGES]
+    # the harness counts words and bytes on the article before detokenizing
+    assert data.n_words == sum(len(re.split(r"\s+", p)) for p in HARNESS_PAGES)
+    assert data.n_bytes == sum(len(p.encode()) for p in HARNESS_PAGES)
+    n = data.ids.numel()
+    result = ev.perplexity(uniform_model(), data.ids, context=CTX, stride=None, rule="rolling",
+                           doc_lengths=data.doc_lengths, n_bytes=data.n_bytes, n_words=data.n_words)
+    nll = n * math.log(50304)  # every token scored, each at ln V
+    assert result.nll == pytest.approx(nll, rel=1e-6) and result.scored == n
+    assert result.word_ppl == pytest.approx(math.exp(nll / data.n_words), rel=1e-6)  # exp(sum nll / words)
+    assert result.byte_ppl == pytest.approx(math.exp(nll / data.n_bytes), rel=1e-6)  # exp(sum nll / bytes)
+    assert result.bits_per_byte == pytest.approx(nll / data.n_bytes / math.log(2), rel=1e-6)
+    # the original wiki.test.raw is cut into articles at its top-level headings
+    (tmp_path / "wiki.test.raw").write_text("".join(HARNESS_PAGES))
+    assert load_eval_data(f"wikitext={tmp_path / 'wiki.test.raw'}").doc_lengths == data.doc_lengths
+
+
+def test_eval_rolling_rule_and_harness_references(three_formats, tmp_path, capsys):
+    (tmp_path / "wiki.test.raw").write_text("".join(HARNESS_PAGES))
+    assert main(["eval", "-m", three_formats[1], "-d", f"wikitext={tmp_path / 'wiki.test.raw'}", "--rule", "rolling",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    result = report["models"][0]["results"]["wikitext"]
+    assert result["rule"] == "rolling" and result["scored_tokens"] == result["tokens"]
+    assert report["method"]["rule"] == "rolling" and report["method"]["stride"] is None
+    refs = ev.reference_records("gpt2", "wikitext", ("word_ppl", "byte_ppl", "bits_per_byte"), stride=None,
+                                rule="rolling")
+    assert [(r["metric"], r["value"], r["same_procedure"]) for r in refs] == [
+        ("word_ppl", 37.3698, True), ("byte_ppl", 1.9682, True), ("bits_per_byte", 0.9769, True)]
+    strided = ev.reference_records("gpt2", "wikitext", ("word_ppl",), stride=512, rule="strided")
+    assert strided[0]["same_procedure"] is False and strided[0]["measured"] == "rolling"
+    assert main(["eval", "-m", three_formats[1], "-d", "wikitext-2", "--rule", "rolling", "--stride", "8"]) == 2
+    assert "--stride applies to the strided rule" in capsys.readouterr().err

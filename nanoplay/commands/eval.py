@@ -18,6 +18,9 @@ def register(subparsers) -> None:
                    help="wikitext-2, wikitext-103, lambada, openwebtext, pydoc-topics, NAME=PATH (a local copy "
                         "of a named set), a .txt/.jsonl/.parquet file or folder, or a Hub dataset id "
                         f"(repeatable; default: {' '.join(DEFAULT_DATA)})")
+    p.add_argument("--rule", choices=("strided", "rolling"), default="strided",
+                   help="perplexity rule: strided (the HF perplexity guide's sliding window, --stride) or rolling "
+                        "(lm-evaluation-harness's loglikelihood_rolling: every token, the first from <|endoftext|>)")
     p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half each model's context)")
     p.add_argument("--lambada-rule", choices=("word", "last-token"), default="word",
                    help="word: the whole last word must be the greedy continuation (lm-evaluation-harness); "
@@ -47,6 +50,8 @@ def run(args) -> int:
         raise NanoplayError("--limit must be at least 1")
     if args.stride is not None and args.stride < 1:
         raise NanoplayError("--stride must be at least 1")
+    if args.stride is not None and args.rule == "rolling":
+        raise NanoplayError("--stride applies to the strided rule; the rolling rule's windows are the context")
     if args.batch_size is not None and args.batch_size < 1:
         raise NanoplayError("--batch-size must be at least 1")
     device = resolve_device(args.device)
@@ -69,7 +74,7 @@ def run(args) -> int:
         rows.append(evaluate_model(loaded, data, args, err))
         del loaded
         gc.collect()
-    report = build_report(rows, data, args, device)
+    report = build_report(rows, data, args, device, dtype)
     if args.json:
         print(json.dumps(report, indent=2))
     elif args.markdown:
@@ -87,9 +92,9 @@ def evaluate_model(loaded, data, args, console) -> dict:
     from ..tokenizer import get_tokenizer
 
     context = loaded.config.block_size
-    stride = args.stride or context // 2
+    stride = (args.stride or context // 2) if args.rule == "strided" else None
     row = {"model": loaded.name, "params": loaded.num_params, "context": context, "stride": stride, "results": {}}
-    if stride > context:
+    if stride is not None and stride > context:
         row["error"] = f"--stride {stride} is longer than {loaded.name}'s context of {context} tokens"
         return row
     try:  # the engine's one check of the tokens against the model's vocabulary
@@ -104,13 +109,15 @@ def evaluate_model(loaded, data, args, console) -> dict:
     with progress:
         for d in data:
             if d.kind == "stream":  # the bar counts scored tokens
-                total = sum(end - first for _, end, first in ev.sliding_windows(d.ids.numel(), context, stride))
+                total = ev.scored_tokens(d.ids.numel(), context, rule=args.rule, stride=stride,
+                                         doc_lengths=d.doc_lengths)
             else:  # ... or LAMBADA examples
                 total = len(d.texts)
             task = progress.add_task(f"{loaded.name} · {d.key}", total=total, rate="")
             on_progress = _progress_callback(progress, task)
             if d.kind == "stream":
-                result = ev.perplexity(loaded.model, d.ids, context=context, stride=stride, n_bytes=d.n_bytes,
+                result = ev.perplexity(loaded.model, d.ids, context=context, stride=stride, rule=args.rule,
+                                       doc_lengths=d.doc_lengths, n_bytes=d.n_bytes,
                                        n_words=d.n_words, batch_size=args.batch_size, on_progress=on_progress)
             else:
                 result = ev.lambada(loaded.model, d.texts, get_tokenizer(), context=context, rule=args.lambada_rule,
@@ -138,25 +145,22 @@ def _progress_callback(progress, task):
 # the report: JSON as it is, or rendered as a rich or Markdown table
 
 
-def build_report(rows: list[dict], data, args, device: str) -> dict:
+def build_report(rows: list[dict], data, args, device: str, dtype) -> dict:
     from .. import evaluation as ev
 
     for row in rows:
         for key, result in row.get("results", {}).items():
-            metrics = ("acc", "ppl") if key == "lambada" else ("loss", "ppl")
-            result["references"] = [
-                {"metric": metric, "value": ref.value, "how": ref.how, "source": ref.source, "stride": ref.stride,
-                 "rule": ref.rule, "same_procedure": ref.stride in (None, row["stride"]) and ref.rule in (None, args.lambada_rule)}
-                for metric in metrics
-                for ref in ev.find_references(row["model"], key, metric, stride=row["stride"], rule=args.lambada_rule)
-            ]
+            metrics = ("acc", "ppl") if key == "lambada" else ("loss", "ppl", "word_ppl", "byte_ppl", "bits_per_byte")
+            rule = args.lambada_rule if key == "lambada" else args.rule
+            result["references"] = ev.reference_records(row["model"], key, metrics, stride=row["stride"], rule=rule)
     return {
         "data": [{"key": d.key, "description": d.description, "rows": d.rows,
                   **({"tokens": d.ids.numel(), "bytes": d.n_bytes, "words": d.n_words} if d.kind == "stream" else {})}
                  for d in data],
         "method": {
             "context": "each model's own (block_size)",
-            "stride": args.stride or "half of each model's context",
+            "rule": args.rule,
+            "stride": (args.stride or "half of each model's context") if args.rule == "strided" else None,
             "lambada_rule": args.lambada_rule,
             "dtype": str(dtype).removeprefix("torch."), "device": device, "limit": args.limit,
         },
@@ -178,6 +182,8 @@ def columns(report: dict) -> list[tuple[str, str, str, str]]:
                  (f"{key} bits/byte", key, "bits_per_byte", ".4f")]
         if key.startswith("wikitext"):
             cols.append((f"{key} word ppl", key, "word_ppl", ".2f"))
+        if key == "wikitext":  # the harness's three
+            cols.append((f"{key} byte ppl", key, "byte_ppl", ".4f"))
     return cols
 
 
@@ -190,7 +196,7 @@ def cell(row: dict, key: str, metric: str, fmt: str, sep: str = " ") -> str:
     refs = [r for r in result["references"] if r["metric"] == metric]
     if refs:
         ref = refs[0]
-        text += f"{sep}(ref {ref['value']:g}" + ("" if ref["same_procedure"] else f" @ stride {ref['stride']}") + ")"
+        text += f"{sep}(ref {ref['value']:g}" + ("" if ref["same_procedure"] else f" @ {ref['measured']}") + ")"
     return text
 
 
@@ -206,10 +212,14 @@ def notes(report: dict) -> list[str]:
     method = report["method"]
     lines = [f"{d['key']}: {d['description']}, {plural(d['rows'], 'row')}"
              + (f", {plural(d['tokens'], 'token')}" if "tokens" in d else "") for d in report["data"]]
-    lines.append(f"context: {method['context']}; stride: {method['stride']} (sliding window, each token scored once "
-                 f"with at least context - stride tokens of history)")
+    if method.get("rule", "strided") == "strided":
+        lines.append(f"context: {method['context']}; stride: {method['stride']} (sliding window, each token scored "
+                     f"once with at least context - stride tokens of history)")
+    else:
+        lines.append(f"context: {method['context']}; rolling windows (lm-evaluation-harness loglikelihood_rolling: "
+                     f"every token scored, the first from <|endoftext|>, disjoint windows of the context)")
     lines.append("loss: nats per token; bits/byte: loss / ln 2 x tokens / UTF-8 bytes (fair across tokenizers); "
-                 "word ppl: exp(loss x tokens / words)")
+                 "word ppl: exp(loss x tokens / words); byte ppl: exp(loss x tokens / bytes)")
     if any(d["key"] == "lambada" for d in report["data"]):
         lines.append("lambada: " + ("context = text up to the last space, target = space + last word; acc = every "
                                     "target token greedy, ppl = exp(mean target nll) (lm-evaluation-harness)"
@@ -226,16 +236,18 @@ def notes(report: dict) -> list[str]:
 
 
 LONG_COLUMNS = (("loss", "loss", ".4f"), ("ppl", "ppl", ".2f"), ("bits/byte", "bits_per_byte", ".4f"),
-                ("word ppl", "word_ppl", ".2f"), ("acc", "acc", ".4f"))
+                ("word ppl", "word_ppl", ".2f"), ("byte ppl", "byte_ppl", ".4f"), ("acc", "acc", ".4f"))
 
 
 def render_table(report: dict, console) -> None:
     """The terminal table: a row per model and data set, so that it fits however many sets there are."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     keys = [d["key"] for d in report["data"]]
     shown_cols = [c for c in LONG_COLUMNS if (c[1] != "word_ppl" or any(k.startswith("wikitext") for k in keys))
+                  and (c[1] != "byte_ppl" or "wikitext" in keys)
                   and (c[1] != "acc" or "lambada" in keys) and (c[1] not in ("loss", "bits_per_byte") or
                                                                  any(k != "lambada" for k in keys))]
     table = Table(title="nanoplay eval", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
@@ -254,16 +266,17 @@ def render_table(report: dict, console) -> None:
         for i, d in enumerate(report["data"]):
             key = d["key"]
             shown = {"lambada": ("ppl", "acc")}.get(key, ("loss", "ppl", "bits_per_byte") +
-                                                    (("word_ppl",) if key.startswith("wikitext") else ()))
+                                                    (("word_ppl",) if key.startswith("wikitext") else ()) +
+                                                    (("byte_ppl",) if key == "wikitext" else ()))
             label = key + (" (last token)" if key == "lambada" and report["method"]["lambada_rule"] != "word" else "")
             first = i == 0
             table.add_row(row["model"] if first else "", human_params(row["params"]) if first else "",
-                          f"{row['context']}/{row['stride']}" if first else "", label,
+                          f"{row['context']}/{row['stride'] or 'rolling'}" if first else "", label,
                           *(cell(row, key, metric, fmt, sep="\n") if metric in shown else ""
                             for _, metric, fmt in shown_cols), end_section=i == len(report["data"]) - 1)
     console.print(table)
     for row in failed:
-        console.print(f"[red]{row['model']}: {row['error']}[/red]")
+        console.print(Text(f"{row['model']}: {row['error']}", style="red"))  # never as markup
     for line in notes(report):  # below the table, not its caption: rich would crop a caption to the table's width
         console.print(line, highlight=False)
 
@@ -276,7 +289,7 @@ def render_markdown(report: dict) -> str:
         if "error" in row and not row.get("results"):
             cells = [row["model"], "", "", "", f"error: {row['error']}"] + [""] * (len(cols) - 1)
         else:
-            cells = [row["model"], human_params(row["params"]), str(row["context"]), str(row["stride"]),
+            cells = [row["model"], human_params(row["params"]), str(row["context"]), str(row["stride"] or "rolling"),
                      *(cell(row, key, metric, fmt) for _, key, metric, fmt in cols)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")

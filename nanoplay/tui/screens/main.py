@@ -18,7 +18,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Container
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from ..colors import MODES, legend
 from ..cross_score import cross_score
@@ -26,6 +26,7 @@ from ..modes.base import Mode, one_line
 from ..modes.chat import ChatMode
 from ..modes.compare import CompareMode
 from ..state import PaneState, Run, Tok
+from ..widgets.footer import FittingFooter
 from ..widgets.inspector import TokenInspector
 from ..widgets.pane import ModelPane
 from ..widgets.prompt import PromptEditor
@@ -33,6 +34,9 @@ from ..widgets.prompt import PromptEditor
 REFRESH_HZ = 25
 MAX_PANES = 6
 MIN_PANE_WIDTH = 34
+PANE_ROW_HEIGHT = 12  # rows a row of panes needs to show a few lines of tokens
+OTHER_ROWS = 8  # the title, status bar, prompt and footer
+SHORT_SCREEN = 32  # rows: below this the prompt and the inspector take less room, the panes keep theirs
 
 
 class MainScreen(Screen):
@@ -62,7 +66,7 @@ class MainScreen(Screen):
         yield TokenInspector(id="inspector")
         yield Static(id="statusbar")
         yield PromptEditor(history=self.app.history, id="prompt")
-        yield Footer()
+        yield FittingFooter()
 
     def on_mount(self) -> None:
         self.query_one("#inspector").display = False
@@ -101,15 +105,24 @@ class MainScreen(Screen):
         return pane
 
     def layout_panes(self) -> None:
-        """Side by side when wide, wrapped into a grid when narrow."""
+        """
+        Side by side when wide; when narrow, a grid with rows as even as can be (six panes: 3+3, never 5+1),
+        and no more rows than the window's height gives room for.
+        """
         n = max(1, len(self.panes))
         grid = self.query_one("#panes")
-        cols = max(1, min(n, self.size.width // MIN_PANE_WIDTH))
-        grid.styles.grid_size_columns = cols
-        grid.styles.grid_size_rows = math.ceil(n / cols)
+        fit_cols = max(1, self.size.width // MIN_PANE_WIDTH)
+        fit_rows = max(1, (self.size.height - OTHER_ROWS) // PANE_ROW_HEIGHT)
+        rows = min(math.ceil(n / fit_cols), fit_rows)
+        grid.styles.grid_size_columns = math.ceil(n / rows)
+        grid.styles.grid_size_rows = rows
 
     def on_resize(self) -> None:
+        short = self.size.height < SHORT_SCREEN
+        self.set_class(short, "-short")
+        self.query_one("#inspector", TokenInspector).compact = short
         self.layout_panes()
+        self.show_inspector()
 
     @work(thread=True, group="load")
     def load_pane(self, pane: ModelPane) -> None:

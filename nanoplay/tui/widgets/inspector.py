@@ -19,7 +19,12 @@ def prob(lp: float | None) -> str:
 
 
 class TokenInspector(Static):
-    """Shows one token; the app calls `show(pane)` whenever a cursor moves (attributes down)."""
+    """
+    Shows one token; the app calls `show(pane)` whenever a cursor moves (attributes down). `compact` (a short
+    screen): the alternatives share lines instead of a row each, so the panes keep room for the token itself.
+    """
+
+    compact = False
 
     def show(self, pane) -> None:
         found = pane.cursor_tok() if pane is not None else None
@@ -64,6 +69,19 @@ class TokenInspector(Static):
                 cover.append(f" · press 1-{len(tok.top)} to fork with one", "dim")
         grid = Table.grid()
         grid.add_row(head)
-        grid.add_row(table)
+        grid.add_row(self.inline(tok, is_prompt) if self.compact else table)
         grid.add_row(cover)
         return grid
+
+    def inline(self, tok, is_prompt: bool) -> Text:
+        """The alternatives one after another: key, text, raw p (/ sampling p); a line breaks between two."""
+        from .pane import flow
+
+        parts = []
+        for k, (tid, text, lp, slp) in enumerate(tok.top, 1):
+            part = Text("   ")
+            part.append(("" if is_prompt else str(k)) + ("•" if tid == tok.id else "") + " ", "bold cyan")
+            part.append(repr(text))
+            part.append(f" {prob(lp)}" + ("" if is_prompt else f"/{prob(slp)}"), "dim")
+            parts.append(part)
+        return flow(parts, self.content_size.width)

@@ -15,6 +15,8 @@ from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
+from textual.geometry import Region
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Static
@@ -22,6 +24,7 @@ from textual.widgets import Static
 from ..colors import token_style
 from ..state import PaneState, Run, Tok, format_perplexity
 
+SHORT_PANE = 16  # rows: a pane lower than this has a one-line header, so its tokens keep some room
 CURSOR = Style(color="black", bgcolor="bright_white", bold=True, underline=True)
 DIVERGE = Style(underline=True, bold=True, color="magenta")
 
@@ -46,6 +49,19 @@ def flow(parts: list[Text], width: int) -> Text:
             part = part[len(part.plain) - len(part.plain.lstrip(" ·")):]
         lines[-1].append_text(part)
     return Text("\n").join(lines)
+
+
+def fit(parts: list[Text], width: int) -> Text:
+    """Parts, each led by its separator, on one line: those that do not fit `width` are left out, from the
+    first that does not on (they come in order of importance); the line never wraps a part in two."""
+    line = Text()
+    for part in parts:
+        if not line.cell_len:
+            part = part[len(part.plain) - len(part.plain.lstrip(" ·")):]
+        if width and line.cell_len + part.cell_len > width:
+            break
+        line.append_text(part)
+    return line
 
 
 def visible(text: str) -> str:
@@ -92,6 +108,7 @@ class ModelPane(Vertical, can_focus=True):
 
     colour_mode = reactive("off", init=False)
     cursor: int | None = None  # index into display_toks()
+    cursor_end: int | None = None  # offset in body_text() where the cursor's token ends
 
     class Action(Message):
         """A pane asks the app to do something with it: fork, copy, branches, cross_score..."""
@@ -198,8 +215,11 @@ class ModelPane(Vertical, can_focus=True):
         last = self.state.chat[-1]
         return last.role == "assistant" and self.cursor >= len(self.display_toks()) - len(last.toks)
 
-    def header_text(self, width: int = 0) -> Text:
-        """The model line and the statistics line, each broken between its items to fit `width` (0: no limit)."""
+    def header_text(self, width: int = 0, short: bool = False) -> Text:
+        """
+        The model line and the statistics line, each broken between its items to fit `width` (0: no limit).
+        `short` (a pane with few rows): one line, the model's name then as many statistics as fit.
+        """
         lm, run = self.lm, self.state.run
         model = [Text(self.state.spec if lm is None else lm.name, "bold")]
         if lm is not None:
@@ -229,11 +249,17 @@ class ModelPane(Vertical, can_focus=True):
                 stats.append(Text(f" · diverges @{self.diverge_at}", "magenta"))
         elif lm is not None:
             stats.append(Text(f"ctx {lm.config.block_size}", "dim"))
+        if short:
+            return fit(model[:1] + [Text(" · ") + s if not s.plain.startswith(" ") else s for s in stats], width)
         return Text("\n").join([flow(model, width), flow(stats, width)])
 
     def body_text(self) -> Text:
         run = self.state.run
         text = Text()
+        self.cursor_end = None  # where the cursor's token ends in the text, for scrolling it into view
+        if self.error:  # whole and wrapped here, where the pane has room (and scrolls); the status line cuts it
+            text.append("✗ " + self.error, "bold red")
+            return text
         if self.chat_mode:
             self._chat_text(text)
             return text
@@ -255,8 +281,12 @@ class ModelPane(Vertical, can_focus=True):
             if i == self.cursor:
                 style += CURSOR
             text.append(visible(tok.text), style + Style(meta={"tok": i}))
+            if i == self.cursor:
+                self.cursor_end = len(text)
         if self.busy:
             text.append("▌")
+        if run.error:
+            text.append("\n✗ " + run.error, "bold red")
         return text
 
     def _chat_text(self, text: Text) -> None:
@@ -282,6 +312,8 @@ class ModelPane(Vertical, can_focus=True):
                     if index == self.cursor:
                         style += CURSOR
                     text.append(visible(tok.text), style + Style(meta={"tok": index}))
+                    if index == self.cursor:
+                        self.cursor_end = len(text)
                     index += 1
                 if not m.toks:
                     text.append(m.content)
@@ -295,19 +327,19 @@ class ModelPane(Vertical, can_focus=True):
         if not chat and self.loaded:
             text.append("ready: say something below and press Enter", "dim")
 
-    def status_text(self) -> Text:
+    def status_text(self, width: int = 0) -> Text:
+        """One line (an error is cut here: the body shows it whole); items that do not fit `width` are left out."""
         if self.error:
             return Text("✗ " + self.error, "bold red")
         if not self.loaded:
             return Text(self.status, "italic")
         run = self.state.run
-        text = Text()
+        parts = []
         if run is not None:
             if run.error:
-                text.append("✗ " + run.error, "bold red")
-                return text
+                return Text("✗ " + run.error, "bold red")
             state = "generating…" if self.busy or run.finish_reason is None else f"done: {run.finish_reason}"
-            text.append(state, "italic")
+            parts.append(Text(state, "italic"))
             if self.chat_mode:  # every turn is a run: count the versions of this answer only
                 label = "answer"
                 versions = [i for i, r in enumerate(self.state.runs)
@@ -315,18 +347,19 @@ class ModelPane(Vertical, can_focus=True):
             else:
                 label, versions = "branch", [i for i, r in enumerate(self.state.runs) if not r.chat]
             if len(versions) > 1:
-                text.append(f"  {label} {versions.index(self.state.current) + 1}/{len(versions)}", "cyan")
+                parts.append(Text(f"  {label} {versions.index(self.state.current) + 1}/{len(versions)}", "cyan"))
             if run.settings:
-                text.append(f"  seed {run.settings.get('seed')}", "dim")
-        return text
+                parts.append(Text(f"  seed {run.settings.get('seed')}", "dim"))
+        return fit(parts, width)
 
     def refresh_view(self, scroll: bool = False) -> None:
         if not self.is_mounted or self.removed:  # on_mount has the UI timer draw whatever changed before
             return
         header = self.query_one("#pane-header", Static)
-        header.update(self.header_text(header.content_size.width))
+        header.update(self.header_text(header.content_size.width, short=0 < self.size.height < SHORT_PANE))
         self.query_one("#tokens", TokenView).update(self.body_text())
-        self.query_one("#pane-status", Static).update(self.status_text())
+        status = self.query_one("#pane-status", Static)
+        status.update(self.status_text(status.content_size.width))
         self.set_class(self.error is not None, "-error")
         if scroll:
             self.query_one(VerticalScroll).scroll_end(animate=False)
@@ -363,7 +396,17 @@ class ModelPane(Vertical, can_focus=True):
 
     def _cursor_changed(self) -> None:
         self.refresh_view()
+        self.call_after_refresh(self.scroll_to_cursor)
         self.post_message(self.CursorMoved(self))
+
+    def scroll_to_cursor(self) -> None:
+        """Bring the line of the cursor's token into the body's view: a long text would hide it otherwise."""
+        width = self.query_one("#tokens", TokenView).content_size.width
+        if self.cursor_end is None or not width or not self.is_mounted:
+            return
+        body = self.body_text()
+        line = len(Content(body.plain[:self.cursor_end]).wrap(width)) - 1
+        self.query_one(VerticalScroll).scroll_to_region(Region(0, line, 1, 1), animate=False)
 
     def on_key(self, event: events.Key) -> None:
         # 1-9: fork with that alternative of the token under the cursor

@@ -1,0 +1,259 @@
+"""nanoplay report: step specs, training state, the cache, the trend fit, files and the command, on a tiny run."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import hf_gpt2, tiny_model
+from pydoc_data.topics import topics
+
+from nanoplay import evaluation as ev
+from nanoplay import report as rp
+from nanoplay.cli import main
+from nanoplay.errors import NanoplayError
+from nanoplay.loading import load_model
+from nanoplay.tokenizer import get_tokenizer
+
+CTX = 64
+BATCH, ACCUM = 4, 2  # the tiny run's sequences per iteration
+STEPS = (100, 200, 300)
+
+
+def write_step(run_dir, step, tokens_seen=True):
+    """One step as the trainer saves it: engine-format weights, config.json extras, training_state.pt."""
+    from trainer.checkpoints import save_step
+
+    cfg = {"batch_size": BATCH, "gradient_accumulation_steps": ACCUM, "block_size": CTX}
+    tokens = step * BATCH * ACCUM * CTX
+    meta = {"train_config": cfg, "val_loss": None, "train_loss": None}
+    if tokens_seen:
+        meta["tokens_seen"] = tokens
+    state = {"step": step, "optimizer": {}, "best_val_loss": 9.0, "tokens_seen": tokens, "config": cfg}
+    model = tiny_model(seed=1)
+    with torch.no_grad():  # later steps predict less sharply at random: their loss falls towards ln(vocab)
+        model.transformer.wte.weight.mul_(300 / step)
+    save_step(run_dir, step, model, state, meta)
+
+
+@pytest.fixture
+def tiny_run(checkpoints, tmp_path, monkeypatch):
+    """checkpoints/tiny with three steps, its metrics.jsonl, a small text and an empty score cache."""
+    monkeypatch.setenv("NANOPLAY_SCORE_CACHE", str(tmp_path / "scores"))
+    run_dir = checkpoints / "tiny"
+    for step in STEPS:
+        write_step(run_dir, step)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(1, 401):
+            f.write(json.dumps({"step": step, "loss": 10 - step / 100, "tokens": BATCH * ACCUM * CTX}) + "\n")
+            if step % 100 == 0:
+                f.write(json.dumps({"step": step, "val_loss": 10.5 - step / 100}) + "\n")
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(topics[sorted(topics)[3]].split()[:300]))
+    return run_dir, text
+
+
+def run_report(capsys, *argv):
+    code = main(["report", *argv, "--json", "--no-plot"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+# -----------------------------------------------------------------------------
+# which steps
+
+
+def test_step_specs():
+    saved = [100, 200, 300, 500, 1000]
+    assert rp.parse_steps("all", saved, "r") == saved
+    assert rp.parse_steps("200,100", saved, "r") == [100, 200]
+    assert rp.parse_steps("150-500", saved, "r") == [200, 300, 500]
+    assert rp.parse_steps("100,300-1000", saved, "r") == [100, 300, 500, 1000]
+    with pytest.raises(NanoplayError, match="r has no step 400; saved: 100, 200, 300, 500, 1000"):
+        rp.parse_steps("400", saved, "r")
+    with pytest.raises(NanoplayError, match="no saved step from 600 to 900"):
+        rp.parse_steps("600-900", saved, "r")
+    with pytest.raises(NanoplayError, match="give steps as all, N, A-B"):
+        rp.parse_steps("latest", saved, "r")
+
+
+def test_subjects_of_a_run_and_of_a_single_model(tiny_run):
+    subjects, run_dir = rp.resolve_subjects("tiny", ["gpt2"])
+    assert [s.label for s in subjects] == ["tiny@100", "tiny@200", "tiny@300", "gpt2"]
+    assert run_dir.name == "tiny" and [s.kind for s in subjects] == ["step"] * 3 + ["vs"]
+    subjects, _ = rp.resolve_subjects("tiny@200-300", [])
+    assert [s.step for s in subjects] == [200, 300]
+    subjects, run_dir = rp.resolve_subjects("some/model-dir", [])
+    assert run_dir is None and [s.kind for s in subjects] == ["vs"]
+
+
+# -----------------------------------------------------------------------------
+# what the run's records say
+
+
+def test_training_tokens_and_parameters_from_the_run(tiny_run):
+    run_dir, _ = tiny_run
+    logged = rp.read_curves(run_dir)["tokens"]
+    info = rp.step_info(run_dir / "step-00000200", 200, logged)
+    model = tiny_model()
+    assert info["params"] == model.num_params() == sum(p.numel() for p in model.parameters())
+    assert info["params_non_embedding"] == info["params"] - CTX * 32  # nanoGPT's: minus position embeddings
+    assert info["context"] == CTX
+    assert (info["training_tokens"], info["training_tokens_from"]) == (200 * BATCH * ACCUM * CTX,
+                                                                        "config.json tokens_seen")
+    # an older step without the count in config.json: training_state.pt, then the log, then step x batch
+    write_step(run_dir, 400, tokens_seen=False)
+    assert rp.step_info(run_dir / "step-00000400", 400, logged)["training_tokens_from"] == "training_state.pt tokens_seen"
+    (run_dir / "step-00000400" / "training_state.pt").unlink()
+    info = rp.step_info(run_dir / "step-00000400", 400, logged)
+    assert (info["training_tokens"], info["training_tokens_from"]) == (400 * BATCH * ACCUM * CTX, "metrics.jsonl tokens")
+    info = rp.step_info(run_dir / "step-00000400", 400, {})
+    assert (info["training_tokens"], info["training_tokens_from"]) == (400 * BATCH * ACCUM * CTX,
+                                                                        "step x tokens per iteration")
+
+
+def test_curves_skip_malformed_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5, "tokens": 10}\nnot json\n'
+                                           '{"step": 1, "val_loss": 3.7}\n{"step": 2, "sample": "hi"}\n')
+    curves = rp.read_curves(tmp_path)
+    assert curves["train"] == [(1, 3.5)] and curves["val"] == [(1, 3.7)] and curves["tokens"] == {1: 10}
+
+
+# -----------------------------------------------------------------------------
+# the trend
+
+
+def test_power_law_fit_recovers_a_known_curve_and_says_its_error():
+    tokens = [1e6, 3e6, 1e7, 3e7, 1e8]
+    E, A, alpha = 2.5, 400.0, 0.35
+    fit = rp.fit_power_law(tokens, [E + A * d ** -alpha for d in tokens])
+    assert fit["E"] == pytest.approx(E, rel=1e-3) and fit["alpha"] == pytest.approx(alpha, rel=1e-3)
+    assert fit["A"] == pytest.approx(A, rel=1e-2)
+    assert fit["residual_rms"] < 1e-4 and fit["loo_rms"] < 1e-2
+    # noise shows up as fit error; leave-one-out is the honest one, never smaller than the residual
+    noisy = [E + A * d ** -alpha + n for d, n in zip(tokens, (0.05, -0.04, 0.03, -0.05, 0.02))]
+    fit = rp.fit_power_law(tokens, noisy)
+    assert 0.01 < fit["residual_rms"] <= fit["loo_rms"]
+
+
+def test_trend_extrapolates_more_iterations_and_refuses_too_few_points():
+    points = [(s, s * 1000.0, 3.0 + 50 * (s * 1000.0) ** -0.4) for s in (100, 200, 400, 800)]
+    trend = rp.trend(points)
+    assert [e["multiple"] for e in trend["extrapolation"]] == [2, 10]
+    ten = trend["extrapolation"][1]
+    assert ten["step"] == 8000 and ten["training_tokens"] == 8e6
+    assert ten["loss"] == pytest.approx(3.0 + 50 * 8e6 ** -0.4, rel=1e-3)
+    assert "error" in rp.trend(points[:3]) and "at least 4 steps" in rp.trend(points[:3])["error"]
+
+
+# -----------------------------------------------------------------------------
+# the command
+
+
+def direct_loss(spec, text):
+    """The loss of a model on a text by its own forward over disjoint windows (stride = context)."""
+    ids = torch.tensor(get_tokenizer().encode(text) + [get_tokenizer().eot_id])
+    model = load_model(spec).model
+    nll, count = 0.0, 0
+    for begin in range(0, ids.numel(), CTX):
+        window = ids[begin:begin + CTX]
+        if window.numel() < 2:
+            continue
+        with torch.no_grad():
+            _, loss = model(window[None, :-1], window[None, 1:])
+        nll += loss.item() * (window.numel() - 1)
+        count += window.numel() - 1
+    return nll / count
+
+
+def test_report_scores_every_step_and_the_vs_model_alike(tiny_run, tmp_path, capsys):
+    run_dir, text = tiny_run
+    hf_dir = tmp_path / "hf-dir"
+    hf_gpt2(seed=4, n_positions=CTX).save_pretrained(hf_dir)
+    out = tmp_path / "out"
+    code, report = run_report(capsys, "tiny", "--vs", str(hf_dir), "--data", str(text), "--stride", str(CTX),
+                              "--out", str(out))
+    assert code == 0
+    assert [c["label"] for c in report["columns"]] == ["tiny@100", "tiny@200", "tiny@300", str(hf_dir)]
+    key = str(text)
+    for column in report["columns"]:
+        spec = column["spec"]
+        assert column["results"][key]["loss"] == pytest.approx(direct_loss(spec, text.read_text()), rel=1e-5)
+        assert (column["context"], column["stride"], column["rule"]) == (CTX, CTX, "strided")
+    assert [c["training_tokens"] for c in report["columns"]] == [s * BATCH * ACCUM * CTX for s in STEPS] + [None]
+    assert report["curves"]["train"][:2] == [[1, 9.99], [2, 9.98]] and len(report["curves"]["val"]) == 4
+    assert "at least 4 steps" in report["trend"]["error"]  # three steps: no trend, and it says why
+    # the files: Markdown embedding the image, PNG, SVG, and the JSON again
+    md = (out / "report.md").read_text()
+    assert "![validation loss against step and training tokens](report.png)" in md
+    assert "| parameters (non-embedding) |" in md and "| training tokens | 51,200 | 102,400 | 153,600 |" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.svg").read_text().lstrip().startswith("<?xml")
+    assert json.loads((out / "report.json").read_text())["columns"][0]["label"] == "tiny@100"
+
+
+def test_second_report_scores_only_the_new_step(tiny_run, tmp_path, capsys, monkeypatch):
+    run_dir, text = tiny_run
+    scored = []
+    real_score = rp.score
+
+    def counting_score(loaded, data, settings, on_progress=None):
+        scored.append((loaded.name, data.key))
+        return real_score(loaded, data, settings, on_progress)
+
+    monkeypatch.setattr(rp, "score", counting_score)
+    argv = ("tiny", "--data", str(text), "--out", str(tmp_path / "out"))
+    code, first = run_report(capsys, *argv)
+    assert code == 0 and scored == [(f"tiny@{s}", str(text)) for s in STEPS]
+    write_step(run_dir, 400)  # a new step lands
+    scored.clear()
+    code, second = run_report(capsys, *argv)
+    assert scored == [("tiny@400", str(text))]
+    assert [c["scored"] for c in second["columns"]] == [[], [], [], [str(text)]]
+    for a, b in zip(first["columns"], second["columns"]):
+        assert a["results"] == b["results"]  # cached numbers are the numbers
+    # four steps now: a trend, with its fit error, labelled as the extrapolation it is
+    assert second["trend"]["points"] == 4 and "residual_rms" in second["trend"]
+    # re-saving a step invalidates its entry (size and mtime); a different rule is a different entry
+    write_step(run_dir, 200)
+    scored.clear()
+    run_report(capsys, *argv)
+    assert scored == [("tiny@200", str(text))]
+    scored.clear()
+    run_report(capsys, *argv, "--rule", "rolling")
+    assert len(scored) == 4
+
+
+def test_report_without_matplotlib_says_how_to_get_images(tiny_run, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    run_dir, text = tiny_run
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "out"
+    assert main(["report", "tiny@300", "--data", str(text), "--out", str(out), "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    assert "pip install 'nanoplay[report]'" in captured.err
+    assert "tiny@300" in captured.out and (out / "report.md").is_file() and not (out / "report.png").exists()
+    assert "report.png" not in (out / "report.md").read_text()
+
+
+def test_report_table_and_terminal_plot(tiny_run, tmp_path, capsys):
+    run_dir, text = tiny_run
+    write_step(run_dir, 400)
+    assert main(["report", "tiny", "--data", str(text), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    for row in ("parameters (non-embedding)", "parameters (all)", "context", "training tokens"):
+        assert row in out
+    assert "validation loss on notes.txt against step" in out and "against training tokens" in out  # plotext
+    assert "trend (an extrapolation, not a promise)" in out and "10x the iterations (step 4,000" in out
+
+
+def test_bad_run_specs_are_one_line(tiny_run, capsys):
+    assert main(["report", "tiny@999", "--data", "x.txt"]) == 2
+    assert "tiny has no step 999; saved: 100, 200, 300" in capsys.readouterr().err
