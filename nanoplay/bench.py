@@ -126,18 +126,24 @@ class LlamaCpp:
 
     def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result":
         """Greedy decoding of one sequence (llama-cpp-python's Llama holds one)."""
+        import llama_cpp
         import numpy as np
 
         llm = self.llm
+        vocab = llm.n_vocab()
+
+        def greedy() -> int:  # the argmax of the last token's logits (Llama.scores holds them only with logits_all)
+            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
         prompt = _prompts(1, prompt_tokens)[0]
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy()
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = greedy()
         end = time.perf_counter()
         return Result(self.label, 1, prompt_tokens / (start - t), (new_tokens - 1) / (end - start))
 
