@@ -184,7 +184,7 @@ async def test_colours_inspector_click_and_fork(models):
         await pilot.press("end")
         assert "completion token 13" in _plain(inspector.content)
         # the branch list reaches the first branch again, and the inspector lets go of the fork's token
-        await pilot.press("b")
+        await pilot.press("enter", "b")  # the pane's action menu, then its key
         await pilot.press("up", "enter")
         assert pane.state.current == 0
         assert pane.cursor is None and not inspector.display
@@ -217,7 +217,7 @@ async def test_settings_panel_and_pane_overrides(models):
         # beta gets its own max_new_tokens
         beta = panes(app)[1]
         beta.focus()
-        await pilot.press("s")
+        await pilot.press("enter", "s")
         app.screen.query_one("#set-max_new_tokens").focus()
         app.screen.query_one("#set-max_new_tokens").value = "3"
         await pilot.press("enter")
@@ -250,9 +250,9 @@ async def test_picker_adds_a_checkpoint_step_and_panes_move_and_go(models):
         assert [p.lm.name for p in panes(app)] == ["alpha@200", "alpha@100"]
         second = panes(app)[1]
         second.focus()
-        await pilot.press("[")
+        await pilot.press("shift+left")
         assert [p.state.spec for p in panes(app)] == ["alpha@100", "alpha"]
-        await pilot.press("d")
+        await pilot.press("delete", "enter")  # asks first
         await pilot.pause()
         assert [p.state.spec for p in panes(app)] == ["alpha"]
 
@@ -335,7 +335,7 @@ async def test_chat_inspector_reaches_every_answer(models):
         _, _, ref = reference("alpha", fork.prompt_ids + [t.id for t in answer.toks[:2]], Settings.from_dict(fork.settings))
         assert [t.id for t in answer.toks[2:]] == [t.id for t in ref.tokens]
         # the branch list brings the first version of the answer back into the conversation
-        await pilot.press("b")
+        await pilot.press("enter", "b")
         await pilot.press("up", "enter")
         assert pane.state.current == 1 and [t.id for t in pane.state.chat[-1].toks] == [t.id for t in second]
 
@@ -373,7 +373,7 @@ async def test_sessions_autosave_reopen_export_and_gen_command(models, capsys):
         await pilot.press("ctrl+b")
         markdown = (models.parent / f"nanoplay-{name}.md").read_text()
         panes(app)[0].focus()
-        await pilot.press("g")
+        await pilot.press("enter", "g")
         command = app.clipboard
         assert "--model alpha@200 " in command  # the step that made the text, not whatever is newest later
     assert list_sessions() == [name]
@@ -412,7 +412,7 @@ async def test_cross_scoring_and_divergence(models):
         assert alpha.diverge_at == beta.diverge_at == first_diff
         assert f"diverges @{first_diff}" in str(beta.header_text())
         alpha.focus()
-        await pilot.press("x")
+        await pilot.press("enter", "x")
         from nanoplay.tui.screens.dialogs import CrossScoreScreen
 
         await until(pilot, lambda: isinstance(app.screen, CrossScoreScreen))
@@ -449,7 +449,8 @@ async def test_welcome_screen_when_nothing_is_available(checkpoints, hf_home, tm
 
     app = NanoplayApp()
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
+        await until(pilot, lambda: isinstance(app.screen, WelcomeScreen) and app.screen.is_mounted)
+        await until(pilot, lambda: _plain_markdown(app.screen))  # a Markdown widget takes its text once mounted
         assert "no checkpoints" in _plain_markdown(app.screen)
 
 
@@ -543,7 +544,7 @@ async def test_opening_a_session_replaces_a_full_set_of_panes(models):
         await pilot.press("ctrl+o")  # full: said before the picker opens, not after a pick
         assert app.screen is app.main
         assert app._notifications and list(app._notifications)[-1].message == \
-            "at most 6 panes: remove one first (d on a pane)"
+            "at most 6 panes: remove one first (Delete on a pane)"
         await pilot.press("ctrl+l")
         await pilot.press("enter")  # the only saved session is highlighted
         await until(pilot, lambda: [p.state.spec for p in panes(app)] == specs)
@@ -551,7 +552,7 @@ async def test_opening_a_session_replaces_a_full_set_of_panes(models):
         assert all(p.lm is not None and p.state.run.prompt == "Saved" for p in panes(app))
         assert app.session_name == "six" and app.settings.max_new_tokens == 5
         assert app.main.query_one("#prompt").text == "Saved"
-        assert [n.message for n in app._notifications].count("at most 6 panes: remove one first (d on a pane)") == 1
+        assert [n.message for n in app._notifications].count("at most 6 panes: remove one first (Delete on a pane)") == 1
 
 
 async def test_a_pane_shows_what_happened_before_it_was_mounted(models):
@@ -637,13 +638,13 @@ async def test_pane_headers_break_between_items_and_lose_nothing_at_six_panes(mo
 
 
 async def test_a_removed_pane_ignores_late_news_from_its_load(models):
-    """`d` while the model is still loading: the load ends later, on a pane that has no parts any more."""
+    """Delete while the model is still loading: the load ends later, on a pane that has no parts any more."""
     app = NanoplayApp(models=["alpha", "beta"])
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot)
         first = panes(app)[0]
         first.focus()
-        await pilot.press("d")
+        await pilot.press("delete", "enter")
         await until(pilot, lambda: [p.state.spec for p in panes(app)] == ["beta"])
         app.main.pane_loaded(first)  # what the load worker calls when it finishes
         first.dirty = True

@@ -7,7 +7,9 @@ window is up and usable before any model is.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from pathlib import Path
 
 from textual.app import App, SystemCommand
@@ -60,6 +62,7 @@ class NanoplayApp(App):
         self.session_name = None
         self.engine = None
         self.engine_lock = threading.Lock()
+        self.saved_at_exit: str | None = None  # the session saved as the app closed, for the exit message
 
     # ---- startup
 
@@ -148,6 +151,16 @@ class NanoplayApp(App):
         except OSError as e:
             self.notify(f"could not save the session: {e}", severity="warning")
 
+    def save_before_exit(self) -> None:
+        """Save the session if it holds any work (a run or a chat): called on every way out, crashes too."""
+        main = getattr(self, "main", None)
+        try:
+            if main is not None and any(p.state.runs or p.state.chat for p in main.panes):
+                self.save_session()
+                self.saved_at_exit = self.session_name
+        except Exception:  # noqa: BLE001 -- the app is already on its way out: the error that closes it is the one to show
+            pass
+
     async def open_session(self, name: str) -> None:
         from .sessions import load_session
 
@@ -173,8 +186,24 @@ class NanoplayApp(App):
 
     # ---- palette, help, quitting
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every notification is plain text: messages quote specs, paths, prompts and error texts, which
+        must never be read as markup (a `[/]` would raise, a `[@click=...]` would run an action)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
+    def action_command_palette(self) -> None:
+        from .widgets.options import Palette
+
+        if self.use_command_palette and not Palette.is_open(self):
+            self.push_screen(Palette(id="--command-palette"))
+
     def get_system_commands(self, screen):
-        yield from super().get_system_commands(screen)
+        for command in super().get_system_commands(screen):
+            if command.title != "Screenshot":  # Textual's saves into ~/Downloads and fails where there is none
+                yield command
+        yield SystemCommand("Screenshot", "Save an SVG of the screen into the sessions folder",
+                            lambda: self.set_timer(0.1, self.save_screenshot_here))
         yield SystemCommand("Help", "Key bindings and what the pane shows (F1)", self.action_help)
         if screen is getattr(self, "main", None):
             for title, help_text, action in COMMANDS:
@@ -194,6 +223,23 @@ class NanoplayApp(App):
         else:
             getattr(main, f"action_{action}")()
 
+    def save_screenshot_here(self) -> None:
+        """An SVG of the screen in the sessions folder, or the working directory if that cannot be written."""
+        from ..atomic import write_file_atomically
+        from .sessions import sessions_dir
+
+        name = f"nanoplay-screenshot-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        svg = self.export_screenshot()
+        for folder in (sessions_dir(), Path.cwd()):
+            try:
+                path = write_file_atomically((folder / name).resolve(), svg)
+            except OSError as e:
+                error = e
+                continue
+            self.notify(str(path), title="screenshot saved")
+            return
+        self.notify(f"could not save the screenshot: {error}", severity="error")
+
     def action_help(self) -> None:
         from .screens.dialogs import HelpScreen
 
@@ -205,7 +251,14 @@ class NanoplayApp(App):
                 with pane.lock:
                     for _, req in pane.active:
                         req.cancel()
+        self.save_before_exit()
         self.exit()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """An unhandled error closes the app (Textual's rule, from any widget, Textual's own too): the
+        session is saved first, so no work is lost, and the exit message says how to reopen it."""
+        self.save_before_exit()
+        super()._handle_exception(error)
 
     def on_unmount(self) -> None:
         if self.engine is not None:
@@ -215,4 +268,7 @@ class NanoplayApp(App):
 def run_app(args) -> int:
     app = NanoplayApp(models=args.model, chat=args.chat, session=args.session, device=args.device)
     app.run()
+    if app.return_code and app.saved_at_exit:
+        print(f"nanoplay: the playground stopped on an error; the session was saved first: "
+              f"nanoplay --session {app.saved_at_exit}", file=sys.stderr)
     return app.return_code or 0

@@ -44,4 +44,7 @@ def score_under_others(screen, pane: ModelPane, others: list[ModelPane]) -> None
 def show_results(screen, pane: ModelPane, results) -> None:
     from .screens.dialogs import CrossScoreScreen
 
+    if pane.removed:  # the pane went while its text was scored
+        return
+
     screen.app.push_screen(CrossScoreScreen(pane.state.spec, pane.state.run.toks, results))

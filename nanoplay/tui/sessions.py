@@ -61,12 +61,13 @@ def load_session(name: str) -> dict:
 
 
 def list_sessions() -> list[str]:
-    """Saved session names, most recently saved first."""
+    """Saved session names, most recently saved first (only files named as a session can be: others
+    in the folder, `run[x].json` say, could not be opened)."""
     folder = sessions_dir()
     if not folder.is_dir():
         return []
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p.stem for p in files]
+    return [p.stem for p in files if NAME.match(p.stem)]
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Small modal screens: branches, cross-scoring results, the session picker, help."""
+"""Small modal screens: branches, cross-scoring results, the session picker, help, a pane's actions.
+
+Text the code did not write (specs, token texts, paths, session names) goes in as plain text:
+`Content(...)` for labels, `Text(...)` for Rich table cells, plain-text option lists.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,17 @@ from rich.text import Text
 from textual import on
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Label, Markdown, OptionList, Static
+from textual.content import Content
+from textual.widgets import Label, Markdown, Static
 from textual.widgets.option_list import Option
 
 from ..state import PaneState, Tok, format_perplexity, perplexity
 from ..widgets.inspector import prob
+from ..widgets.options import OptionList
+from .base import Dialog
 
 
-class BranchesScreen(ModalScreen[int | None]):
+class BranchesScreen(Dialog[int | None]):
     """The runs of a pane the mode on screen can show (`runs`: indices), main and forks as a tree by indentation."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
@@ -29,7 +35,7 @@ class BranchesScreen(ModalScreen[int | None]):
 
     def compose(self):
         with Vertical(classes="dialog", id="branches"):
-            yield Label(f"Branches of {self.pane.spec}", classes="dialog-title")
+            yield Label(Content(f"Branches of {self.pane.spec}"), classes="dialog-title")
             yield OptionList(*[Option(self.label(i), id=str(i)) for i in self.order()], id="branch-list")
             yield Label("Enter: show that branch · Esc: close", classes="dim")
 
@@ -84,7 +90,7 @@ class CrossScore:
     skipped: str = ""
 
 
-class CrossScoreScreen(ModalScreen[None]):
+class CrossScoreScreen(Dialog[None]):
     """One pane's completion scored under every other model: perplexities and the biggest disagreements."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
@@ -95,7 +101,7 @@ class CrossScoreScreen(ModalScreen[None]):
 
     def compose(self):
         with Vertical(classes="dialog", id="cross"):
-            yield Label(f"{self.source}'s completion under every model", classes="dialog-title")
+            yield Label(Content(f"{self.source}'s completion under every model"), classes="dialog-title")
             with VerticalScroll():
                 yield Static(self.table())
             yield Label("Esc: close", classes="dim")
@@ -104,29 +110,31 @@ class CrossScoreScreen(ModalScreen[None]):
         ppl = Table(title="perplexity of the completion", title_justify="left")
         ppl.add_column("model")
         ppl.add_column("perplexity", justify="right")
-        ppl.add_row(f"{self.source} (its own)", format_perplexity(perplexity(self.toks)))
+        ppl.add_row(Text(f"{self.source} (its own)"), format_perplexity(perplexity(self.toks)))
         grid = Table.grid(padding=(1, 0))
         grid.add_row(ppl)
         for r in self.results:
             if r.toks is None:
-                ppl.add_row(r.model, r.skipped)
+                ppl.add_row(Text(r.model), Text(r.skipped))
                 continue
-            ppl.add_row(r.model, format_perplexity(perplexity(r.toks)))
+            ppl.add_row(Text(r.model), format_perplexity(perplexity(r.toks)))
             grid.add_row(self.disagreements(r))
         return grid
 
     def disagreements(self, r: CrossScore) -> Table:
         """Positions where the two models' log-probabilities of the token differ most."""
         gaps = sorted(range(len(self.toks)), key=lambda i: -abs(self.toks[i].logprob - r.toks[i].logprob))
-        t = Table(title=f"where {r.model} disagrees most with {self.source}", title_justify="left")
-        for col in ("pos", "token", f"p {self.source}", f"p {r.model}"):
-            t.add_column(col, justify="right" if col.startswith("p") else "left")
+        t = Table(title=Text(f"where {r.model} disagrees most with {self.source}"), title_justify="left")
+        t.add_column("pos", justify="right")
+        t.add_column("token")
+        for model in (self.source, r.model):
+            t.add_column(Text(f"p {model}"), justify="right")
         for i in gaps[:self.top]:
-            t.add_row(str(i), repr(self.toks[i].text), prob(self.toks[i].logprob), prob(r.toks[i].logprob))
+            t.add_row(str(i), Text(repr(self.toks[i].text)), prob(self.toks[i].logprob), prob(r.toks[i].logprob))
         return t
 
 
-class SessionsScreen(ModalScreen[str | None]):
+class SessionsScreen(Dialog[str | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
 
     def compose(self):
@@ -134,7 +142,7 @@ class SessionsScreen(ModalScreen[str | None]):
 
         sessions = session_summaries()  # each: age · mode · models · first prompt, as plain text
         with Vertical(classes="dialog", id="sessions"):
-            yield Label(f"Saved sessions in {sessions_dir()}", classes="dialog-title")
+            yield Label(Content(f"Saved sessions in {sessions_dir()}"), classes="dialog-title")
             if sessions:
                 yield OptionList(*[Option(s.label(), id=s.name) for s in sessions], id="session-list")
             else:
@@ -191,9 +199,64 @@ context used / context length, and ⟲slid when the context window slid.
 """
 
 
-class HelpScreen(ModalScreen[None]):
+class HelpScreen(Dialog[None]):
     BINDINGS = [Binding("escape,f1,q", "dismiss(None)", "Close")]
 
     def compose(self):
         with VerticalScroll(classes="dialog", id="help"):
             yield Markdown(HELP)
+
+
+# (key, pane action[:argument], what it does): Enter on a pane lists them; letters typed on the pane itself
+# go to the prompt, so a pane's actions are a deliberate second key here, never a stray letter of a message
+PANE_ACTIONS = [
+    ("f", "fork", "fork at the cursor with the most likely alternative"),
+    ("b", "branches", "branches of this pane"),
+    ("x", "cross_score", "cross-score its completion under every other model"),
+    ("y", "copy", "copy its text (terminal clipboard)"),
+    ("g", "gen_command", "copy the equivalent `nanoplay gen` command line"),
+    ("s", "pane_settings", "its sampling overrides"),
+    ("[", "move:-1", "move it left"),
+    ("]", "move:1", "move it right"),
+    ("d", "remove", "remove it (asks first)"),
+]
+
+
+class PaneMenu(Dialog[str | None]):
+    """A pane's actions (Enter on a pane): a letter or Enter on the highlighted one picks; Esc closes."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")] + [
+        Binding(key, f"dismiss({action!r})", show=False) for key, action, _ in PANE_ACTIONS]
+
+    def __init__(self, spec: str):
+        super().__init__()
+        self.spec = spec
+
+    def compose(self):
+        with Vertical(classes="dialog", id="pane-menu"):
+            yield Label(Content(f"Pane {self.spec}"), classes="dialog-title")
+            yield OptionList(*[Option(Text.assemble((f" {key} ", "bold reverse"), f"  {label}"), id=action)
+                               for key, action, label in PANE_ACTIONS], id="pane-actions")
+            yield Label("a letter or Enter: do it · Esc: close", classes="dim")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class ConfirmScreen(Dialog[bool]):
+    """A yes/no question about something that cannot be taken back: Enter or y confirms, Esc or n keeps."""
+
+    BINDINGS = [Binding("escape,n", "dismiss(False)", "Keep"), Binding("enter,y", "dismiss(True)", "Confirm")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self):
+        with Vertical(classes="dialog", id="confirm"):
+            yield Label(Content(self.question), classes="dialog-title")
+            yield Label("Enter or y: yes · Esc or n: no", classes="dim")

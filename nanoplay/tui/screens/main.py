@@ -89,7 +89,7 @@ class MainScreen(Screen):
     def room_for_a_pane(self) -> bool:
         if len(self.panes) < MAX_PANES:
             return True
-        self.notify(f"at most {MAX_PANES} panes: remove one first (d on a pane)", severity="warning")
+        self.notify(f"at most {MAX_PANES} panes: remove one first (Delete on a pane)", severity="warning")
         return False
 
     def add_pane(self, state: PaneState) -> ModelPane | None:
@@ -141,6 +141,8 @@ class MainScreen(Screen):
         self.app.call_from_thread(self.pane_loaded, pane)
 
     def pane_loaded(self, pane: ModelPane) -> None:
+        if pane.removed:  # removed (or its session replaced) while it loaded: nothing left to update
+            return
         if pane.lm is not None and pane.waiting_prompt is not None:
             waiting, pane.waiting_prompt = pane.waiting_prompt, None
             self.mode.resume(pane, waiting)
@@ -251,6 +253,7 @@ class MainScreen(Screen):
         session = self.app.session_name  # a draft belongs to the session it was typed in
         self.drafts[session, leaving] = editor.text
         editor.load_text(self.drafts.pop((session, entering), self.app.prompt if entering == "compare" else ""))
+        editor.focus()  # the next thing typed is for the mode just entered, not a pane's keys
         for pane in self.panes:
             pane.state.switch_mode(leaving, entering)
             pane.chat_mode = entering == "chat"
@@ -319,9 +322,24 @@ class MainScreen(Screen):
                 container.move_child(pane, after=panes[j])
             self.app.save_session()
 
-    async def pane_remove(self, pane: ModelPane, _=None) -> None:
-        await self.remove_panes([pane])
-        self.app.save_session()
+    def pane_remove(self, pane: ModelPane, _=None) -> None:
+        """Asks first: the removal is saved with the session, and no single key may do that by accident."""
+        from .dialogs import ConfirmScreen
+
+        async def confirmed(yes: bool | None) -> None:
+            if yes and not pane.removed:
+                await self.remove_panes([pane])
+                self.app.save_session()
+
+        self.app.push_screen(ConfirmScreen(f"Remove the pane {pane.state.spec} and its runs from the session?"),
+                             confirmed)
+
+    @on(ModelPane.Typed)
+    def typed_on_pane(self, message: ModelPane.Typed) -> None:
+        """Text typed while a pane had focus belongs in the prompt: it goes there, and so does the focus."""
+        editor = self.query_one("#prompt", PromptEditor)
+        editor.focus()
+        editor.insert(message.text)
 
     async def remove_panes(self, panes: list[ModelPane]) -> None:
         """Stop their generation and take them off the screen; awaited, so they no longer count as panes."""
@@ -361,7 +379,7 @@ class MainScreen(Screen):
         from .settings import SettingsScreen
 
         def done(result) -> None:
-            if result is None:
+            if result is None or (pane is not None and pane.removed):
                 return
             if pane is None:
                 self.app.settings = result
@@ -383,7 +401,11 @@ class MainScreen(Screen):
         self.app.push_screen(SessionsScreen(), chosen)
 
     def action_export(self) -> None:
-        path = self.app.export_markdown()
+        try:
+            path = self.app.export_markdown()
+        except OSError as e:  # a read-only or full working directory
+            self.notify(f"could not export the session: {e}", severity="error")
+            return
         self.notify(f"exported to {path}", title="Markdown export")
 
     def update_status(self) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from textual import on
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
-from textual.screen import ModalScreen
+from textual.content import Content
 from textual.widgets import Button, Input, Label
 
 from ...errors import NanoplayError
 from ..state import PaneState, Settings
+from .base import Dialog
 
 # field, label, parser; parsers raise ValueError on bad input
 FIELDS = [
@@ -37,7 +38,7 @@ def parse_stop(text: str) -> list[str]:
     return [s.strip().replace("\\n", "\n") for s in text.split(",") if s.strip()]
 
 
-class SettingsScreen(ModalScreen[Settings | dict | None]):
+class SettingsScreen(Dialog[Settings | dict | None]):
     """Returns new global Settings, or a pane's overrides dict; None when cancelled."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "apply", "Apply")]
@@ -50,7 +51,7 @@ class SettingsScreen(ModalScreen[Settings | dict | None]):
     def compose(self):
         title = f"Overrides for {self.pane.spec} (blank = global value)" if self.pane else "Sampling settings (all panes)"
         with Vertical(classes="dialog", id="settings"):
-            yield Label(title, classes="dialog-title")
+            yield Label(Content(title), classes="dialog-title")
             with Grid(id="settings-grid"):
                 for name, label, _ in FIELDS:
                     yield Label(label)
@@ -75,7 +76,7 @@ class SettingsScreen(ModalScreen[Settings | dict | None]):
         try:
             result = self.read()
         except (ValueError, NanoplayError) as e:
-            self.query_one("#settings-error", Label).update(str(e))
+            self.query_one("#settings-error", Label).update(Content(str(e)))  # it quotes what was typed
             return
         self.dismiss(result)
 

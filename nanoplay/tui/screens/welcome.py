@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.content import Content
 from textual.widgets import Button, Footer, Label, Markdown, ProgressBar
+
+from .base import FullScreen
 
 DEMO_PRESET = "demo"
 
 WELCOME = """\
 # Welcome to nanoplay
 
-There is no model here yet: no checkpoints under `{root}/` and no GPT-2 in the Hugging Face cache.
+There is no model here yet: no checkpoints under {root} and no GPT-2 in the Hugging Face cache.
 
 What you can do from here:
 
@@ -26,7 +29,14 @@ What you can do from here:
 """
 
 
-class WelcomeScreen(Screen[str | None]):
+def code_span(text: str) -> str:
+    """`text` as a Markdown code span it cannot end early: fenced by more backticks than any run in it
+    (the spaces inside the fence are not shown)."""
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{ticks} {text} {ticks}"
+
+
+class WelcomeScreen(FullScreen[str | None]):
     """Dismissed with the spec to open (the trained demo run, or gpt2)."""
 
     BINDINGS = [Binding("t", "train", "Train demo"), Binding("g", "gpt2", "Open gpt2"),
@@ -40,7 +50,7 @@ class WelcomeScreen(Screen[str | None]):
         from ...loading import checkpoints_root
 
         with Vertical(id="welcome"):
-            yield Markdown(WELCOME.format(root=checkpoints_root()))
+            yield Markdown(WELCOME.format(root=code_span(f"{checkpoints_root()}/")))
             with Horizontal(classes="buttons"):
                 yield Button("Train the demo preset", variant="primary", id="train")
                 yield Button("Open gpt2 (download)", id="gpt2")
@@ -86,13 +96,17 @@ class WelcomeScreen(Screen[str | None]):
             self.app.call_from_thread(self.dismiss, config.name)
 
     def training_ended(self, message: str) -> None:
-        self.query_one("#train-status", Label).update(message)
+        if not self.is_attached:  # the screen went while the trainer stopped
+            return
+        self.query_one("#train-status", Label).update(Content(message))  # an error's text: never markup
         self.query_one("#train", Button).disabled = False
         self.stop_event.clear()
 
     def show_progress(self, p) -> None:
+        if not self.is_attached:
+            return
         self.query_one("#train-progress", ProgressBar).update(total=p.max_steps, progress=p.step)
         loss = f" · loss {p.loss:.3f}" if p.loss is not None else ""
         val = f" · val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
-        self.query_one("#train-status", Label).update(
-            f"step {p.step}/{p.max_steps}{loss}{val} · {p.eta_s:.0f} s left · Esc stops and keeps the last checkpoint")
+        self.query_one("#train-status", Label).update(Content(
+            f"step {p.step}/{p.max_steps}{loss}{val} · {p.eta_s:.0f} s left · Esc stops and keeps the last checkpoint"))

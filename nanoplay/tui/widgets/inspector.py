@@ -58,7 +58,8 @@ class TokenInspector(Static):
         table.add_column("sampling p", justify="right")
         for k, (tid, text, lp, slp) in enumerate(tok.top, 1):
             marker = "•" if tid == tok.id else ""
-            table.add_row(f"{k}{marker}" if not is_prompt else marker, repr(text), prob(lp),
+            # a token's text is model output: a Text cell, so Rich reads no markup in it
+            table.add_row(f"{k}{marker}" if not is_prompt else marker, Text(repr(text)), prob(lp),
                           prob(slp) if not is_prompt else "")
         raw_mass = sum(math.exp(lp) for _, _, lp, _ in tok.top)
         samp_mass = sum(math.exp(slp) for _, _, _, slp in tok.top if not math.isinf(slp))

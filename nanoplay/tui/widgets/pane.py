@@ -15,8 +15,8 @@ from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
-from textual.content import Content
 from textual.geometry import Region
+from textual.content import Content
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Static
@@ -95,15 +95,11 @@ class ModelPane(Vertical, can_focus=True):
         Binding("down", "scroll(1)", "Scroll down", show=False),
         Binding("pageup", "scroll(-10)", "Page up", show=False),
         Binding("pagedown", "scroll(10)", "Page down", show=False),
-        Binding("f", "fork", "Fork at cursor"),
-        Binding("b", "branches", "Branches"),
-        Binding("x", "cross_score", "Cross-score"),
-        Binding("y", "copy", "Copy text"),
-        Binding("g", "gen_command", "gen cmd"),
-        Binding("s", "pane_settings", "Pane settings"),
-        Binding("[", "move(-1)", "Move left", show=False),
-        Binding("]", "move(1)", "Move right", show=False),
-        Binding("delete,d", "remove", "Remove pane"),
+        # no printable key here: text typed on a pane goes to the prompt (on_key); its actions are a menu
+        Binding("enter", "menu", "Pane actions"),
+        Binding("shift+left", "move(-1)", "Move left", show=False),
+        Binding("shift+right", "move(1)", "Move right", show=False),
+        Binding("delete", "remove", "Remove pane"),
     ]
 
     colour_mode = reactive("off", init=False)
@@ -118,6 +114,14 @@ class ModelPane(Vertical, can_focus=True):
             self.pane = pane
             self.action = action
             self.arg = arg
+
+    class Typed(Message):
+        """Printable text typed while the pane had focus: it belongs in the prompt."""
+
+        def __init__(self, pane: "ModelPane", text: str):
+            super().__init__()
+            self.pane = pane
+            self.text = text
 
     class CursorMoved(Message):
         def __init__(self, pane: "ModelPane"):
@@ -138,7 +142,7 @@ class ModelPane(Vertical, can_focus=True):
         self.lock = threading.Lock()
         self.active: list = []  # (run, engine request) pairs in flight
         self.pending: list = []  # (run, [TokenInfo]) from the engine thread, drained by the UI timer
-        self.border_title = state.spec
+        self.border_title = Content(state.spec)  # a str border title would be read as markup
 
     def compose(self):
         yield Static(id="pane-header", classes="pane-header")
@@ -409,28 +413,31 @@ class ModelPane(Vertical, can_focus=True):
         self.query_one(VerticalScroll).scroll_to_region(Region(0, line, 1, 1), animate=False)
 
     def on_key(self, event: events.Key) -> None:
-        # 1-9: fork with that alternative of the token under the cursor
-        if event.character and len(event.character) == 1 and event.character in "123456789":
-            event.stop()
-            self.post_message(self.Action(self, "fork", int(event.character)))
+        """
+        The rule for keys on a pane: while its token cursor is shown (the inspector with it), 1-9 fork
+        with that alternative; every other printable key is text for the prompt. So a message typed
+        while a pane has focus lands in the prompt, never in a pane action.
+        """
+        char = event.character
+        if not event.is_printable or char is None:
+            return
+        event.stop()
+        event.prevent_default()
+        if len(char) == 1 and char in "123456789" and self.cursor is not None:
+            self.post_message(self.Action(self, "fork", int(char)))
+        else:
+            self.post_message(self.Typed(self, char))
 
-    def action_fork(self) -> None:
-        self.post_message(self.Action(self, "fork", None))
+    def action_menu(self) -> None:
+        """Enter: the pane's actions, each on a letter (the letters are safe there: it is a dialog)."""
+        from ..screens.dialogs import PaneMenu
 
-    def action_branches(self) -> None:
-        self.post_message(self.Action(self, "branches"))
+        def chosen(choice: str | None) -> None:
+            if choice and self.is_attached and not self.removed:
+                name, _, arg = choice.partition(":")
+                self.post_message(self.Action(self, name, int(arg) if arg else None))
 
-    def action_cross_score(self) -> None:
-        self.post_message(self.Action(self, "cross_score"))
-
-    def action_copy(self) -> None:
-        self.post_message(self.Action(self, "copy"))
-
-    def action_gen_command(self) -> None:
-        self.post_message(self.Action(self, "gen_command"))
-
-    def action_pane_settings(self) -> None:
-        self.post_message(self.Action(self, "pane_settings"))
+        self.app.push_screen(PaneMenu(self.state.spec), chosen)
 
     def action_move(self, delta: int) -> None:
         self.post_message(self.Action(self, "move", delta))
