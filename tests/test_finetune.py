@@ -191,7 +191,7 @@ def test_print_config_is_what_runs_and_reads_back(env, tmp_path, capsys):
     # the base's shape (not owt-30m's 6/384/512), its name, and the 9 steps of 3 epochs; the warm-up fits them
     for line in ("n_layer = 2", "n_embd = 32", "block_size = 64", "vocab_size = 50304", 'init = "base"',
                  'name = "base-chat"', "max_iters = 9  # 3 epochs of 11 training conversations (delete",
-                 "warmup_iters = 20  # capped: 0 steps, 10% of max_iters 9, warm up"):
+                 "warmup_iters = 20  # capped to 0 steps: warm-up takes at most 10% of max_iters 9"):
         assert line in printed, line
     assert "# the shape of --init base, its vocabulary padded for the chat tokens" in printed
     assert not (env / "base-chat").exists()

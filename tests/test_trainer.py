@@ -155,7 +155,7 @@ def test_a_short_run_warns_in_one_line_and_print_config_notes_the_capped_schedul
 
     assert cli.main(["train", "--preset", "demo", "--max-iters", "8", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    assert "warmup_iters = 30  # capped: 0 steps, 10% of max_iters 8, warm up" in printed
+    assert "warmup_iters = 30  # capped to 0 steps: warm-up takes at most 10% of max_iters 8" in printed
     cfg = load_preset("demo", **{**TINY, "max_iters": 3, "eval_interval": 0, "name": "short"})
     train(cfg, display="plain")
     err = capsys.readouterr().err.splitlines()

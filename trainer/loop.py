@@ -61,8 +61,8 @@ def schedule_notes(cfg: TrainConfig) -> dict[str, str]:
     """Comments for --print-config on the schedule keys that the run's length caps."""
     fitted, notes = fit_schedule(cfg), {}
     if fitted.warmup < cfg.warmup_iters:
-        notes["warmup_iters"] = (f"capped: {fitted.warmup} steps, {WARMUP_SHARE:.0%} of max_iters "
-                                 f"{cfg.max_iters}, warm up")
+        notes["warmup_iters"] = (f"capped to {fitted.warmup} steps: warm-up takes at most {WARMUP_SHARE:.0%} "
+                                 f"of max_iters {cfg.max_iters}")
     if cfg.lr_decay_iters > cfg.max_iters:
         notes["lr_decay_iters"] = f"capped: the decay ends at max_iters {cfg.max_iters}"
     return notes
