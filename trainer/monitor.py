@@ -133,7 +133,6 @@ class Monitor:
         self.last: dict = {}
         self.val_loss = self.best_val = None
         self.sample = ""
-        self.notice = ""  # a line shown in the live view (the signal handler's "finishing this step")
         self.step_seconds: list[float] = []  # this process's steps, for the ETA
         self.overhead_seconds = 0.0  # time between steps: evaluations, samples, checkpoints
         self.last_step_end: float | None = None
