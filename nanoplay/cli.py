@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import NanoplayError
@@ -52,13 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run = args.run
     try:
-        return run(args) or 0
+        code = run(args) or 0
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return closed_pipe()
     except NanoplayError as e:
         print(f"nanoplay: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("nanoplay: interrupted", file=sys.stderr)
         return 130
+
+
+def closed_pipe() -> int:
+    """
+    The reader of our output went away (`nanoplay gen ... | head -1`): end quietly, as Unix tools do,
+    with the status a shell gives a command that SIGPIPE ended (128 + 13). Standard output is pointed
+    at /dev/null first, so the interpreter's final flush of what is still buffered cannot fail again
+    (Python's documented recipe, docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
 
 
 if __name__ == "__main__":

@@ -211,11 +211,14 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     (float64) differs from logits / temperature by a constant (its maximum is 0), which no softmax sees.
     """
     logits = stable_logits(logits)
+    beyond_k = None
+    if params.top_k is not None and params.top_k < logits.size(-1):
+        # ranked before scaling, which keeps the order but may round neighbours into ties (temperature 1e300)
+        beyond_k = logits < torch.topk(logits, params.top_k).values[-1]
     # subtract the maximum before dividing: a tiny temperature then sends the others to -inf, never to NaN
     logits = (logits - logits.max()) / params.temperature
-    if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if beyond_k is not None:
+        logits = logits.masked_fill(beyond_k, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)  # float64: the boundary must not move with rounding

@@ -1,5 +1,8 @@
 """Sampling filters and penalties against transformers' logits processors and hand computations."""
 
+import math
+import random
+
 import pytest
 import torch
 
@@ -118,3 +121,135 @@ def test_invalid_settings_are_refused(bad):
 def test_the_largest_seed_works():
     params = SamplingParams(seed=2**63 - 1, max_new_tokens=1)
     torch.Generator().manual_seed(params.seed)
+
+
+# -- non-finite logits and extreme settings (issue 11, item 1) -------------------------------------------
+
+def test_a_tiny_temperature_is_greedy_not_token_0():
+    # 1e-38 overflowed logits / temperature to +-inf: softmax NaN, argmax token 0, null log-probs
+    x = logits(7)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-38, 1e-300, 5e-324):
+        token, sampling_lp = choose(x, SamplingParams(temperature=temperature), draw_noise(g, V, "cpu"))
+        assert token == int(x.argmax()) != 0
+        assert sampling_lp[token] == 0.0 and not torch.isnan(sampling_lp).any()
+
+
+def test_infinite_logits_take_all_the_mass_and_nan_is_named():
+    from nanoplay.sampling import logits_fault, model_logprobs
+
+    x = logits(8)
+    x[[5, 9]] = float("inf")
+    lp = model_logprobs(x)
+    assert lp[5] == lp[9] == pytest.approx(math.log(0.5)) and torch.isinf(lp).sum() == V - 2
+    g = torch.Generator().manual_seed(1)
+    picks = {choose(x, SamplingParams(temperature=0.7), draw_noise(g, V, "cpu"))[0] for _ in range(50)}
+    assert picks == {5, 9}
+    assert choose(x, SamplingParams(temperature=0), None)[0] == 5
+    x[3] = float("nan")
+    ruled_out = torch.full((V,), float("-inf"))
+    assert logits_fault(torch.stack([x, logits(9), ruled_out])) == [
+        "model produced NaN logits (damaged weights, or an overflow in its dtype: try --dtype float32)", None,
+        "model produced logits that are -inf for every token"]
+
+
+@pytest.mark.parametrize("bad", ["temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"])
+def test_infinite_settings_are_refused(bad):
+    with pytest.raises(NanoplayError, match=f"invalid sampling setting: {bad} must be a finite number"):
+        SamplingParams(**{bad: float("inf")})
+
+
+def random_row(rng: random.Random, size: int) -> torch.Tensor:
+    """Logits a model could produce, and worse: ordinary, huge, tiny, +-inf (never all -inf)."""
+    kinds = [lambda: rng.gauss(0, 5), lambda: rng.choice([-1, 1]) * 3e38, lambda: rng.choice([-1, 1]) * 1e-45,
+             lambda: float("-inf"), lambda: float("inf"), lambda: rng.gauss(0, 1e30)]
+    weights = [10, 1, 1, 2, rng.choice([0, 0, 0, 1]), 1]
+    row = torch.tensor([rng.choices(kinds, weights)[0]() for _ in range(size)], dtype=torch.float32)
+    if torch.isinf(row).all() and (row < 0).all():
+        row[0] = 0.0
+    return row
+
+
+def random_params(rng: random.Random) -> SamplingParams:
+    pick = rng.choice
+    return SamplingParams(
+        temperature=pick([0, 1e-38, 5e-324, 1e-6, 0.7, 1, 100, 1e300]),
+        top_k=pick([None, 1, 2, 5, 30]), top_p=pick([None, 1e-12, 0.1, 0.9, 1.0]), min_p=pick([None, 0, 0.5, 1.0]),
+        repetition_penalty=pick([1.0, 1e-30, 0.5, 2.0, 1e30]), presence_penalty=pick([0.0, -2.0, 2.0, 1e300, -1e300]),
+        frequency_penalty=pick([0.0, 1.0, -1e308, 1e308]), seed=1)
+
+
+def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
+    """A seeded property test: 400 random rows and settings, extremes included."""
+    from nanoplay.sampling import model_logprobs
+
+    rng = random.Random(11)
+    g = torch.Generator().manual_seed(11)
+    size = 40
+    for case in range(400):
+        row, params = random_row(rng, size), random_params(rng)
+        seen = torch.tensor(rng.sample(range(size), rng.randrange(size // 2)), dtype=torch.long)
+        counts = torch.zeros(size)
+        counts[seen[: len(seen) // 2]] = torch.tensor([float(rng.randrange(1, 4)) for _ in seen[: len(seen) // 2]])
+        penalised = apply_penalties(row, params, seen, counts)
+        noise = draw_noise(g, size, "cpu")
+        token, sampling_lp = choose(penalised, params, noise)
+        where = f"case {case}: {params}"
+        assert not torch.isnan(sampling_lp).any(), where
+        assert torch.isfinite(sampling_lp[token]), where  # the token is one the filters kept
+        assert float(sampling_lp.logsumexp(-1)) == pytest.approx(0.0, abs=1e-9), where  # a distribution
+        assert torch.isfinite(model_logprobs(row)[token]), where  # finite under the model too
+        assert row[token] != float("-inf"), where  # never a token the model rules out
+        if torch.isinf(row).any() and (row == float("inf")).any():
+            assert row[token] == float("inf"), where  # +inf takes all the mass
+        higher = int((penalised > penalised[token]).sum())
+        if params.top_k is not None:
+            assert higher < params.top_k, where
+        if params.temperature == 0 or params.top_k == 1 or params.top_p == 1e-12:
+            assert higher == 0, where  # greedy, or a filter that keeps only the best
+
+
+def test_filtered_tokens_are_never_drawn_even_with_zero_noise():
+    x = logits(10)
+    noise = torch.ones(V)
+    noise[int(x.argmin())] = 0.0  # E = 0 made -log E = +inf, and -inf + inf = NaN won the argmax
+    token, _ = choose(x, SamplingParams(top_k=3), noise)
+    assert token in torch.topk(x, 3).indices.tolist()
+
+
+# -- stop-string escapes and per-prompt seeds (items 3, 4) ----------------------------------------------
+
+@pytest.mark.parametrize("typed, stop", [(r"\n", "\n"), (r"\n\nUser:", "\n\nUser:"), (r"a\tb", "a\tb"),
+                                         (r"C:\\dir", "C:\\dir"), (r"\u00e9t\u00E9", "été"), (r"1\,5", "1,5"),
+                                         ("plain", "plain"), ("é\n", "é\n")])
+def test_stop_string_escapes(typed, stop):
+    from nanoplay.sampling import format_stop_string, parse_stop_string
+
+    assert parse_stop_string(typed) == stop
+    assert parse_stop_string(format_stop_string(stop)) == stop
+
+
+@pytest.mark.parametrize("typed", [r"\q", "end\\", r"\u12", r"\x41"])
+def test_unknown_stop_escapes_are_refused(typed):
+    from nanoplay.sampling import parse_stop_string
+
+    with pytest.raises(NanoplayError, match="unknown escape"):
+        parse_stop_string(typed)
+
+
+def test_the_playground_reads_stop_strings_by_the_same_rule():
+    from nanoplay.sampling import parse_stop_string
+    from nanoplay.tui.screens.settings import parse_stop, show
+
+    assert parse_stop(r" \n\nUser: , a\,b, C:\\ ") == [parse_stop_string(r"\n\nUser:"), "a,b", "C:\\"]
+    assert parse_stop(show("stop", ["\n", "a,b", "x\\y"])) == ["\n", "a,b", "x\\y"]
+
+
+def test_prompt_seeds_never_collide_with_sample_seeds():
+    from nanoplay.sampling import derive_seed
+
+    for base in (0, 1337, 2**31 - 1, 2**63 - 5):
+        seeds = [derive_seed(base, k, i) for k in range(50) for i in range(20)]
+        assert seeds[:3] == [base % 2**63, (base + 1) % 2**63, (base + 2) % 2**63]  # prompt 0: seed, seed+1, ...
+        # distinct as torch's CPU generator sees them (it keeps only the low 32 bits of a seed)
+        assert len({s % 2**32 for s in seeds}) == len(seeds)

@@ -23,6 +23,14 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dt
                              "products, else float32; int8: 8-bit weights, CPU only)")
 
 
+def read_stdin() -> str:
+    """Standard input as text, under nanoplay.textio's policy: UTF-8 or a one-line error naming the byte."""
+    from ..textio import decode_text
+
+    binary = getattr(sys.stdin, "buffer", None)
+    return decode_text(binary.read(), "stdin") if binary is not None else sys.stdin.read()
+
+
 def check_top_logprobs(count: int) -> None:
     """gen and score take the same --top-logprobs, checked before any model loads."""
     from ..sampling import MAX_TOP_LOGPROBS

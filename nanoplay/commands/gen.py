@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models,
+from ..textio import argument_text, read_text
+from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models, read_stdin,
                      resolve_device, torch_dtype)
 
 
@@ -28,9 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not included)")
+    p.add_argument("--stop", action="append", default=[],
+                   help=r"stop string (repeatable; not included); escapes \n \t \r \\ \uXXXX")
     p.add_argument("--no-stop-eot", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--seed", type=int, help="random seed (default: a random one, reported)")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, reported; greedy uses none); "
+                                             "prompt k of --prompts uses seed + 1000003*k")
+    p.add_argument("--no-eot-prefix", action="store_true",
+                   help="feed the prompt as it is, not after <|endoftext|> (see README: Sampling)")
     p.add_argument("--top-logprobs", type=int, default=5, help="alternatives per token in --json output")
     p.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per completion")
@@ -42,12 +47,12 @@ def register(subparsers) -> None:
 
 def read_prompts(args) -> list[str]:
     if args.prompt:
-        return args.prompt
+        return [argument_text(p, "--prompt") for p in args.prompt]
     if args.prompts:
         return read_prompts_file(args.prompts)
     if sys.stdin.isatty():
         raise NanoplayError("no prompt: give --prompt TEXT, --prompts FILE, or pipe text on stdin")
-    text = sys.stdin.read()
+    text = read_stdin()
     if not text:
         raise NanoplayError("no prompt on stdin: it was empty; pipe some text, or give --prompt TEXT or --prompts FILE")
     return [text.removesuffix("\n")]  # the newline `echo` ends with is not part of the prompt, as with $(...)
@@ -55,10 +60,7 @@ def read_prompts(args) -> list[str]:
 
 def read_prompts_file(path: Path) -> list[str]:
     """A .jsonl file (a prompt per line), a .json file (an array of prompts) or text (a prompt per line)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanoplayError(f"cannot read prompts file {path}: {e}") from e
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []
@@ -96,10 +98,10 @@ def prompt_from_item(item, where: str) -> str:
     raise NanoplayError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
-def sampling_params(args, seed: int, chat_template=None, chat: bool = False):
-    from ..sampling import SamplingParams
+def sampling_params(args, seed: int | None, chat_template=None, chat: bool = False):
+    from ..sampling import SamplingParams, parse_stop_string
 
-    stop, stop_ids = list(args.stop), []
+    stop, stop_ids = [parse_stop_string(argument_text(s, "--stop")) for s in args.stop], []
     if chat:
         from ..chat import stop_strings, stop_token_ids
 
@@ -148,38 +150,42 @@ def run(args) -> int:
     import random
 
     from ..engine import Engine
+    from ..sampling import derive_seed
 
     if args.n < 1:
         raise NanoplayError("--n must be at least 1")
     check_top_logprobs(args.top_logprobs)
     prompts = read_prompts(args)
+    sampling_params(args, None)  # bad settings (a stop string's escape, say) fail before any model loads
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     engine = Engine()
     models = load_models(engine, args.model, device, dtype)
     draft = load_models(engine, [args.draft], device, dtype)[0] if args.draft else None
-    base_seed = args.seed if args.seed is not None else random.randrange(2**31)
+    greedy = args.temperature == 0  # draws no random numbers: no seed to choose, report or record
+    base_seed = None if greedy else args.seed if args.seed is not None else random.randrange(2**31)
     jobs = []  # (request, prompt, sample index), in output order
     for model in models:
         if args.chat and model.chat_template is None:
             print(f"nanoplay: note: {model.name} is not chat-tuned: --chat gives it a plain-text chat "
                   f'("User: ..." then "Assistant:")', file=sys.stderr)
-        for prompt in prompts:
+        for k, prompt in enumerate(prompts):
             prompt_input = prompt
             if args.chat:
                 from ..chat import render_prompt
 
                 prompt_input = render_prompt([{"role": "user", "content": prompt}], model.chat_template)
-            for i in range(args.n):
-                params = sampling_params(args, base_seed + i, model.chat_template, args.chat)
-                jobs.append((engine.submit(model, prompt_input, params, draft=draft, draft_tokens=args.draft_tokens),
-                             prompt, i))
+            for i in range(args.n):  # each prompt its own stream; the models on one prompt share it
+                seed = None if greedy else derive_seed(base_seed, k, i)
+                params = sampling_params(args, seed, model.chat_template, args.chat)
+                jobs.append((engine.submit(model, prompt_input, params, eot_prefix=not args.no_eot_prefix, draft=draft,
+                                           draft_tokens=args.draft_tokens), prompt, i))
     for request, _, i in jobs:
         if request.prompt_truncated and i == 0:  # a prompt's samples share its truncation: one note
             print(f"nanoplay: note: prompt longer than {request.model.name}'s context of "
                   f"{request.model.config.block_size} tokens: kept its last {len(request.prompt_ids)} tokens; "
                   f"the window slides as it generates", file=sys.stderr)
-    if args.seed is None and not args.json:  # JSON records carry their seeds
+    if args.seed is None and not greedy and not args.json:  # JSON records carry their seeds
         print(f"nanoplay: seed {base_seed} (--seed {base_seed} repeats this run)", file=sys.stderr)
     if args.json:
         requests = [r for r, _, _ in jobs]
@@ -193,7 +199,7 @@ def run(args) -> int:
             raise
         write_records(jobs)
     else:
-        stream_text(engine, jobs, show_headers=len(jobs) > 1)
+        stream_text(engine, jobs, show_headers=len(jobs) > 1, chat=args.chat)
     if draft is not None:
         proposed = sum(r.draft_proposed for r, _, _ in jobs)
         accepted = sum(r.draft_accepted for r, _, _ in jobs)
@@ -210,17 +216,26 @@ def write_records(jobs) -> None:
         print(json_line(completion_record(request, prompt, i)))
 
 
-def stream_text(engine, jobs, show_headers: bool) -> None:
-    """Print completions one after another, the current one as it streams (all run batched)."""
+def stream_text(engine, jobs, show_headers: bool, chat: bool = False) -> None:
+    """
+    Print completions one after another, the current one as it streams (all run batched). Several
+    completions get a header each and a blank line between them; a chat shows the user's message and
+    the answer on lines of their own.
+    """
     out = sys.stdout
-    for request, prompt, i in jobs:
+    for n, (request, prompt, i) in enumerate(jobs):
         if show_headers:
-            out.write(f"\n── {request.model.name} · sample {i + 1} · seed {request.seed} ──\n")
-        out.write(prompt)
-        shown = 0
+            seed = "" if request.seed is None else f" · seed {request.seed}"
+            out.write(("\n" if n else "") + f"── {request.model.name} · sample {i + 1}{seed} ──\n")
+        out.write(f"User: {prompt}\nAssistant: " if chat else prompt)
+        shown, started = 0, not chat  # a chat answer's leading spaces ("Assistant: A ...") are not shown twice
         while True:
             text = request.text
-            out.write(text[shown:])
+            new = text[shown:]
+            if not started:
+                new = new.lstrip()
+                started = bool(new)
+            out.write(new)
             out.flush()
             shown = len(text)
             if request.done:

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models,
+from ..textio import argument_text, read_text
+from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models, read_stdin,
                      resolve_device, torch_dtype)
 
 
@@ -19,19 +20,18 @@ def register(subparsers) -> None:
     src.add_argument("--text", "-t", help="text to score")
     p.add_argument("--top-logprobs", type=int, default=0, help="alternatives per token in --json output")
     p.add_argument("--json", action="store_true", help="one JSON object per model, with every token")
+    p.add_argument("--no-eot-prefix", action="store_true",
+                   help="do not predict the first token from <|endoftext|>: it goes unscored (see README: Sampling)")
     p.set_defaults(run=run)
 
 
-def read_text(args) -> str:
+def read_input(args) -> str:
     if args.text is not None:
-        text = args.text
+        text = argument_text(args.text, "--text")
     elif args.file is not None:
-        try:
-            text = args.file.read_text(encoding="utf-8-sig")  # a byte-order mark is not text to score
-        except (OSError, UnicodeDecodeError) as e:
-            raise NanoplayError(f"cannot read {args.file}: {e}") from e
+        text = read_text(args.file)
     elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+        text = read_stdin()
     else:
         raise NanoplayError("nothing to score: give --file FILE, --text TEXT, or pipe text on stdin")
     if not text:
@@ -39,15 +39,20 @@ def read_text(args) -> str:
     return text
 
 
-def summarize(tokens, text: str) -> dict:
-    """Totals over a scored text: every token is predicted (the first from <|endoftext|>)."""
+def summarize(tokens) -> dict:
+    """Totals over the scored tokens: all of the text's (the first predicted from <|endoftext|>), or all
+    but the first with --no-eot-prefix; bytes are those of the scored tokens."""
+    if not tokens:
+        raise NanoplayError("nothing to score: the text is a single token, and with --no-eot-prefix "
+                            "the first token is not scored")
     nll = -sum(t.logprob for t in tokens)
+    n_bytes = sum(len(t.bytes) for t in tokens)
     return {
         "tokens": len(tokens),
-        "bytes": len(text.encode("utf-8")),
+        "bytes": n_bytes,
         "loss": nll / len(tokens),
         "perplexity": math.exp(nll / len(tokens)),
-        "bits_per_byte": nll / math.log(2) / len(text.encode("utf-8")),
+        "bits_per_byte": nll / math.log(2) / n_bytes,
     }
 
 
@@ -68,17 +73,18 @@ def run(args) -> int:
 
     from ..engine import Engine
 
-    text = read_text(args)
+    text = read_input(args)
     check_top_logprobs(args.top_logprobs)
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     engine = Engine()
-    table = Table(title="Scores (every token predicted from the ones before; the first from <|endoftext|>)")
+    first = "the first is not scored" if args.no_eot_prefix else "the first from <|endoftext|>"
+    table = Table(title=f"Scores (every token predicted from the ones before; {first})")
     for col in ("model", "tokens", "loss (nats/token)", "perplexity", "bits/byte", "most surprising"):
         table.add_column(col, justify="right" if col not in ("model", "most surprising") else "left")
     for model in load_models(engine, args.model, device, dtype):
-        tokens = engine.score(model, text, top_logprobs=max(args.top_logprobs, 1))
-        totals = summarize(tokens, text)
+        tokens = engine.score(model, text, top_logprobs=max(args.top_logprobs, 1), eot_prefix=not args.no_eot_prefix)
+        totals = summarize(tokens)
         if args.json:
             print(json_line(score_record(model.name, totals, tokens, args.top_logprobs)))
             continue

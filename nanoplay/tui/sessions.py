@@ -143,8 +143,10 @@ def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) 
     if settings.repetition_penalty != 1.0:
         argv += ["--repetition-penalty", f"{settings.repetition_penalty:g}"]
     argv += ["--seed", str(settings.seed)]
+    from ..sampling import format_stop_string
+
     for s in settings.stop:
-        argv += ["--stop", s]
+        argv += ["--stop", format_stop_string(s)]  # gen reads escapes: a backslash must stay one
     if chat:
         argv.append("--chat")
     argv += ["--prompt", prompt]

@@ -30,12 +30,17 @@ def show(name: str, value) -> str:
     if value is None:
         return ""
     if name == "stop":
-        return ", ".join(s.replace("\n", "\\n") for s in value)
+        from ...sampling import format_stop_string  # imports torch: only once a dialog opens
+
+        return ", ".join(format_stop_string(s) for s in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def parse_stop(text: str) -> list[str]:
-    return [s.strip().replace("\\n", "\n") for s in text.split(",") if s.strip()]
+    """The field's stop strings, read by the rule `gen --stop` uses (nanoplay.sampling)."""
+    from ...sampling import parse_stop_list
+
+    return parse_stop_list(text)
 
 
 class SettingsScreen(Dialog[Settings | dict | None]):
