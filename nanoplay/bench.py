@@ -235,52 +235,57 @@ def quality(reference: LoadedModel, model: LoadedModel, ids: list[int]) -> dict:
             "loss": sum(losses["model"]) / total, "argmax_agreement": agree / total}
 
 
-def run_bench(model: LoadedModel, batches=(1, 4), prompt_tokens: int = 128, new_tokens: int = 128,
-              vs_transformers: bool = False, vs_llama_cpp: bool = False, repeats: int = 3, on_result=None,
-              dtype: torch.dtype | None = None, reference: LoadedModel | None = None) -> dict:
+def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_tokens: int = 128,
+              new_tokens: int = 128, vs_transformers: bool = False, vs_llama_cpp: bool = False, repeats: int = 3,
+              reference: LoadedModel | None = None) -> dict[torch.dtype, dict]:
     """
-    Alternating rounds of every engine on `model` (prepared for decoding at its precision). `dtype`
-    names that precision when it is not the weights' own (int8); `reference`, the float32 model,
-    is what the quality of a lower precision is measured against.
+    Alternating rounds of every engine at every precision, so that every ratio is measured side by
+    side: `variants` maps each dtype (torch.int8 for int8 weights) to the model prepared for decoding
+    at it; `reference`, the float32 model, is what llama.cpp converts and what a lower precision's
+    quality is measured against. Returns a report per dtype.
     """
-    dtype = dtype or model.dtype
+    first = next(iter(variants.values()))
     engines = {"nanoplay": Engine()}
-    if model.device.type == "cuda":  # what the CUDA graphs buy: the same engine with ordinary eager steps
+    if first.device.type == "cuda":  # what the CUDA graphs buy: the same engine with ordinary eager steps
         engines["nanoplay, eager steps"] = Engine(static_decode=False)
-    hf = to_transformers(model) if vs_transformers and dtype != torch.int8 else None
-    llama = None
-    if vs_llama_cpp:
-        source = reference.model if reference is not None else model.model
-        llama = LlamaCpp(source, dtype, torch.get_num_threads(), model.config.block_size)
-    for engine in engines.values():  # warm up: allocate the cache, touch the weights, capture graphs
-        for b in batches:
-            bench_ours(engine, model, b, prompt_tokens, 8)
-    if llama is not None:
-        llama.bench(1, prompt_tokens, 8)
-    best: dict[tuple[str, int], Result] = {}
+    # per dtype, every contender: a function of (batch, new tokens) giving a Result, or None where it cannot
+    contenders: dict[torch.dtype, list] = {}
+    llamas = []
+    for dtype, model in variants.items():
+        runs = [lambda b, n, e=engine, m=model, label=label: bench_ours(e, m, b, prompt_tokens, n, label)
+                for label, engine in engines.items()]
+        if vs_transformers and dtype != torch.int8:
+            hf = to_transformers(model)
+            runs.append(lambda b, n, hf=hf, m=model: bench_transformers(hf, b, prompt_tokens, n, m.device))
+        if vs_llama_cpp:
+            llamas.append(LlamaCpp((reference or model).model, dtype, torch.get_num_threads(), model.config.block_size))
+            runs.append(lambda b, n, llama=llamas[-1]: llama.bench(b, prompt_tokens, n) if b == 1 else None)
+        contenders[dtype] = runs
+    for runs in contenders.values():  # warm up: allocate the caches, touch the weights, capture graphs
+        for run in runs:
+            for b in batches:
+                run(b, 8)
+    best: dict[torch.dtype, dict[tuple[str, int], Result]] = {dtype: {} for dtype in variants}
     bandwidth = 0.0
     for _ in range(repeats):
         for b in batches:
-            runs = [bench_ours(engine, model, b, prompt_tokens, new_tokens, label) for label, engine in engines.items()]
-            if hf is not None:
-                runs.append(bench_transformers(hf, b, prompt_tokens, new_tokens, model.device))
-            if llama is not None and b == 1:
-                runs.append(llama.bench(b, prompt_tokens, new_tokens))
-            for r in runs:
-                key = (r.label, b)
-                if key not in best or r.decode_tok_s > best[key].decode_tok_s:
-                    best[key] = r
-        bandwidth = max(bandwidth, measure_bandwidth(model.device))
-        if on_result:
-            on_result(best)
-    if llama is not None:
+            for dtype, runs in contenders.items():
+                for r in filter(None, (run(b, new_tokens) for run in runs)):
+                    key = (r.label, b)
+                    if key not in best[dtype] or r.decode_tok_s > best[dtype][key].decode_tok_s:
+                        best[dtype][key] = r
+        bandwidth = max(bandwidth, measure_bandwidth(first.device))
+    for llama in llamas:
         llama.close()
-    report = {"results": best, "bandwidth": bandwidth, "weight_bytes": weight_bytes(model),
-              "threads": torch.get_num_threads(), "bandwidth_reads": repeats * 5, "precision": PRECISIONS[dtype]}
-    report["params"] = (reference or model).num_params
-    if reference is not None and dtype != torch.float32:
-        report["quality"] = quality(reference, model, quality_text_ids())
-    return report
+    reports = {}
+    for dtype, model in variants.items():
+        report = reports[dtype] = {
+            "results": best[dtype], "bandwidth": bandwidth, "weight_bytes": weight_bytes(model),
+            "threads": torch.get_num_threads(), "bandwidth_reads": repeats * 5, "precision": PRECISIONS[dtype],
+            "params": (reference or model).num_params}
+        if reference is not None and dtype != torch.float32:
+            report["quality"] = quality(reference, model, quality_text_ids())
+    return reports
 
 
 def truncated_draft(loaded: LoadedModel, n_layer: int) -> LoadedModel:

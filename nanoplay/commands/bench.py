@@ -88,15 +88,15 @@ def run(args) -> int:
                   f"{', '.join(PRECISIONS[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
                   f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
     for reference, variants in sources:
-        for dtype, model in variants.items():
-            if args.scoring:
+        if args.scoring:
+            for model in variants.values():
                 console.print(render_scoring(bench_scoring(model, batch_size=max(args.batch or [4]))))
-                continue
-            report = run_bench(model, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
-                               new_tokens=args.new_tokens, vs_transformers="transformers" in vs,
-                               vs_llama_cpp="llama.cpp" in vs, repeats=args.repeats, dtype=dtype,
-                               reference=reference)
-            console.print(render(model, report))
+            continue
+        reports = run_bench(variants, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
+                            new_tokens=args.new_tokens, vs_transformers="transformers" in vs,
+                            vs_llama_cpp="llama.cpp" in vs, repeats=args.repeats, reference=reference)
+        for dtype, model in variants.items():
+            console.print(render(model, reports[dtype]))
     return 0
 
 
