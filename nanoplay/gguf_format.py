@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -45,13 +46,8 @@ from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, SPECIAL_TOKENS
 ARCH = "gpt2"
 ACTIVATION_KEY = "nanoplay.activation"  # ours: the MLP activation, where it is not llama.cpp's tanh GELU
 LLAMA_CPP_ACTIVATION = "gelu_tanh"  # what llama.cpp's gpt2 graph computes (ggml_gelu)
-FILE_TYPES = ("f32", "f16", "q8_0")  # the --gguf-type choices, as llama.cpp's converter names them
-
-
-def _gguf():
-    import gguf  # imported on use: the package pulls in numpy, yaml and tqdm
-
-    return gguf
+# --gguf-type -> (general.file_type, the weight matrices' tensor type), named as llama.cpp's converter names them
+FILE_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
 
 
 def write_gguf(model: GPT, path: Path, file_type: str = "f32", *, chat_template: str | None = None,
@@ -64,7 +60,6 @@ def write_gguf(model: GPT, path: Path, file_type: str = "f32", *, chat_template:
     Raises NanoplayError for what llama.cpp's GPT-2 cannot compute, a target that is not a new or GGUF
     file, or an unwritable path.
     """
-    gguf = _gguf()
     if file_type not in FILE_TYPES:
         raise NanoplayError(f"GGUF type {file_type!r}: choose one of {', '.join(FILE_TYPES)}")
     path = gguf_target(path)
@@ -72,10 +67,7 @@ def write_gguf(model: GPT, path: Path, file_type: str = "f32", *, chat_template:
     refuse_unsupported(cfg)
     stop_token_ids(chat_template)  # refuses a chat template nanoplay does not know
     check_vocabulary(cfg.vocab_size, chat_template)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type]
-    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0}[file_type]
+    ftype, wanted = gguf.LlamaFileType[FILE_TYPES[file_type][0]], gguf.GGMLQuantizationType[FILE_TYPES[file_type][1]]
 
     def write(tmp: Path):
         writer = gguf.GGUFWriter(tmp, arch=ARCH)
@@ -149,7 +141,6 @@ def gguf_target(path: Path) -> Path:
 
 def _tensors(model: GPT):
     """(GGUF name, float32 array in nn.Linear layout) for every tensor llama.cpp's GPT-2 reads."""
-    gguf = _gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -166,7 +157,6 @@ def _tensors(model: GPT):
 
 def _add_tokenizer(writer, vocab_size: int, chat_template: str | None) -> None:
     """GPT-2's BPE as llama.cpp's tokenizer.ggml.* keys (what convert_hf_to_gguf.py's _set_vocab_gpt2 writes)."""
-    gguf = _gguf()
     encoder = json.loads(gpt2_bpe_file("encoder.json"))
     tokens = sorted(encoder, key=encoder.get)
     types = [gguf.TokenType.NORMAL] * len(tokens)
@@ -200,7 +190,6 @@ def read_gguf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
     architecture, lacks a setting, has a setting nanoplay cannot honour, or whose tokenizer is not
     GPT-2's BPE.
     """
-    gguf = _gguf()
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -280,7 +269,6 @@ def _n_inner(feed_forward_length, n_embd: int) -> int | None:
 
 def _gguf_names(config: GPTConfig) -> dict[str, str]:
     """GGUF tensor name -> our parameter name, for every parameter a model of `config` has."""
-    gguf = _gguf()
     with torch.device("meta"):
         expected = GPT(config).state_dict().keys()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
