@@ -102,3 +102,18 @@ def test_quality_is_the_mean_loss_and_argmax_agreement():
                                                                  rel=1e-5)
     other = loaded(tiny_model(seed=5))
     assert quality(model, other, ids)["argmax_agreement"] < 0.5
+
+
+def test_weight_bytes_counts_what_a_decode_step_reads():
+    from nanoplay.bench import weight_bytes
+
+    model = tiny_model()  # tied head: the embedding table counted once, as the head; positions not at all
+    cfg = model.config
+    n_embd, width, vocab = cfg.n_embd, 4 * cfg.n_embd, cfg.vocab_size
+    matrices = cfg.n_layer * (n_embd * 3 * n_embd + n_embd * n_embd + n_embd * width + width * n_embd)
+    rows = cfg.n_layer * (3 * n_embd + n_embd + width + n_embd)  # output features: one bias (and scale) each
+    norms = (2 * cfg.n_layer + 1) * 2 * n_embd
+    assert weight_bytes(loaded(model)) == 4 * (matrices + rows + norms + vocab * n_embd)
+    int8 = loaded(quantize_int8(copy.deepcopy(model)))
+    # int8 weights, a bf16 scale per output row (the head's too), float32 biases and norms
+    assert weight_bytes(int8) == matrices + vocab * n_embd + 2 * (rows + vocab) + 4 * (rows + norms)
