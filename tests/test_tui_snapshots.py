@@ -20,14 +20,14 @@ def snap_models(tmp_path, hf_home, monkeypatch):
         save_checkpoint(tiny_model(seed), tmp_path / "checkpoints" / name / step_dir_name(100), step=100)
 
 
-async def settle(pilot, prompt=None, keys=()):
+async def settle(pilot, prompt=None, keys=(), max_new_tokens=12):
     """Load, generate greedily, then freeze what varies between runs (timings, session name)."""
     from test_tui import idle, loaded, send, until
 
     app = pilot.app
     await loaded(pilot)
     app.settings.temperature = 0
-    app.settings.max_new_tokens = 12
+    app.settings.max_new_tokens = max_new_tokens
     app.main.query_one("#prompt").cursor_blink = False  # before any key: a blink timer must not race them
     if prompt is not None:
         await send(pilot, prompt)
@@ -98,3 +98,22 @@ def test_welcome_screen(tmp_path, hf_home, monkeypatch, snap_compare):
         await pilot.pause()
 
     assert snap_compare(NanoplayApp(), terminal_size=SIZE, run_before=run_before)
+
+
+async def cursor_far_into_the_first_pane(pilot):
+    """Many tokens, the cursor on a late one: it must be on screen, with the inspector whole below it."""
+    await settle(pilot, "The cat sat on the", max_new_tokens=40)
+    pilot.app.main.panes[0].focus()
+    await pilot.press("end", "left", "left")
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+def test_compare_screen_at_small_and_medium_sizes(snap_models, snap_compare, size):
+    assert snap_compare(NanoplayApp(models=["alpha", "beta", "missing-model"]), terminal_size=size,
+                        run_before=cursor_far_into_the_first_pane)
+
+
+def test_six_panes_at_250x70(snap_models, snap_compare):
+    assert snap_compare(NanoplayApp(models=["alpha", "beta", "alpha", "beta", "alpha", "missing-model"]),
+                        terminal_size=(250, 70), run_before=cursor_far_into_the_first_pane)

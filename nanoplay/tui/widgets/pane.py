@@ -24,7 +24,7 @@ from textual.widgets import Static
 from ..colors import token_style
 from ..state import PaneState, Run, Tok, format_perplexity
 
-SHORT_PANE = 16  # rows: a pane lower than this has a one-line header, so its tokens keep some room
+SHORT_PANE = 12  # rows: a pane lower than this has a one-line header, so its tokens keep some room
 CURSOR = Style(color="black", bgcolor="bright_white", bold=True, underline=True)
 DIVERGE = Style(underline=True, bold=True, color="magenta")
 
