@@ -231,6 +231,22 @@ def test_gguf_carries_llama_cpps_gpt2_metadata_tensors_and_tokenizer(gguf_files)
     np.testing.assert_allclose(rows, models["q8_0"].transformer.h[0].attn.c_attn.weight.detach().numpy(), atol=2e-3)
 
 
+def test_gguf_write_that_fails_leaves_the_earlier_file_and_no_trace(tmp_path, monkeypatch):
+    from nanoplay import gguf_format
+
+    earlier = tmp_path / "m.gguf"
+    earlier.write_bytes(b"GGUF, an earlier export")
+
+    def disk_full(model):
+        yield "token_embd.weight", np.zeros((4, 4), dtype=np.float32)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_format, "_tensors", disk_full)
+    with pytest.raises(NanoplayError, match=r"^cannot write .*/m.gguf: No space left on device$"):
+        write_gguf(tiny_model(), earlier)
+    assert earlier.read_bytes() == b"GGUF, an earlier export" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 def _write_small_gguf(path, arch="gpt2", tokens=("a", "b"), skip=()):
     """A hand-made GGUF with a few keys and tensors: the shapes of other people's files, in milliseconds."""
     import gguf
