@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--gguf", type=Path, metavar="FILE",
                    help="GGUF file for llama.cpp (name ending in .gguf): new, or an earlier GGUF file (replaced)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
-                   help="GGUF weight type: f32 (exact, the default), f16 (half the size), q8_0 (about a quarter)")
+                   help="GGUF weight type: f32 (exact, the default), f16 (half the size), q8_0 (about a third)")
     p.set_defaults(run=run)
 
 
