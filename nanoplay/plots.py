@@ -135,9 +135,10 @@ def write_images(report: dict, stem: Path) -> list[Path]:
             t = s["trend"]
             low, last = min(p[1] for p in with_tokens), max(p[1] for p in with_tokens)
             by_tokens.plot(*trend_curve(t, low, last), color="tab:green", lw=1.5,
-                           label=f"fit: {t['E']:.2f} + A·D^-{t['alpha']:.2f} (residual RMS {t['residual_rms']:.3f})")
+                           label=f"fit: {t['E']:.2f} + A·D^-{t['alpha']:.2f} (residual RMS {t['residual_rms']:.3f}"
+                                 + (f", leave-one-out {t['loo_rms']:.3f})" if t.get("loo_rms") is not None else ")"))
             by_tokens.plot(*trend_curve(t, last, last * max(_multiples(s))), "--", color="tab:green", lw=1.2,
-                           label="extrapolation")
+                           label="extrapolation (not a measurement)")
             for e in t["extrapolation"]:
                 by_tokens.plot([e["training_tokens"]], [e["loss"]], "o", mfc="none", color="tab:green")
                 by_tokens.annotate(f"{e['multiple']}x: {e['loss']:.2f}", (e["training_tokens"], e["loss"]),

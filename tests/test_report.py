@@ -213,14 +213,19 @@ def test_second_report_scores_only_the_new_step(tiny_run, tmp_path, capsys, monk
         assert a["results"] == b["results"]  # cached numbers are the numbers
     # four steps now: a trend, with its fit error, labelled as the extrapolation it is
     assert second["trend"]["points"] == 4 and "residual_rms" in second["trend"]
-    # re-saving a step invalidates its entry (size and mtime); a different rule is a different entry
+    # re-saving a step changes its identity (size and mtime), and another rule or stride is another entry
+    before = rp.model_identity(rp.Subject("tiny@200", "tiny@200", "step", 200, run_dir / "step-00000200"))
     write_step(run_dir, 200)
-    scored.clear()
-    run_report(capsys, *argv)
-    assert scored == [("tiny@200", str(text))]
-    scored.clear()
-    run_report(capsys, *argv, "--rule", "rolling")
-    assert len(scored) == 4
+    after = rp.model_identity(rp.Subject("tiny@200", "tiny@200", "step", 200, run_dir / "step-00000200"))
+    assert before != after
+    cache = rp.ScoreCache()
+    strided = rp.Settings().for_model(CTX)
+    assert cache.get({"model": before, "data": "x", **strided}) is None
+    cache.put({"model": before, "data": "x", **strided}, {"loss": 1.0})
+    assert cache.get({"model": before, "data": "x", **strided}) == {"loss": 1.0}
+    assert cache.get({"model": after, "data": "x", **strided}) is None
+    assert cache.get({"model": before, "data": "x", **rp.Settings(rule="rolling").for_model(CTX)}) is None
+    assert cache.get({"model": before, "data": "x", **rp.Settings(stride=8).for_model(CTX)}) is None
 
 
 def test_report_without_matplotlib_says_how_to_get_images(tiny_run, tmp_path, capsys, monkeypatch):
