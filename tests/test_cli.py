@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoplay.cli import main
+from nanoplay.tokenizer import get_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +299,117 @@ def test_device_is_the_gpu_when_present_and_bad_devices_are_one_line(tiny_run, c
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(None) == torch.device("cuda")
+
+
+# -- issue 11: edges of gen and score ------------------------------------------------------------------
+
+def test_gen_tiny_temperature_is_greedy(tiny_run, capsys):
+    argv = ["gen", "-m", "tiny", "--prompt", "The class", "--max-new-tokens", "4", "--json"]
+    _, greedy, _ = run_cli(capsys, *argv, "--temperature", "0")
+    code, tiny, _ = run_cli(capsys, *argv, "--temperature", "1e-38", "--seed", "1")
+    assert code == 0
+    tokens = strict_json(tiny)["tokens"]
+    assert [t["id"] for t in tokens] == [t["id"] for t in strict_json(greedy)["tokens"]]
+    assert all(t["sampling_logprob"] == 0.0 and t["rank"] == 1 for t in tokens)  # not null, not token 0
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-eot-prefix"]])
+def test_gen_and_score_give_the_same_tokens_the_same_logprobs(tiny_run, capsys, flag):
+    prompt = "The cat sat on the"
+    _, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", prompt, "--max-new-tokens", "6", "--seed", "2",
+                        "--no-stop-eot", "--json", *flag)
+    generated = strict_json(out)["tokens"]
+    ids = get_tokenizer().encode(prompt) + [t["id"] for t in generated]
+    text = get_tokenizer().decode(ids)
+    assert get_tokenizer().encode(text) == ids  # so score sees the same tokens
+    _, out, _ = run_cli(capsys, "score", "-m", "tiny", "--text", text, "--json", *flag)
+    scored = strict_json(out)["per_token"][-len(generated):]
+    assert [t["id"] for t in scored] == [t["id"] for t in generated]
+    assert [t["logprob"] for t in scored] == pytest.approx([t["logprob"] for t in generated], abs=1e-5)
+
+
+def test_gen_prompts_get_their_own_seeds_and_each_line_reruns_alone(tiny_run, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\nOnce upon a time\nIn the beginning\n")
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "-m", "tiny@100", "--prompts", str(prompts), "--seed", "7",
+                           "--n", "2", "--max-new-tokens", "8", "--no-stop-eot", "--json")
+    records = [strict_json(line) for line in out.splitlines()]
+    assert code == 0 and len(records) == 12
+    seeds = [r["seed"] for r in records]
+    assert seeds[:6] == [7, 8, 7 + 1000003, 8 + 1000003, 7 + 2000006, 8 + 2000006] == seeds[6:]  # models share
+    first, second = records[0], records[2]  # the same prompt twice: different streams now
+    assert first["prompt"] == second["prompt"] and first["text"] != second["text"]
+    for r in records[3], records[10]:
+        _, again, _ = run_cli(capsys, "gen", "-m", r["model"], "--prompt", r["prompt"], "--seed", str(r["seed"]),
+                              "--max-new-tokens", "8", "--no-stop-eot", "--json")
+        assert strict_json(again)["text"] == r["text"]
+
+
+def test_gen_stop_reads_escapes(tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hi", "--stop", r"\n", "--stop", r"a\\b",
+                           "--max-new-tokens", "2", "--json")
+    assert code == 0 and strict_json(out)["settings"]["stop"] == ["\n", "a\\b"]
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hi", "--stop", r"\q")
+    assert code == 2 and out == "" and err == ("nanoplay: error: stop string \\q: unknown escape \\q; the escapes are "
+                                               "\\n \\t \\r \\\\ (a backslash) \\, and \\uXXXX\n")
+
+
+def test_greedy_gen_prints_no_seed_and_records_none(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "3",
+                             "--temperature", "0")
+    assert code == 0 and err == ""
+    _, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hello", "--max-new-tokens", "3",
+                        "--temperature", "0", "--n", "2", "--json")
+    assert [strict_json(line)["seed"] for line in out.splitlines()] == [None, None]
+    assert all(strict_json(line)["settings"]["seed"] is None for line in out.splitlines())
+
+
+def test_gen_text_samples_and_chat_are_laid_out(tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "Hi", "--n", "2", "--max-new-tokens", "3",
+                           "--seed", "4")
+    assert code == 0 and out.startswith("── tiny@200 · sample 1 · seed 4 ──\nHi")  # no leading blank line
+    assert "]\n\n── tiny@200 · sample 2 · seed 5 ──\nHi" in out
+    _, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--chat", "--prompt", "Is it in Python?", "--max-new-tokens",
+                        "4", "--seed", "4")
+    _, js, _ = run_cli(capsys, "gen", "-m", "tiny", "--chat", "--prompt", "Is it in Python?", "--max-new-tokens",
+                       "4", "--seed", "4", "--json")
+    assert out == f"User: Is it in Python?\nAssistant: {strict_json(js)['text'].lstrip()}\n"
+
+
+NOT_UTF8 = "not valid UTF-8 at byte 6 (0xe9); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+
+
+@pytest.mark.parametrize("command", [["gen", "--prompts"], ["score", "--file"]])
+def test_invalid_utf8_files_are_one_line_with_the_offset(tiny_run, tmp_path, capsys, command):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"Hello \xe9t\xe9\n")
+    code, out, err = run_cli(capsys, *command, str(path), "-m", "tiny")
+    assert code == 2 and out == "" and err == f"nanoplay: error: {path}: {NOT_UTF8}\n"
+
+
+@pytest.mark.parametrize("command", [["gen", "--max-new-tokens", "1"], ["score"]])
+def test_invalid_utf8_on_stdin_is_the_same_error(tiny_run, tmp_path, command):
+    env = {**os.environ, "NANOPLAY_CHECKPOINTS": str(tiny_run.parent)}
+    p = subprocess.run([sys.executable, "-m", "nanoplay", *command, "-m", "tiny"], input=b"Hello \xe9t\xe9\n",
+                       capture_output=True, env=env)
+    assert p.returncode == 2 and p.stdout == b"" and p.stderr.decode() == f"nanoplay: error: stdin: {NOT_UTF8}\n"
+
+
+@pytest.mark.parametrize("command", [
+    ["gen", "--prompt", "Once", "--prompt", "Twice", "--n", "40", "--max-new-tokens", "30", "--seed", "1"],
+    ["gen", "--prompt", "Once", "--n", "40", "--max-new-tokens", "30", "--json"],
+    ["score", "--text", "word " * 200, "--json"],
+])
+def test_a_closed_pipe_ends_quietly(tiny_run, command):
+    env = {**os.environ, "NANOPLAY_CHECKPOINTS": str(tiny_run.parent)}
+    p = subprocess.Popen([sys.executable, "-m", "nanoplay", *command, "-m", "tiny"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # as `| head -0` does, before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and err == ""
+
+
+def test_bench_defaults_fit_the_model(tiny_run, capsys):
+    # tiny has a 64-token context: the default 128-token prompt did not fit
+    code, out, err = run_cli(capsys, "bench", "-m", "tiny", "--repeats", "1", "--batch", "1")
+    assert code == 0 and "32-token prompts, 32 new tokens" in out, err

@@ -10,6 +10,9 @@ from .common import add_model_options, load_models, resolve_device, stdout_conso
 SHAPE_NAMES = ("gpt2-124m", "gpt2-large", "gpt2-medium", "owt-30m")
 
 
+DEFAULT_BENCH_TOKENS = 128  # prompt and new tokens, where the model's context allows
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="prefill/decode tokens/s, optionally against transformers and llama.cpp")
     add_model_options(p, required=False, dtypes=True)
@@ -19,8 +22,8 @@ def register(subparsers) -> None:
                    help="also run the same weights through transformers generate() or llama.cpp (repeatable; "
                         "llama.cpp needs llama-cpp-python: pip install 'nanoplay[bench]')")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 4)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, help="default: 128, or half the smallest context benchmarked")
+    p.add_argument("--new-tokens", type=int, help="default: 128, or half the smallest context benchmarked")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best of each is kept")
     p.add_argument("--scoring", action="store_true",
                    help="benchmark batched scoring (nanoplay eval's path) against a transformers forward instead")
@@ -47,10 +50,10 @@ def run(args) -> int:
     if not args.model and not args.shape:
         raise NanoplayError("nothing to benchmark: give --model SPEC or --shape owt-30m / gpt2-124m")
     checks = (("--batch", args.batch or [1], 1), ("--threads", [1 if args.threads is None else args.threads], 1),
-              ("--repeats", [args.repeats], 1), ("--prompt-tokens", [args.prompt_tokens], 1),
-              ("--new-tokens", [args.new_tokens], 2))  # decode speed is measured from the second token on
+              ("--repeats", [args.repeats], 1), ("--prompt-tokens", [args.prompt_tokens or 0] * (args.prompt_tokens is not None), 1),
+              ("--new-tokens", [args.new_tokens or 0] * (args.new_tokens is not None), 2))  # decode speed is measured from the second token on
     for flag, values, least in checks:
-        if min(values) < least:
+        if values and min(values) < least:
             raise NanoplayError(f"{flag} must be at least {least}")
     vs = set(args.vs or [])
     if "llama.cpp" in vs and not llama_cpp_available():
@@ -76,6 +79,12 @@ def run(args) -> int:
         reference = random_model(shape)
         reference.model.to(device)
         sources.append((reference, {d: at_precision(reference, d) for d in dtypes}))
+    # defaults that fit every model benchmarked: prompt and new tokens together within the smallest context
+    half = min(reference.config.block_size for reference, _ in sources) // 2
+    if args.prompt_tokens is None:
+        args.prompt_tokens = min(DEFAULT_BENCH_TOKENS, half)
+    if args.new_tokens is None:
+        args.new_tokens = max(2, min(DEFAULT_BENCH_TOKENS, half))
     for reference, _ in sources:
         config = reference.config
         if not args.scoring and args.prompt_tokens + 1 >= config.block_size:
