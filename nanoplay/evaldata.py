@@ -219,6 +219,10 @@ def _local_rows(path: Path, column: str) -> list[str]:
     if builder is None:
         raise NanoplayError(f"{path}: expected a {', '.join(LOCAL_BUILDERS)} file")
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText's rows keep their "\n"
+    if builder != "parquet":  # text files: nanoplay.textio's one UTF-8 policy, the byte named
+        from .textio import check_utf8
+
+        check_utf8(path)
     try:
         with quiet_datasets():
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)

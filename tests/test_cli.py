@@ -413,3 +413,10 @@ def test_bench_defaults_fit_the_model(tiny_run, capsys):
     # tiny has a 64-token context: the default 128-token prompt did not fit
     code, out, err = run_cli(capsys, "bench", "-m", "tiny", "--repeats", "1", "--batch", "1")
     assert code == 0 and "32-token prompts, 32 new tokens" in out, err
+
+
+def test_invalid_utf8_in_an_eval_local_copy_is_the_same_error(tiny_run, tmp_path, capsys):
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes(b"Hello \xe9t\xe9\n = Title = \n")
+    code, out, err = run_cli(capsys, "eval", "-m", "tiny", "-d", f"wikitext-2={path}")
+    assert code == 2 and err.endswith(f"{path}: {NOT_UTF8}\n") and "Traceback" not in err
