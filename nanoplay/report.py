@@ -247,7 +247,7 @@ def model_identity(subject: Subject, loaded=None) -> dict | None:
     if loaded.source == "hub":  # the snapshot's file: its path holds the commit
         from huggingface_hub import try_to_load_from_cache
 
-        name, _, revision = loaded.name.partition("@")
+        _, _, revision = loaded.name.partition("@")
         found = try_to_load_from_cache(loaded.location, "model.safetensors", revision=revision or None)
         return file_identity(Path(found)) if isinstance(found, str) else None
     path = Path(loaded.location)
@@ -410,7 +410,6 @@ def build(subjects: list[Subject], data: list, settings: Settings, *, device: st
 
     from .evaluation import reference_records
     from .loading import load_model
-
     from .tokenizer import GPT2_VOCAB_SIZE
 
     curves = read_curves(run_dir)
@@ -438,7 +437,7 @@ def build(subjects: list[Subject], data: list, settings: Settings, *, device: st
             except NanoplayError as e:
                 column["error"] = str(e)
                 continue
-            except Exception as e:  # a loader's own error (a corrupt file, the Hub): one line, the others go on
+            except Exception as e:  # noqa: BLE001 - a loader's own error (a corrupt file, the Hub): one line, the others go on
                 column["error"] = f"cannot load {s.spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 continue
             if s.kind == "vs":

@@ -512,8 +512,8 @@ def test_rolling_rule_matches_an_independent_implementation(hf_and_ours, prose_i
     assert result.bits_per_byte == pytest.approx(theirs.sum().item() / 1000 / math.log(2), rel=1e-6)
 
 
-HARNESS_PAGES = [" = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . "
-                 "He had a guest @-@ starring role in 2000 ( aged 12 ) . \n",
+HARNESS_PAGES = [(" = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . "
+                  "He had a guest @-@ starring role in 2000 ( aged 12 ) . \n"),
                  " = Du Fu = \n \n Du Fu was a prominent Chinese poet of the Tang dynasty . \n"]
 
 

@@ -1,14 +1,12 @@
 """nanoplay report: step specs, training state, the cache, the trend fit, files and the command, on a tiny run."""
 
 import json
-import math
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 from conftest import hf_gpt2, tiny_model
-from pydoc_data.topics import topics
 
-from nanoplay import evaluation as ev
 from nanoplay import report as rp
 from nanoplay.cli import main
 from nanoplay.errors import NanoplayError
@@ -166,7 +164,7 @@ def direct_loss(spec, text):
 
 
 def test_report_scores_every_step_and_the_vs_model_alike(tiny_run, tmp_path, capsys):
-    run_dir, text = tiny_run
+    _, text = tiny_run
     hf_dir = tmp_path / "hf-dir"
     hf_gpt2(seed=4, n_positions=CTX).save_pretrained(hf_dir)
     out = tmp_path / "out"
@@ -231,7 +229,7 @@ def test_second_report_scores_only_the_new_step(tiny_run, tmp_path, capsys, monk
 def test_report_without_matplotlib_says_how_to_get_images(tiny_run, tmp_path, capsys, monkeypatch):
     import builtins
 
-    run_dir, text = tiny_run
+    _, text = tiny_run
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):

@@ -93,7 +93,13 @@ class ScoringProgress:
     """A bar over every token still to score (cached results cost nothing), with its ETA; in a log, a line per model."""
 
     def __init__(self, console, n_models: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console, self.n_models, self.done_models = console, n_models, 0
         self.progress = Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -256,9 +262,9 @@ def trend_lines(trend: dict) -> list[str]:
     loo = f", leave-one-out RMS {trend['loo_rms']:.4f}" if trend.get("loo_rms") is not None else ""
     from ..plots import short_name
 
-    lines = [f"trend (an extrapolation, not a promise): {short_name(trend['data'])} loss L(D) = {trend['E']:.3f} + "
-             f"{trend['A']:.4g} x D^-{trend['alpha']:.3f} over D training tokens, fitted to {trend['points']} steps; "
-             f"residual RMS {trend['residual_rms']:.4f}{loo}"]
+    lines = [(f"trend (an extrapolation, not a promise): {short_name(trend['data'])} loss L(D) = {trend['E']:.3f} + "
+              f"{trend['A']:.4g} x D^-{trend['alpha']:.3f} over D training tokens, fitted to {trend['points']} steps; "
+              f"residual RMS {trend['residual_rms']:.4f}{loo}")]
     for e in trend["extrapolation"]:
         lines.append(f"  {e['multiple']}x the iterations (step {e['step']:,}, {_tokens(e['training_tokens'])} tokens): "
                      f"loss about {e['loss']:.3f}")
@@ -267,7 +273,7 @@ def trend_lines(trend: dict) -> list[str]:
 
 def render_markdown(report: dict, with_image: bool) -> str:
     headers, rows = table_rows(report)
-    esc = lambda text: text.replace("|", "\\|")  # noqa: E731
+    esc = lambda text: text.replace("|", "\\|")
     lines = [f"# nanoplay report: {report['run'] or report['columns'][0]['label']}", ""]
     lines += ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(esc(x) for x in [label, *cells]) + " |" for label, cells in rows]
