@@ -64,7 +64,12 @@ def test_chat_screen(snap_models, snap_compare):
 
 def test_settings_screen(snap_models, snap_compare):
     async def run_before(pilot):
+        from textual.widgets import Input
+
         await settle(pilot, keys=("ctrl+s",))
+        for field in pilot.app.screen.query(Input):  # a blinking cursor is on or off by the clock: keep it on
+            field.cursor_blink = False
+        await pilot.pause()
 
     assert snap_compare(NanoplayApp(models=["alpha"]), terminal_size=SIZE, run_before=run_before)
 
