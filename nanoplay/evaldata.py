@@ -202,7 +202,9 @@ def _local_pages(path: Path) -> list[str]:
     if not path.is_file():
         raise NanoplayError(f"{path}: no such file")
     pages: list[list[str]] = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    from .textio import read_text  # the one UTF-8 policy: a bad byte is an error naming it
+
+    for line in read_text(path).splitlines(keepends=True):
         if ARTICLE_HEADING.match(line.rstrip("\n")) or not pages:
             pages.append([])
         pages[-1].append(line)

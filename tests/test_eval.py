@@ -542,6 +542,9 @@ def test_harness_wikitext_documents_and_metrics(tmp_path):
     # the original wiki.test.raw is cut into articles at its top-level headings
     (tmp_path / "wiki.test.raw").write_text("".join(HARNESS_PAGES))
     assert load_eval_data(f"wikitext={tmp_path / 'wiki.test.raw'}").doc_lengths == data.doc_lengths
+    (tmp_path / "latin1.raw").write_bytes(" = Caf\xe9 = \n".encode("latin-1"))
+    with pytest.raises(NanoplayError, match=r"latin1.raw: not valid UTF-8 at byte 6 \(0xe9\)"):
+        load_eval_data(f"wikitext={tmp_path / 'latin1.raw'}")
 
 
 def test_eval_rolling_rule_and_harness_references(three_formats, tmp_path, capsys):
