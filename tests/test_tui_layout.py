@@ -53,21 +53,22 @@ async def test_at_80x24_the_token_under_the_cursor_and_the_whole_inspector_are_o
         assert inspector.region.bottom <= app.main.query_one("#statusbar").region.y
 
 
-@pytest.mark.parametrize("width", [80, 120, 200])
-async def test_the_footer_keys_never_run_under_the_palette_key(models, width):
+async def test_the_footer_keys_never_run_under_the_palette_key(models):
     app = NanoplayApp(models=["alpha"])
-    async with app.run_test(size=(width, 30)) as pilot:
+    async with app.run_test(size=(200, 30)) as pilot:
         await loaded(pilot)
-        for focus in (app.main.query_one("#prompt"), panes(app)[0]):  # the pane adds keys of its own
-            focus.focus()
-            await pilot.pause()
-            await pilot.pause()
-            keys = list(app.main.query(FooterKey))
-            (palette,) = [k for k in keys if k.has_class("-command-palette")]
-            others = [k for k in keys if k is not palette]
-            assert len(others) >= 3 and palette.region.right <= width
-            assert all(k.region.width and k.region.right <= palette.region.x for k in others), \
-                [(k.key_display, k.region) for k in others]
+        for width in (200, 120, 80):
+            await pilot.resize_terminal(width, 30)
+            for focus in (app.main.query_one("#prompt"), panes(app)[0]):  # the pane adds keys of its own
+                focus.focus()
+                await pilot.pause()
+                await pilot.pause()
+                keys = list(app.main.query(FooterKey))
+                (palette,) = [k for k in keys if k.has_class("-command-palette")]
+                others = [k for k in keys if k is not palette]
+                assert len(others) >= 3 and palette.region.right <= width
+                assert all(k.region.width and k.region.right <= palette.region.x for k in others), \
+                    (width, [(k.key_display, k.region) for k in others])
 
 
 async def test_six_panes_make_two_rows_of_three(models):
