@@ -204,7 +204,13 @@ def test_second_report_scores_only_the_new_step(tiny_run, tmp_path, capsys, monk
     assert code == 0 and scored == [(f"tiny@{s}", str(text)) for s in STEPS]
     write_step(run_dir, 400)  # a new step lands
     scored.clear()
-    code, second = run_report(capsys, *argv)
+    assert main(["report", *argv]) == 0  # the terminal's table and plots this time; the JSON is in the out folder
+    out = capsys.readouterr().out
+    for row in ("parameters (non-embedding)", "parameters (all)", "context", "training tokens"):
+        assert row in out
+    assert "validation loss on notes.txt against step" in out and "against training tokens" in out  # plotext
+    assert "trend (an extrapolation, not a promise)" in out and "10x the iterations (step 4,000" in out
+    second = json.loads((tmp_path / "out" / "report.json").read_text())
     assert scored == [("tiny@400", str(text))]
     assert [c["scored"] for c in second["columns"]] == [[], [], [], [str(text)]]
     for a, b in zip(first["columns"], second["columns"]):
@@ -244,17 +250,6 @@ def test_report_without_matplotlib_says_how_to_get_images(tiny_run, tmp_path, ca
     assert "pip install 'nanoplay[report]'" in captured.err
     assert "tiny@300" in captured.out and (out / "report.md").is_file() and not (out / "report.png").exists()
     assert "report.png" not in (out / "report.md").read_text()
-
-
-def test_report_table_and_terminal_plot(tiny_run, tmp_path, capsys):
-    run_dir, text = tiny_run
-    write_step(run_dir, 400)
-    assert main(["report", "tiny", "--data", str(text), "--out", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    for row in ("parameters (non-embedding)", "parameters (all)", "context", "training tokens"):
-        assert row in out
-    assert "validation loss on notes.txt against step" in out and "against training tokens" in out  # plotext
-    assert "trend (an extrapolation, not a promise)" in out and "10x the iterations (step 4,000" in out
 
 
 def test_bad_run_specs_are_one_line(tiny_run, capsys):
