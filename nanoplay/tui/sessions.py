@@ -147,6 +147,8 @@ def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) 
 
     for s in settings.stop:
         argv += ["--stop", format_stop_string(s)]  # gen reads escapes: a backslash must stay one
+    if settings.draft:
+        argv += ["--draft", settings.draft]
     if chat:
         argv.append("--chat")
     argv += ["--prompt", prompt]

@@ -126,6 +126,7 @@ class Mode:
 
 def submit(get_engine, pane: ModelPane, run: Run, settings, stop_ids=(), stop_strings=()) -> None:
     """Tokenize, submit to the engine, then score the prompt for colouring (all off the UI thread)."""
+    from ...errors import NanoplayError
     from ...sampling import SamplingParams
     from ...tokenizer import get_tokenizer
 
@@ -140,7 +141,13 @@ def submit(get_engine, pane: ModelPane, run: Run, settings, stop_ids=(), stop_st
         def on_update(req, infos, new_text, run=run):
             pane.push(run, infos)
 
-        req = engine.submit(pane.lm, ids, params, on_update=on_update)
+        draft = None
+        if settings.draft:  # loaded once by the engine, then shared; an error shows in the pane
+            try:
+                draft = engine.load(settings.draft, device=pane.lm.device, dtype=pane.lm.dtype)
+            except Exception as e:
+                raise NanoplayError(f"draft model {settings.draft}: {one_line(e)}") from e
+        req = engine.submit(pane.lm, ids, params, on_update=on_update, draft=draft)
         with pane.lock:
             pane.active.append((run, req))
         if not run.prompt_toks and not run.chat:

@@ -22,8 +22,9 @@ FIELDS = [
     ("max_new_tokens", "max new tokens", int),
     ("seed", "seed", int),
     ("stop", "stop strings (comma-separated, \\n for newline)", None),
+    ("draft", "draft model (a spec; blank = none)", str),
 ]
-OPTIONAL = {"top_k", "top_p", "min_p"}
+OPTIONAL = {"top_k", "top_p", "min_p", "draft"}
 
 
 def show(name: str, value) -> str:
@@ -99,6 +100,13 @@ class SettingsScreen(Dialog[Settings | dict | None]):
                 continue
             if parse is None:
                 values[name] = parse_stop(text)
+                continue
+            if parse is str:  # a model spec
+                from .picker import spec_problem
+
+                if spec_problem(text):
+                    raise ValueError(f"{label}: {spec_problem(text)}")
+                values[name] = text
                 continue
             try:
                 values[name] = parse(text)

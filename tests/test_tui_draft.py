@@ -1,0 +1,43 @@
+"""The playground's draft-model setting: a pane decodes speculatively and shows the same tokens."""
+
+import pytest
+from test_tui import SIZE, idle, loaded, models, panes, send, until  # noqa: F401 (fixtures)
+
+from nanoplay.tui.app import NanoplayApp
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+async def test_a_pane_with_a_draft_model_gives_the_same_tokens(models):
+    app = NanoplayApp(models=["alpha", "alpha@200"])  # the same model twice: one pane will use a draft
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 12
+        app.settings.stop = []
+        second = panes(app)[1]
+        second.focus()
+        await pilot.press("enter", "s")
+        field = app.screen.query_one("#set-draft")
+        field.value = "beta\x1b[2J"  # a control character never becomes part of a spec
+        await pilot.press("ctrl+s")
+        assert "control characters" in str(app.screen.query_one("#settings-error").render())
+        field.value = "beta@100"
+        await pilot.press("ctrl+s")
+        assert second.state.overrides == {"draft": "beta@100"}
+        await send(pilot, "Once upon")
+        await until(pilot, lambda: idle(app))
+        first_run, second_run = panes(app)[0].state.run, second.state.run
+        assert [t.id for t in second_run.toks] == [t.id for t in first_run.toks]
+        assert len(second_run.toks) == 12
+        assert app.settings.merged(second.state.overrides).summary().endswith("draft beta@100")
+        # a draft that cannot load is the pane's error, and the app goes on
+        second.state.overrides = {"draft": "no-such-model"}
+        await send(pilot, "Again")
+        await until(pilot, lambda: idle(app))
+        assert "draft model no-such-model" in (second.state.run.error or "")
+        assert panes(app)[0].state.run.error is None
