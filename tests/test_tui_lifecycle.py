@@ -19,9 +19,11 @@ pytestmark = pytest.mark.anyio
 
 
 def burst(app, *keys: str) -> None:
-    """Queue `keys` at once, as the terminal driver would deliver them."""
+    """Queue `keys` (names, or characters) at once, as the terminal driver would deliver them."""
+    from textual.keys import _character_to_key
+
     for key in keys:
-        event = events.Key(key, key if len(key) == 1 else None)
+        event = events.Key(_character_to_key(key), key) if len(key) == 1 else events.Key(key, None)
         event.set_sender(app)
         app._driver.send_message(event)
 

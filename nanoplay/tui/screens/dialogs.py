@@ -177,21 +177,16 @@ settings (the panes differ only by model). **Ctrl+J** inserts a newline; **↑/�
 | Tab | move focus between the prompt and the panes |
 | Ctrl+C / Ctrl+Q | quit |
 
-On a focused pane:
+On a focused pane (text typed there goes to the prompt; no letter acts on the pane by itself):
 
 | key | action |
 | --- | --- |
 | ← → Home End, click | move the token cursor; the inspector shows the token |
 | ↑ ↓ PgUp PgDn | scroll the pane |
-| 1-9 | fork: continue from the cursor with that alternative |
-| f | fork with the most likely alternative |
-| b | branches of this pane |
-| x | cross-score this completion under every other model |
-| y | copy the pane's text (terminal clipboard, works over SSH) |
-| g | copy the equivalent `nanoplay gen` command line |
-| s | this pane's setting overrides |
-| [ ] | move the pane left / right |
-| d | remove the pane |
+| 1-9 | while the cursor is shown: fork from it with that alternative |
+| Enter | the pane's menu: f fork with the next best, b branches, x cross-score, y copy its text, g copy the `nanoplay gen` command, s its overrides, [ ] move it, d remove it |
+| Shift+← Shift+→ | move the pane left / right |
+| Delete | remove the pane (asks first) |
 
 Colours: probability bins are log-spaced (≥.5, ≥.1, ≥.01, ≥.001, below); entropy is in nats.
 The pane header shows tokens, decode tok/s, perplexity of the completion (and of the prompt),
