@@ -55,7 +55,7 @@ async def test_random_keys_never_crash_the_playground(models, seed):
                 else:
                     at_once = [rng.choice(FOLLOW) for _ in range(rng.randint(2, 3))]
             else:  # an opener and what follows it before the opened screen exists
-                at_once = [rng.choice(OPENERS)] + [rng.choice(DIALOG + list("a[/]")) for _ in range(rng.randint(1, 3))]
+                at_once = [rng.choice(OPENERS)] + [rng.choice(FOLLOW + list("a[/]")) for _ in range(rng.randint(1, 3))]
             history.append(" ".join(pressed) + (" | at once: " + " ".join(at_once) if at_once else ""))
             if pressed:
                 await pilot.press(*pressed)
