@@ -11,6 +11,8 @@ from __future__ import annotations
 from textual.command import CommandList, CommandPalette
 from textual.widgets import OptionList as TextualOptionList
 
+from ..screens.base import DismissOnce
+
 
 def can_page(options: TextualOptionList) -> bool:
     """Whether `options` has been laid out, so that its paging can find lines (an empty region has none)."""
@@ -33,8 +35,9 @@ class OptionList(TextualOptionList):
             super().action_page_down()
 
 
-class Palette(CommandPalette):
-    """Textual's command palette, with its list's paging guarded the same way."""
+class Palette(DismissOnce, CommandPalette):
+    """Textual's command palette, with its list's paging guarded the same way, dismissed once (Ctrl+P
+    and Enter at once closed it twice: the main screen went with it, NoMatches on its next update)."""
 
     def _action_command_list(self, action: str) -> None:
         if action in ("page_up", "page_down") and not can_page(self.query_one(CommandList)):
