@@ -570,11 +570,11 @@ def _cached_hub_models() -> list[LocalModel]:
     GPT-2-architecture repos in the Hugging Face cache that have their safetensors weights, each once: a
     moved repo cached under both its names (gpt2, openai-community/gpt2) is listed under the short one.
     """
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        cache = scan_cache_dir()
+    try:  # the cache folder as huggingface_hub sees it now (scan_cache_dir's default is fixed at its import)
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     found = {}

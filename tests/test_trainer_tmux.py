@@ -51,8 +51,9 @@ def test_ctrl_c_leaves_one_live_panel_and_resume_names_its_step(tmp_path):
         stopped = next(line for line in screen.splitlines() if line.startswith("stopped at step "))
         step = int(stopped.split()[3].rstrip(";"))
         tmux("send-keys", "-t", session, f"clear; {train} --resume; echo RESUMED-$?", "Enter")
-        screen = wait_screen(session, lambda s: TOP_BORDER in s)
-        assert f"resuming {tmp_path / 'checkpoints' / 'cc'} from step {step} (of 100000)" in screen.replace("\n", "")
+        resuming = f"resuming {tmp_path / 'checkpoints' / 'cc'} from step {step} (of 100000)"
+        # the old screen may still be up, border and all: wait for the resumed run's own line
+        wait_screen(session, lambda s: resuming in s.replace("\n", "") and TOP_BORDER in s)
         tmux("send-keys", "-t", session, "C-c")
         wait_screen(session, lambda s: "RESUMED-0" in s)
     finally:

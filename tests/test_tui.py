@@ -89,7 +89,8 @@ async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
             assert run.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
             header = str(pane.header_text())
             assert f"{len(ref.tokens)} tok" in header and f"ppl {format_perplexity(ref.perplexity)}" in header
-            assert f"ctx {len(ref.prompt_ids) + len(ref.tokens) - 1}/64" in header
+            # the cache holds <|endoftext|> (the prompt follows it), the prompt and all but the last token
+            assert f"ctx {1 + len(ref.prompt_ids) + len(ref.tokens) - 1}/64" in header
             # the prompt is scored by the pane's own model
             assert [t.id for t in run.prompt_toks] == ref.prompt_ids
             assert "tok/s" in header and "1.6M params" in header and "cpu/float32" in header
