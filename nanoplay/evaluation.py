@@ -172,16 +172,25 @@ def rolling_windows(n_tokens: int, context: int, offset: int = 0) -> list[tuple[
 
 
 def plan_windows(n_tokens: int, context: int, *, rule: str = "strided", stride: int | None = None,
-                 doc_lengths: list[int] | None = None, eot_id: int = EOT_ID):
+                 doc_lengths: list[int] | None = None, eot_id: int = EOT_ID, eot_prefix: bool = True):
     """
     How a rule scores a stream of n_tokens ids: (prefix, windows, where). The model reads
-    `stream` = the ids with <|endoftext|> inserted before each document (rolling; none for strided),
-    `windows` over it as in sliding_windows, and `where` (n_tokens,) gives each id's position in it.
-    `prefix(ids)` builds that stream. doc_lengths: the rolling rule scores each document on its own
-    (default: the whole stream is one document).
+    `stream` = the ids with <|endoftext|> inserted before each document (rolling) or before the whole
+    stream (strided, unless eot_prefix is False), `windows` over it as in sliding_windows, and `where`
+    (n_tokens,) gives each id's position in it. `prefix(ids)` builds that stream. doc_lengths: the
+    rolling rule scores each document on its own (default: the whole stream is one document).
+    eot_prefix is nanoplay's one conditioning rule (engine.text_context): the first token is predicted
+    from <|endoftext|>; False gives the perplexity guide's windows exactly, its first token unscored.
     """
     if rule == "strided":
-        return (lambda ids: ids), sliding_windows(n_tokens, context, stride or context), torch.arange(n_tokens)
+        if not eot_prefix:
+            return (lambda ids: ids), sliding_windows(n_tokens, context, stride or context), torch.arange(n_tokens)
+
+        def after_eot(ids: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.tensor([eot_id], dtype=ids.dtype), ids])
+
+        windows = sliding_windows(n_tokens + 1, context, stride or context)
+        return after_eot, windows, torch.arange(1, n_tokens + 1)
     if rule != "rolling":
         raise NanoplayError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     lengths = doc_lengths if doc_lengths is not None else [n_tokens]
@@ -204,9 +213,10 @@ def plan_windows(n_tokens: int, context: int, *, rule: str = "strided", stride: 
 
 
 def scored_tokens(n_tokens: int, context: int, *, rule: str = "strided", stride: int | None = None,
-                  doc_lengths: list[int] | None = None) -> int:
+                  doc_lengths: list[int] | None = None, eot_prefix: bool = True) -> int:
     """How many tokens a rule scores (a progress bar's total)."""
-    _, windows, _ = plan_windows(n_tokens, context, rule=rule, stride=stride, doc_lengths=doc_lengths)
+    _, windows, _ = plan_windows(n_tokens, context, rule=rule, stride=stride, doc_lengths=doc_lengths,
+                                 eot_prefix=eot_prefix)
     return sum(end - first for _, end, first in windows)
 
 
@@ -246,22 +256,25 @@ def window_nll(model, stream: torch.Tensor, windows: list[tuple[int, int, int]],
 
 def token_nll(model, ids: torch.Tensor, context: int, stride: int | None = None, batch_size: int | None = None,
               on_progress: Callable[[int, int], None] | None = None, *, rule: str = "strided",
-              doc_lengths: list[int] | None = None) -> torch.Tensor:
+              doc_lengths: list[int] | None = None, eot_prefix: bool = True) -> torch.Tensor:
     """
     Negative log-likelihood of every token of `ids` (N,) under a rule (strided sliding window, or the
     harness's rolling windows), as a float64 tensor (N,) with NaN for the tokens no window scores.
+    eot_prefix: see plan_windows.
     """
     n = ids.numel()
-    if n < (2 if rule == "strided" else 1):
+    if n < (2 if rule == "strided" and not eot_prefix else 1):
         raise NanoplayError("the text is too short to score: it needs at least two tokens")
-    prefix, windows, where = plan_windows(n, context, rule=rule, stride=stride, doc_lengths=doc_lengths)
+    prefix, windows, where = plan_windows(n, context, rule=rule, stride=stride, doc_lengths=doc_lengths,
+                                          eot_prefix=eot_prefix)
     return window_nll(model, prefix(ids), windows, batch_size, on_progress)[where]
 
 
 def perplexity(model, ids: torch.Tensor, *, context: int, stride: int | None, n_bytes: int, n_words: int,
                rule: str = "strided", doc_lengths: list[int] | None = None, batch_size: int | None = None,
-               on_progress=None) -> PerplexityResult:
-    nll = token_nll(model, ids, context, stride, batch_size, on_progress, rule=rule, doc_lengths=doc_lengths)
+               on_progress=None, eot_prefix: bool = True) -> PerplexityResult:
+    nll = token_nll(model, ids, context, stride, batch_size, on_progress, rule=rule, doc_lengths=doc_lengths,
+                    eot_prefix=eot_prefix)
     scored = ~torch.isnan(nll)
     return PerplexityResult(nll=nll[scored].sum().item(), scored=int(scored.sum()), tokens=ids.numel(),
                             bytes=n_bytes, words=n_words, context=context,
@@ -474,7 +487,7 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
     hf_input = torch.stack([ids[begin:end] for begin, end, _ in windows]).to(device)  # (B, T)
 
     def ours():
-        token_nll(model, ids, context=seq_len, stride=stride, batch_size=batch_size)
+        token_nll(model, ids, context=seq_len, stride=stride, batch_size=batch_size, eot_prefix=False)  # the same windows
 
     @torch.inference_mode()
     def plain():

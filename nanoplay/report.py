@@ -212,11 +212,12 @@ class Settings:
     lambada_rule: str = "word"
     dtype: str = "float32"
     batch_size: int | None = None
+    eot_prefix: bool = True  # strided: the first token predicted from <|endoftext|> (evaluation.plan_windows)
 
     def for_model(self, context: int) -> dict:
         stride = (self.stride or context // 2) if self.rule == "strided" else None
         return {"rule": self.rule, "stride": stride, "context": context, "lambada_rule": self.lambada_rule,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "eot_prefix": self.eot_prefix}
 
 
 def data_identity(data) -> str:
@@ -295,7 +296,8 @@ def score(loaded, data, settings: Settings, on_progress=None) -> dict:
     if data.kind == "stream":
         result = ev.perplexity(loaded.model, data.ids, context=how["context"], stride=how["stride"], rule=how["rule"],
                                doc_lengths=data.doc_lengths, n_bytes=data.n_bytes, n_words=data.n_words,
-                               batch_size=settings.batch_size, on_progress=on_progress)
+                               batch_size=settings.batch_size, on_progress=on_progress,
+                               eot_prefix=settings.eot_prefix)
     else:
         result = ev.lambada(loaded.model, data.texts, get_tokenizer(), context=how["context"],
                             rule=settings.lambada_rule, batch_size=settings.batch_size, on_progress=on_progress)
@@ -310,7 +312,7 @@ def work_units(data, context: int, settings: Settings) -> int:
         return len(data.texts)
     how = settings.for_model(context)
     return ev.scored_tokens(data.ids.numel(), context, rule=how["rule"], stride=how["stride"],
-                            doc_lengths=data.doc_lengths)
+                            doc_lengths=data.doc_lengths, eot_prefix=settings.eot_prefix)
 
 
 # -----------------------------------------------------------------------------

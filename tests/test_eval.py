@@ -89,13 +89,21 @@ def guide_token_nll(hf, ids, stride, max_length=CTX):
 @pytest.mark.parametrize("stride", [CTX, CTX // 2])
 def test_perplexity_matches_transformers_and_the_guide(hf_and_ours, prose_ids, stride):
     hf, loaded = hf_and_ours
-    result = ev.perplexity(loaded.model, prose_ids, context=CTX, stride=stride, n_bytes=1, n_words=1, batch_size=3)
+    result = ev.perplexity(loaded.model, prose_ids, context=CTX, stride=stride, n_bytes=1, n_words=1, batch_size=3,
+                           eot_prefix=False)
     expected = guide_perplexity(hf, prose_ids, stride)
     assert result.ppl == pytest.approx(expected, rel=1e-4)
     # token by token: each one scored in the same window, with the same history, as the guide does
-    ours = ev.token_nll(loaded.model, prose_ids, CTX, stride, batch_size=4)
+    ours = ev.token_nll(loaded.model, prose_ids, CTX, stride, batch_size=4, eot_prefix=False)
     theirs = guide_token_nll(hf, prose_ids, stride)
     assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    scored = ~torch.isnan(theirs)
+    assert torch.allclose(ours[scored], theirs[scored], atol=2e-5, rtol=0)
+    # nanoplay's rule (the default): the guide's windows over <|endoftext|> + the text, so every token is
+    # scored, the first one from <|endoftext|>, as gen and score condition it
+    ours = ev.token_nll(loaded.model, prose_ids, CTX, stride, batch_size=4)
+    theirs = guide_token_nll(hf, torch.cat([torch.tensor([get_tokenizer().eot_id]), prose_ids]), stride)[1:]
+    assert not torch.isnan(theirs[0]) and torch.equal(torch.isnan(ours), torch.isnan(theirs))
     scored = ~torch.isnan(theirs)
     assert torch.allclose(ours[scored], theirs[scored], atol=2e-5, rtol=0)
     n_windows = len(range(0, prose_ids.numel() - CTX + stride, stride))
@@ -145,9 +153,11 @@ def test_bits_per_byte_and_word_perplexity_by_hand():
     assert [tok.decode([i]) for i in data.ids.tolist()] == pieces
     assert (data.n_bytes, data.n_words) == (26, 6)
     result = ev.perplexity(uniform_model(), data.ids, context=CTX, stride=32, n_bytes=data.n_bytes,
-                           n_words=data.n_words)
+                           n_words=data.n_words, eot_prefix=False)
     ln_v = math.log(50304)
-    assert result.scored == 9 and result.tokens == 10
+    assert result.scored == 9 and result.tokens == 10  # the guide's rule: the first token has no history
+    assert ev.perplexity(uniform_model(), data.ids, context=CTX, stride=32, n_bytes=data.n_bytes,
+                         n_words=data.n_words).scored == 10  # nanoplay's: it is predicted from <|endoftext|>
     assert result.loss == pytest.approx(ln_v, rel=1e-6)
     assert result.ppl == pytest.approx(50304, rel=1e-5)
     assert result.bits_per_byte == pytest.approx(math.log2(50304) * 10 / 26, rel=1e-6)
@@ -397,8 +407,9 @@ def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
     assert names[0].endswith("/ckpt.pt") and names[1:] == ["tiny@100", "hf-dir", "no-such-model"]
     assert "error" in report["models"][3] and "no-such-model" in report["models"][3]["error"]
 
-    # each model's loss equals its own forward's mean loss over the same disjoint windows
-    ids = torch.tensor(get_tokenizer().encode("\n\n".join(rows)))
+    # each model's loss equals its own forward's mean loss over the same disjoint windows, which cover the
+    # text after <|endoftext|> (its first token is predicted from it, as gen and score do)
+    ids = torch.tensor([get_tokenizer().eot_id] + get_tokenizer().encode("\n\n".join(rows)))
     for spec, row in zip(three_formats, report["models"]):
         model = load_model(spec).model
         nll, count = 0.0, 0

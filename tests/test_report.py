@@ -148,8 +148,10 @@ def test_trend_extrapolates_more_iterations_and_refuses_too_few_points():
 
 
 def direct_loss(spec, text):
-    """The loss of a model on a text by its own forward over disjoint windows (stride = context)."""
-    ids = torch.tensor(get_tokenizer().encode(text) + [get_tokenizer().eot_id])
+    """The loss of a model on a text by its own forward over disjoint windows (stride = context), the text
+    after <|endoftext|> (nanoplay's conditioning rule: its first token is predicted from it)."""
+    eot = get_tokenizer().eot_id
+    ids = torch.tensor([eot] + get_tokenizer().encode(text) + [eot])
     model = load_model(spec).model
     nll, count = 0.0, 0
     for begin in range(0, ids.numel(), CTX):

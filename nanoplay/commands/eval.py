@@ -22,6 +22,9 @@ def register(subparsers) -> None:
                    help="perplexity rule: strided (the HF perplexity guide's sliding window, --stride) or rolling "
                         "(lm-evaluation-harness's loglikelihood_rolling: every token, the first from <|endoftext|>)")
     p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half each model's context)")
+    p.add_argument("--no-eot-prefix", action="store_true",
+                   help="strided rule: leave the data's first token unscored, as the HF perplexity guide does, instead "
+                        "of predicting it from <|endoftext|> (nanoplay's rule everywhere, as gen and score)")
     p.add_argument("--lambada-rule", choices=("word", "last-token"), default="word",
                    help="word: the whole last word must be the greedy continuation (lm-evaluation-harness); "
                         "last-token: only the final BPE token (OpenAI's easier GPT-2 rule)")
@@ -110,7 +113,7 @@ def evaluate_model(loaded, data, args, console) -> dict:
         for d in data:
             if d.kind == "stream":  # the bar counts scored tokens
                 total = ev.scored_tokens(d.ids.numel(), context, rule=args.rule, stride=stride,
-                                         doc_lengths=d.doc_lengths)
+                                         doc_lengths=d.doc_lengths, eot_prefix=not args.no_eot_prefix)
             else:  # ... or LAMBADA examples
                 total = len(d.texts)
             task = progress.add_task(f"{loaded.name} · {d.key}", total=total, rate="")
@@ -118,7 +121,8 @@ def evaluate_model(loaded, data, args, console) -> dict:
             if d.kind == "stream":
                 result = ev.perplexity(loaded.model, d.ids, context=context, stride=stride, rule=args.rule,
                                        doc_lengths=d.doc_lengths, n_bytes=d.n_bytes,
-                                       n_words=d.n_words, batch_size=args.batch_size, on_progress=on_progress)
+                                       n_words=d.n_words, batch_size=args.batch_size, on_progress=on_progress,
+                                       eot_prefix=not args.no_eot_prefix)
             else:
                 result = ev.lambada(loaded.model, d.texts, get_tokenizer(), context=context, rule=args.lambada_rule,
                                     batch_size=args.batch_size, on_progress=on_progress)
@@ -162,6 +166,7 @@ def build_report(rows: list[dict], data, args, device: str, dtype) -> dict:
             "rule": args.rule,
             "stride": (args.stride or "half of each model's context") if args.rule == "strided" else None,
             "lambada_rule": args.lambada_rule,
+            "eot_prefix": not args.no_eot_prefix,  # the first token predicted from <|endoftext|>
             "dtype": str(dtype).removeprefix("torch."), "device": device, "limit": args.limit,
         },
         "models": rows,

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--rule", choices=("strided", "rolling"), default="strided",
                    help="perplexity rule: strided sliding window (--stride) or lm-evaluation-harness's rolling windows")
     p.add_argument("--stride", type=int, help="strided rule's stride in tokens (default: half each model's context)")
+    p.add_argument("--no-eot-prefix", action="store_true",
+                   help="strided rule: leave the data's first token unscored (the HF perplexity guide) instead of "
+                        "predicting it from <|endoftext|>, as eval's flag")
     p.add_argument("--lambada-rule", choices=("word", "last-token"), default="word")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N rows (documents, examples) of each set")
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: about 8k tokens' worth)")
@@ -66,6 +69,7 @@ def run(args) -> int:
             data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split,
                                        val_fraction=args.val_fraction))
     settings = rp.Settings(rule=args.rule, stride=args.stride, lambada_rule=args.lambada_rule,
+                           eot_prefix=not args.no_eot_prefix,
                            dtype=str(dtype).removeprefix("torch."),
                            batch_size=args.batch_size)
     with ScoringProgress(err, len(subjects)) as progress:
