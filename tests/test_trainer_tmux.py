@@ -2,34 +2,13 @@
 
 import os
 import shlex
-import shutil
 import subprocess
-import time
 
-import pytest
+from tmux_driver import needs_tmux, tmux, wait_screen
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("tmux") is None,
-                       reason="tmux is not installed (apt-get install -y tmux): needed to drive the live view"),
-    pytest.mark.skipif(shutil.which("nanoplay") is None, reason="the nanoplay command is not installed (pip install -e .)"),
-]
+pytestmark = needs_tmux("the live view")
 
 TOP_BORDER = "╭"
-
-
-def tmux(*args) -> str:
-    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
-
-
-def wait_screen(session: str, condition, timeout: float = 240.0) -> str:
-    """Poll the captured screen until `condition(screen)` holds; the timeout only guards against hangs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        screen = tmux("capture-pane", "-p", "-t", session)
-        if condition(screen):
-            return screen
-        assert time.monotonic() < deadline, f"timed out; the screen was:\n{screen}"
-        time.sleep(0.2)
 
 
 def test_ctrl_c_leaves_one_live_panel_and_resume_names_its_step(tmp_path):
@@ -43,9 +22,9 @@ def test_ctrl_c_leaves_one_live_panel_and_resume_names_its_step(tmp_path):
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-c", str(tmp_path), "bash --norc --noprofile")
     try:
         tmux("send-keys", "-t", session, f"export {exports}; clear; {train}; echo EXITED-$?", "Enter")
-        wait_screen(session, lambda s: any(f"{n}/100000" in s for n in range(3, 10)))  # a few steps in
+        wait_screen(session, timeout=240.0, condition=lambda s: any(f"{n}/100000" in s for n in range(3, 10)))  # a few steps in
         tmux("send-keys", "-t", session, "C-c")
-        screen = wait_screen(session, lambda s: "EXITED-0" in s)
+        screen = wait_screen(session, timeout=240.0, condition=lambda s: "EXITED-0" in s)
         assert screen.count(TOP_BORDER) == 1, screen  # one panel: no second top border left behind
         assert "^C" not in screen and "SIGINT: finishing this step" in screen
         stopped = next(line for line in screen.splitlines() if line.startswith("stopped at step "))
@@ -53,8 +32,8 @@ def test_ctrl_c_leaves_one_live_panel_and_resume_names_its_step(tmp_path):
         tmux("send-keys", "-t", session, f"clear; {train} --resume; echo RESUMED-$?", "Enter")
         resuming = f"resuming {tmp_path / 'checkpoints' / 'cc'} from step {step} (of 100000)"
         # the old screen may still be up, border and all: wait for the resumed run's own line
-        wait_screen(session, lambda s: resuming in s.replace("\n", "") and TOP_BORDER in s)
+        wait_screen(session, timeout=240.0, condition=lambda s: resuming in s.replace("\n", "") and TOP_BORDER in s)
         tmux("send-keys", "-t", session, "C-c")
-        wait_screen(session, lambda s: "RESUMED-0" in s)
+        wait_screen(session, timeout=240.0, condition=lambda s: "RESUMED-0" in s)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

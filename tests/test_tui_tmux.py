@@ -2,35 +2,14 @@
 
 import os
 import shlex
-import shutil
 import subprocess
-import time
 
-import pytest
 from conftest import tiny_model
+from tmux_driver import needs_tmux, tmux, wait_screen
 
 from nanoplay.checkpoint import save_checkpoint, step_dir_name
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("tmux") is None,
-                       reason="tmux is not installed (apt-get install -y tmux): needed to drive the playground end to end"),
-    pytest.mark.skipif(shutil.which("nanoplay") is None, reason="the nanoplay command is not installed (pip install -e .)"),
-]
-
-
-def tmux(*args) -> str:
-    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
-
-
-def wait_screen(session: str, condition, timeout: float = 60.0) -> str:
-    """Poll the captured screen until `condition(screen)` holds; the timeout only guards against hangs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        screen = tmux("capture-pane", "-p", "-t", session)
-        if condition(screen):
-            return screen
-        assert time.monotonic() < deadline, f"timed out; the screen was:\n{screen}"
-        time.sleep(0.1)
+pytestmark = needs_tmux("the playground end to end")
 
 
 def test_playground_in_tmux(tmp_path):
