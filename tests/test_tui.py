@@ -506,6 +506,9 @@ async def test_welcome_trains_the_demo_preset_and_opens_it(checkpoints, hf_home,
         await pilot.press("t")
         await until(pilot, lambda: app.screen is app.main and panes(app), timeout=120)
         assert [bar for bar, _ in shown] == [1, 2] and "step 2/2" in shown[-1][1]
+        # the first step has no time estimate yet: said in words, never 'nan s left'
+        assert "nan" not in shown[0][1] and "time left known after a step" in shown[0][1]
+        assert "nan" not in shown[-1][1] and " left" in shown[-1][1]
         await loaded(pilot)
         (pane,) = panes(app)
         assert pane.lm is not None and pane.lm.name == "demo@2" and pane.lm.config.n_layer == 1

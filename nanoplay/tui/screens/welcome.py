@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -108,5 +109,8 @@ class WelcomeScreen(FullScreen[str | None]):
         self.query_one("#train-progress", ProgressBar).update(total=p.max_steps, progress=p.step)
         loss = f" · loss {p.loss:.3f}" if p.loss is not None else ""
         val = f" · val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
+        from trainer.monitor import format_duration
+
+        left = f"{format_duration(p.eta_s)} left" if math.isfinite(p.eta_s) else "time left known after a step"
         self.query_one("#train-status", Label).update(Content(
-            f"step {p.step}/{p.max_steps}{loss}{val} · {p.eta_s:.0f} s left · Esc stops and keeps the last checkpoint"))
+            f"step {p.step}/{p.max_steps}{loss}{val} · {left} · Esc stops and keeps the last checkpoint"))
