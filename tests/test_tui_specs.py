@@ -1,4 +1,5 @@
-"""The playground's draft-model setting: a pane decodes speculatively and shows the same tokens."""
+"""Model specs typed in the playground: the picker's, and the draft-model setting (a pane decodes
+speculatively and shows the same tokens)."""
 
 import pytest
 from test_tui import SIZE, idle, loaded, models, panes, send, until  # noqa: F401 (fixtures)
@@ -41,3 +42,21 @@ async def test_a_pane_with_a_draft_model_gives_the_same_tokens(models):
         await until(pilot, lambda: idle(app))
         assert "draft model no-such-model" in (second.state.run.error or "")
         assert panes(app)[0].state.run.error is None
+
+
+async def test_the_picker_refuses_control_characters_in_a_spec(models):
+    from nanoplay.tui.screens.picker import ModelPicker
+
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, ModelPicker))
+        field = app.screen.query_one("#spec")
+        field.value = "beta\tgpt2"  # a pasted tab would reach the session, the pane title and the gen command
+        await pilot.press("enter")
+        assert isinstance(app.screen, ModelPicker) and len(panes(app)) == 1
+        assert "control characters ('\\t' at position 5)" in str(app.screen.query_one("#spec-error").render())
+        field.value = "beta"
+        await pilot.press("enter")
+        await until(pilot, lambda: len(panes(app)) == 2)
