@@ -41,30 +41,39 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def check_scoring_options(args) -> None:
+    """The options eval and report share, checked before anything loads (NanoplayError: one line)."""
+    for flag, value in (("--limit", args.limit), ("--stride", args.stride), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise NanoplayError(f"{flag} must be at least 1")
+    if args.stride is not None and args.rule == "rolling":
+        raise NanoplayError("--stride applies to the strided rule; the rolling rule's windows are the context")
+
+
+def load_data_sets(args, default: list[str], err) -> list:
+    """Every --data set (else `default`) as evaldata loads it, with a status line on `err` while it loads."""
+    from ..evaldata import load_eval_data
+
+    data = []
+    for spec in args.data or default:
+        with err.status(f"loading {spec}…"):
+            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split,
+                                       val_fraction=args.val_fraction))
+    return data
+
+
 def run(args) -> int:
     import gc
 
     from rich.console import Console
 
-    from ..evaldata import load_eval_data
     from ..loading import load_model
 
-    if args.limit is not None and args.limit < 1:
-        raise NanoplayError("--limit must be at least 1")
-    if args.stride is not None and args.stride < 1:
-        raise NanoplayError("--stride must be at least 1")
-    if args.stride is not None and args.rule == "rolling":
-        raise NanoplayError("--stride applies to the strided rule; the rolling rule's windows are the context")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise NanoplayError("--batch-size must be at least 1")
+    check_scoring_options(args)
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     err = Console(stderr=True)
-    data = []
-    for spec in args.data or DEFAULT_DATA:
-        with err.status(f"loading {spec}…"):
-            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split,
-                                       val_fraction=args.val_fraction))
+    data = load_data_sets(args, DEFAULT_DATA, err)
     rows = []
     for spec in args.model:
         try:

@@ -6,9 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import NanoplayError
 from .common import DTYPES, resolve_device, stdout_console, torch_dtype
-from .eval import human_params
+from .eval import check_scoring_options, human_params, load_data_sets
 
 DEFAULT_DATA = ["openwebtext", "lambada"]
 
@@ -52,22 +51,13 @@ def run(args) -> int:
     from rich.console import Console
 
     from .. import report as rp
-    from ..evaldata import load_eval_data
 
-    for flag, value in (("--limit", args.limit), ("--stride", args.stride), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise NanoplayError(f"{flag} must be at least 1")
-    if args.stride is not None and args.rule == "rolling":
-        raise NanoplayError("--stride applies to the strided rule; the rolling rule's windows are the context")
+    check_scoring_options(args)
     subjects, run_dir = rp.resolve_subjects(args.target, args.vs)
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     err = Console(stderr=True)
-    data = []
-    for spec in args.data or DEFAULT_DATA:
-        with err.status(f"loading {spec}…"):
-            data.append(load_eval_data(spec, limit=args.limit, text_column=args.text_column, split=args.split,
-                                       val_fraction=args.val_fraction))
+    data = load_data_sets(args, DEFAULT_DATA, err)
     settings = rp.Settings(rule=args.rule, stride=args.stride, lambada_rule=args.lambada_rule,
                            eot_prefix=not args.no_eot_prefix,
                            dtype=str(dtype).removeprefix("torch."),
