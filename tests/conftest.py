@@ -113,3 +113,19 @@ def write_nanogpt_ckpt(path, model: GPT, with_optimizer=True, compiled=True):
         ckpt["optimizer"] = opt.state_dict()
     torch.save(ckpt, path)
     return path
+
+
+def disjoint_window_nll(model: GPT, ids: torch.Tensor, context: int) -> tuple[float, int]:
+    """A model's summed loss over `ids` by its own forward on disjoint windows of `context` tokens (each
+    window's first token unscored), and the count of tokens scored: the reference the strided rule at
+    stride = context must equal."""
+    nll, count = 0.0, 0
+    for begin in range(0, ids.numel(), context):
+        window = ids[begin:begin + context]
+        if window.numel() < 2:
+            continue
+        with torch.no_grad():
+            _, loss = model(window[None, :-1], window[None, 1:])
+        nll += loss.item() * (window.numel() - 1)
+        count += window.numel() - 1
+    return nll, count

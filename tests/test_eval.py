@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import hf_gpt2, tiny_model, write_nanogpt_ckpt
+from conftest import disjoint_window_nll, hf_gpt2, tiny_model, write_nanogpt_ckpt
 from pydoc_data.topics import topics
 
 from nanoplay import evaluation as ev
@@ -411,16 +411,7 @@ def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
     # text after <|endoftext|> (its first token is predicted from it, as gen and score do)
     ids = torch.tensor([get_tokenizer().eot_id] + get_tokenizer().encode("\n\n".join(rows)))
     for spec, row in zip(three_formats, report["models"]):
-        model = load_model(spec).model
-        nll, count = 0.0, 0
-        for begin in range(0, ids.numel(), CTX):
-            window = ids[begin:begin + CTX]
-            if window.numel() < 2:
-                continue
-            with torch.no_grad():
-                _, loss = model(window[None, :-1], window[None, 1:])
-            nll += loss.item() * (window.numel() - 1)
-            count += window.numel() - 1
+        nll, count = disjoint_window_nll(load_model(spec).model, ids, CTX)
         wiki = row["results"]["wikitext-2"]
         assert wiki["scored_tokens"] == count
         assert wiki["loss"] == pytest.approx(nll / count, rel=1e-5)

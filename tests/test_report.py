@@ -5,7 +5,7 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
-from conftest import hf_gpt2, tiny_model
+from conftest import disjoint_window_nll, hf_gpt2, tiny_model
 
 from nanoplay import report as rp
 from nanoplay.cli import main
@@ -152,16 +152,7 @@ def direct_loss(spec, text):
     after <|endoftext|> (nanoplay's conditioning rule: its first token is predicted from it)."""
     eot = get_tokenizer().eot_id
     ids = torch.tensor([eot] + get_tokenizer().encode(text) + [eot])
-    model = load_model(spec).model
-    nll, count = 0.0, 0
-    for begin in range(0, ids.numel(), CTX):
-        window = ids[begin:begin + CTX]
-        if window.numel() < 2:
-            continue
-        with torch.no_grad():
-            _, loss = model(window[None, :-1], window[None, 1:])
-        nll += loss.item() * (window.numel() - 1)
-        count += window.numel() - 1
+    nll, count = disjoint_window_nll(load_model(spec).model, ids, CTX)
     return nll / count
 
 
