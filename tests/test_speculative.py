@@ -1,12 +1,12 @@
 """Speculative decoding: with and without a draft model, a request gives the same tokens and figures."""
 
 import copy
-import dataclasses
 import json
 
 import pytest
 import torch
 
+from nanoplay.bench import truncated_draft
 from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.loading import LoadedModel
@@ -16,14 +16,6 @@ from tests.conftest import tiny_model
 
 def loaded(model, name):
     return LoadedModel(name=name, model=model, source="test", location="memory")
-
-
-def truncated(model, n_layer):
-    """The model's first n_layer blocks with its own embeddings and head: a draft that often agrees."""
-    draft = copy.deepcopy(model)
-    draft.transformer.h = draft.transformer.h[:n_layer]
-    draft.config = dataclasses.replace(draft.config, n_layer=n_layer)
-    return draft
 
 
 def generate(engine, model, prompt, params, draft=None, draft_tokens=4):
@@ -56,7 +48,7 @@ SETTINGS = [
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_draft_changes_no_token_or_figure(settings):
     target = loaded(tiny_model(seed=1, n_layer=3), "target")
-    drafts = {"itself": target, "truncated": loaded(truncated(target.model, 1), "truncated"),
+    drafts = {"itself": target, "truncated": truncated_draft(target, 1),
               "unrelated": loaded(tiny_model(seed=2), "unrelated")}
     engine = Engine()
     for seed in (0, 1):
@@ -90,7 +82,7 @@ def test_a_draft_that_agrees_saves_forwards_of_the_model():
 
 def test_speculation_survives_window_slides_and_batching():
     target = loaded(tiny_model(seed=4), "target")  # context 64
-    draft = loaded(truncated(target.model, 1), "draft")
+    draft = truncated_draft(target, 1)
     engine = Engine()
     prompt = list(range(1000, 1050))  # 50 tokens: the window slides while 40 are generated
     params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=9, stop_on_eot=False)
@@ -159,8 +151,6 @@ def test_bench_draft_reports_speed_and_acceptance(tiny_run, capsys):
 
 
 def test_truncated_draft_leaves_the_model_whole():
-    from nanoplay.bench import truncated_draft
-
     target = loaded(tiny_model(seed=1, n_layer=3), "target")
     before = target.model(torch.tensor([[1, 2, 3]]))
     draft = truncated_draft(target, 1)
