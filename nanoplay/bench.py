@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, use_decode_layout
+from .cpu_decode import use_decode_layout
+from .engine import Engine
 from .loading import LoadedModel
 from .model import GPT, GPTConfig
 from .precision import quantize_int8

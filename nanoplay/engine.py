@@ -23,12 +23,12 @@ from typing import Callable
 
 import torch
 
+from .cpu_decode import threads_for, use_decode_layout
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
 from .precision import quantize_int8
-from .sampling import (SamplingParams, apply_penalties, choose, draw_noise, logits_fault, model_logprobs,
-                       stable_logits)
+from .sampling import Distribution, SamplingParams, apply_penalties, choose, draw_noise, logits_fault
 from .speculative import DEFAULT_DRAFT_TOKENS, DraftCache, check_draft, speculative_step
 from .static_decode import StaticDecoder
 from .tokenizer import TextStream, get_tokenizer
@@ -217,20 +217,6 @@ class Request:
             self.on_update(self, new_tokens, new_text)
 
 
-def token_statistics(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """
-    For rows of log-probabilities (N, vocab) and the token taken at each row (N,): the token's
-    log-probability (N,), its rank (N,; 1 = most likely), the entropy in nats (N,), and the k most
-    likely ids and their log-probabilities (N, k).
-    """
-    chosen = logprobs.gather(1, tokens.unsqueeze(1))  # (N, 1)
-    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
-    # -p log p, 0 where p is 0 (a -inf logit: 0 * -inf is NaN, which nansum skips); special.entr is
-    # the same sum, but not vectorised: 10x slower, the largest per-row cost of a decode step
-    entropy = -torch.nansum(logprobs.exp() * logprobs, dim=-1)
-    return [chosen.squeeze(1), (logprobs > chosen).sum(1) + 1, entropy, top_ids, top_lp]
-
-
 def alternatives(ids: list[int], logprobs: list[float], sampling_logprobs: list[float]) -> list[Alternative]:
     tokenizer = get_tokenizer()
     return [Alternative(t, tokenizer.token_bytes(t).decode("utf-8", "replace"), lp, slp)
@@ -265,8 +251,13 @@ class ModelRunner:
     def has_work(self) -> bool:
         return bool(self.queue or self.running)
 
-    @torch.inference_mode()
     def step(self) -> None:
+        drafts = {id(r.draft): r.draft.model for r in self.running + self.queue if r.draft is not None}
+        with threads_for(self.loaded.model, *drafts.values()):
+            self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
         for r in [r for r in self.queue + self.running if r._cancel]:
             self._complete(r, "cancelled")
         decoding = list(self.running)
@@ -362,13 +353,14 @@ class ModelRunner:
             if not batch:
                 return
         raw = logits.float()
-        logprobs = model_logprobs(raw)  # (B, vocab), float64
-        tokens, sampling = self._choose(batch, raw)  # (B,), (B, vocab) or None for plain greedy
+        k = max(r.params.top_logprobs for r in batch)
+        distribution = Distribution.of(raw, k)
+        tokens, sampling = self._choose(batch, raw, distribution)  # (B,), (B, vocab) or None for plain greedy
         picked = tokens.unsqueeze(1)  # (B, 1)
-        chosen_lp, rank, entropy, top_ids, top_lp = token_statistics(
-            logprobs, tokens, max(r.params.top_logprobs for r in batch))
+        chosen_lp, rank, top_ids, top_lp = distribution.figures(tokens, k)
+        entropy = distribution.entropy
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
-            chosen_slp = torch.zeros_like(tokens, dtype=logprobs.dtype)
+            chosen_slp = torch.zeros_like(chosen_lp)
             top_slp = torch.where(top_ids == picked, 0.0, float("-inf"))
         else:
             chosen_slp, top_slp = sampling.gather(1, picked).squeeze(1), sampling.gather(1, top_ids)
@@ -395,10 +387,11 @@ class ModelRunner:
                 r._done.set()
 
     @staticmethod
-    def _choose(batch: list[Request], raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(batch: list[Request], raw: torch.Tensor,
+                distribution: Distribution) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens (B,) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
         if all(r.params.is_plain_greedy for r in batch):
-            return stable_logits(raw).argmax(-1), None  # +inf logits win, as in the sampler
+            return distribution.greedy(), None  # +inf logits win, as in the sampler
         tokens, rows = [], []
         for i, r in enumerate(batch):
             p = r.params
@@ -464,24 +457,6 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
         if a[i] != b[i]:
             return i
     return max(n, 0)
-
-
-@torch.no_grad()
-def use_decode_layout(model) -> None:
-    """
-    Store every weight matrix transposed in memory (the values and shapes stay the same). On CPU,
-    F.linear with such a weight runs as a plain (in, out)-major matrix product, which reads the
-    weights markedly faster when a few sequences decode together (`nanoplay bench` measures it).
-    For inference only: the engine applies it to the models it loads itself.
-    """
-    tied = model.config.tie_word_embeddings
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
-            module.weight = torch.nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-    if tied:  # one tensor for both, as before
-        wte = torch.nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
-        model.transformer.wte.weight = wte
-        model.lm_head.weight = wte
 
 
 class Engine:
@@ -653,6 +628,12 @@ class Engine:
         ids = tokenizer.encode(text) if isinstance(text, str) else list(text)
         seq = text_context(ids, eot_prefix) if ids else []
         check_token_ids(model, seq, from_text=isinstance(text, str))
+        with threads_for(model.model):
+            return self._score_windows(model, seq, top_logprobs)
+
+    @staticmethod
+    def _score_windows(model: LoadedModel, seq: list[int], top_logprobs: int) -> list[TokenInfo]:
+        tokenizer = get_tokenizer()
         window = model.config.block_size
         stride = max(1, window // 2)
         stream = TextStream(tokenizer)
@@ -665,10 +646,11 @@ class Engine:
             fault = next((f for f in logits_fault(logits) if f is not None), None)
             if fault is not None:
                 raise NanoplayError(f"{model.name}: {fault}")
-            logprobs = model_logprobs(logits)
-            rows = logprobs[first_target - 1 - begin:end - 1 - begin]  # predictions of seq[first_target:end]
+            # the rows predicting seq[first_target:end]
+            rows = Distribution.of(logits[first_target - 1 - begin:end - 1 - begin], top_logprobs)
             targets = torch.tensor(seq[first_target:end], device=model.device)
-            columns = [c.tolist() for c in token_statistics(rows, targets, top_logprobs)]
+            chosen_lp, rank, top_ids, top_lp = rows.figures(targets, top_logprobs)
+            columns = [c.tolist() for c in (chosen_lp, rank, rows.entropy, top_ids, top_lp)]
             for token, lp, rank, entropy, alt_ids, alt_lp in zip(seq[first_target:end], *columns):
                 # nothing is sampled: the sampling distribution is the model's own
                 out.append(TokenInfo(id=token, text=stream.push(token), bytes=tokenizer.token_bytes(token),

@@ -157,12 +157,23 @@ def parse_stop_list(text: str) -> list[str]:
     return [parse_stop_string(part.replace("\0", "\\\\").strip()) for part in parts if part.strip()]
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """
+    True when no entry of x is NaN or +-inf, by one sum: a reduction is the fastest pass over a row of
+    logits (a comparison writes a whole bool tensor), and NaN and inf survive any sum. A sum of finite
+    values can still overflow; that only sends the caller down its slower exact path.
+    """
+    return math.isfinite(x.sum().item())
+
+
 def logits_fault(logits: torch.Tensor) -> list[str | None]:
     """
     For rows of a model's logits (B, vocab): why a row defines no distribution, or None when it does.
     NaN anywhere is a fault of the model (damaged weights, an overflow in a low-precision dtype); a
     row that rules out every token is one too.
     """
+    if all_finite(logits):  # the common case, in one pass
+        return [None] * logits.size(0)
     nan = torch.isnan(logits).any(-1).tolist()
     empty = (logits == float("-inf")).all(-1).tolist()
     return ["model produced NaN logits (damaged weights, or an overflow in its dtype: try --dtype float32)" if n
@@ -177,6 +188,8 @@ def stable_logits(logits: torch.Tensor) -> torch.Tensor:
     Rows with NaN from the model itself are refused earlier (`logits_fault`).
     """
     logits = logits.double()
+    if all_finite(logits):
+        return logits
     logits = logits.masked_fill(torch.isnan(logits), float("-inf"))
     infinite = logits == math.inf
     if infinite.any():
@@ -189,6 +202,49 @@ def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """The model's raw log-probabilities (..., vocab) in float64, finite for every token it does not rule
     out however large its logits (float32 logits of +-3e38 differ by more than float32 can hold)."""
     return stable_logits(logits).log_softmax(-1)
+
+
+@dataclass
+class Distribution:
+    """
+    A model's next-token distributions for rows of logits (N, vocab), with what each token reports,
+    computed once per step for the whole batch: every figure is a pass over the vocabulary, and the
+    top entries also give the greedy token and most tokens' rank without another pass.
+    """
+
+    logprobs: torch.Tensor  # (N, vocab) float64, `model_logprobs`
+    entropy: torch.Tensor  # (N,) nats
+    top_ids: torch.Tensor  # (N, m): the m most likely ids, most likely first, m >= min(2, vocab)
+    top_logprobs: torch.Tensor  # (N, m)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, top: int) -> "Distribution":
+        """logits (N, vocab), each row with a distribution (`logits_fault`); `top`: alternatives wanted."""
+        logprobs = model_logprobs(logits)
+        # -p log p, 0 where p is 0 (a -inf logit: 0 * -inf is NaN, which nansum skips); special.entr is
+        # the same sum, but not vectorised: 10x slower
+        entropy = -torch.nansum(logprobs.exp() * logprobs, dim=-1)
+        top_logprobs, top_ids = torch.topk(logprobs, min(max(top, 2), logprobs.size(-1)), dim=-1)
+        return cls(logprobs, entropy, top_ids, top_logprobs)
+
+    def greedy(self) -> torch.Tensor:
+        """The most likely token of each row (N,): torch.argmax's, the first id of a tie."""
+        if self.top_ids.size(1) >= 2 and bool((self.top_logprobs[:, 0] > self.top_logprobs[:, 1]).all()):
+            return self.top_ids[:, 0]  # no tie for first place: topk's first is the argmax
+        return self.logprobs.argmax(-1)
+
+    def figures(self, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """
+        For the token taken at each row (N,): its log-probability (N,), its rank (N,; 1 = most likely),
+        and the k most likely ids and their log-probabilities (N, k).
+        """
+        chosen = self.logprobs.gather(1, tokens.unsqueeze(1))  # (N, 1)
+        if bool((chosen >= self.top_logprobs[:, -1:]).all()):
+            # every token more likely than the chosen one is among the top entries
+            higher = (self.top_logprobs > chosen).sum(1)
+        else:
+            higher = (self.logprobs > chosen).sum(1)
+        return [chosen.squeeze(1), higher + 1, self.top_ids[:, :k], self.top_logprobs[:, :k]]
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

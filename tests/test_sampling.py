@@ -253,3 +253,47 @@ def test_prompt_seeds_never_collide_with_sample_seeds():
         assert seeds[:3] == [base % 2**63, (base + 1) % 2**63, (base + 2) % 2**63]  # prompt 0: seed, seed+1, ...
         # distinct as torch's CPU generator sees them (it keeps only the low 32 bits of a seed)
         assert len({s % 2**32 for s in seeds}) == len(seeds)
+
+
+def test_distribution_figures_match_a_full_pass_over_the_vocabulary():
+    """Distribution takes shortcuts (the top entries give the greedy token and most ranks, one sum tells
+    finite rows): each figure against its definition, computed over the whole row, ties and -inf included."""
+    from nanoplay.sampling import Distribution, stable_logits
+
+    rng = random.Random(5)
+    rows = [random_row(rng, 60) for _ in range(40)]
+    for row in rows[:10]:  # ties for first place, which torch.argmax breaks by the lowest id
+        row[[7, 3, 50]] = row.max() + 1 if torch.isfinite(row.max()) else 0.0
+    rows += [torch.tensor([2.0, 1.0, 2.0] + [-math.inf] * 57), torch.tensor([0.0] * 60)]
+    for i, row in enumerate(rows):
+        if torch.isnan(row).any() or (row == -math.inf).all():
+            continue
+        logits = row.unsqueeze(0)
+        d = Distribution.of(logits, 5)
+        reference = stable_logits(row).log_softmax(-1)  # float64, +inf rows made finite
+        assert torch.equal(d.logprobs[0], reference), i
+        probs = reference.exp()
+        assert float(d.entropy[0]) == pytest.approx(float(torch.special.entr(probs).sum()), abs=1e-9), i
+        assert int(d.greedy()[0]) == int(torch.argmax(stable_logits(row))), i
+        # every token, the likely and the unlikely: rank = 1 + how many are strictly more likely
+        tokens = torch.arange(60)
+        many = Distribution(d.logprobs.expand(60, -1), d.entropy.expand(60), d.top_ids.expand(60, -1),
+                            d.top_logprobs.expand(60, -1))
+        chosen, rank, top_ids, top_lp = many.figures(tokens, 3)
+        assert torch.equal(chosen, reference), i
+        assert rank.tolist() == [int((reference > reference[t]).sum()) + 1 for t in range(60)], i
+        assert torch.equal(top_lp[0], reference.sort(descending=True).values[:3]), i
+        assert torch.equal(reference[top_ids[0]], top_lp[0]), i
+
+
+def test_finite_check_sends_nan_inf_and_overflowing_rows_down_the_exact_path():
+    from nanoplay.sampling import all_finite, logits_fault, stable_logits
+
+    finite = torch.tensor([[1.0, -2.0, 3.0]])
+    assert all_finite(finite)
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not all_finite(torch.tensor([[1.0, bad, 3.0]]))
+    huge = torch.tensor([[3e38, 3e38, -1.0]])  # finite, but its float32 sum overflows
+    assert not all_finite(huge)
+    assert logits_fault(huge) == [None]
+    assert torch.equal(stable_logits(huge), huge.double())

@@ -1,0 +1,116 @@
+"""
+How a model decodes fast on a CPU: its weights laid out for the product a decode step runs, float32
+products through numpy's BLAS, and one thread pool working at a time.
+
+A decode step multiplies one activation row per sequence by every weight matrix, so its speed is the
+rate at which the products stream the weights from memory. torch's CPU products run on MKL, which
+takes a generic code path on AMD CPUs; numpy's wheels carry OpenBLAS, which picks its kernels by the
+CPU's instructions, whoever made it. Measured side by side on a 2-core AMD EPYC (AVX2), reading all of
+a model's matrices once: MKL streamed the 30M shape's at 16-22 GB/s, OpenBLAS at 28-30 GB/s, of a
+32 GB/s streaming read; a whole decode step ran 1.2-1.3x faster (`nanoplay bench` measures it).
+
+Two thread pools on the same cores must not wait for work at the same time: torch's OpenMP workers
+and OpenBLAS's threads both spin for a while after each task, and with both at 2 threads a decode
+step ran 7x slower. So while a model with BLAS products steps (`decode_threads`), torch computes with
+one thread -- its share of a decode step is small: norms, activations, attention of one query -- and
+OpenBLAS with the threads torch had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BlasLinear(nn.Module):
+    """
+    nn.Linear for inference whose float32 CPU product runs in numpy's BLAS: y = x @ weight.T + bias.
+    It keeps the Linear's parameters (so a tied head still shares the embedding's tensor), with the
+    weight (out, in) stored transposed, (in, out)-major, the layout a product with few rows reads
+    best. Other dtypes and devices, and anything that needs gradients, take F.linear.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # (out, in), with weight.t() contiguous (use_decode_layout)
+        self.bias = linear.bias  # (out,) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or (
+                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return F.linear(x, w, self.bias)
+        rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
+        y = torch.from_numpy(np.matmul(rows.numpy(), w.t().contiguous().numpy()))  # (N, out)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def use_decode_layout(model: nn.Module) -> None:
+    """
+    Prepare a CPU model for decoding, in place: every weight matrix stored transposed in memory (the
+    values and shapes stay the same), which torch's and BLAS's products with few rows read faster,
+    and float32 products moved to numpy's BLAS (BlasLinear). For inference only: the engine applies
+    it to the models it loads itself.
+    """
+    tied = model.config.tie_word_embeddings
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not (tied and module is model.lm_head):
+            module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+    if tied:  # one tensor for both, as before
+        wte = nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
+        model.transformer.wte.weight = wte
+        model.lm_head.weight = wte
+    if next(model.parameters()).dtype == torch.float32:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, BlasLinear(child))
+
+
+def uses_blas(model: nn.Module) -> bool:
+    """Whether some of the model's products run in numpy's BLAS (use_decode_layout on float32)."""
+    return any(isinstance(m, BlasLinear) for m in model.modules())
+
+
+def threads_for(*models: nn.Module) -> contextlib.AbstractContextManager:
+    """The thread setting for running these models: decode_threads if any of them uses BLAS."""
+    return decode_threads() if any(uses_blas(m) for m in models) else contextlib.nullcontext()
+
+
+@functools.cache
+def _blas_threadpools():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+_blas_threads: list[int] = []  # the thread count last given to the BLAS libraries, if any
+
+
+@contextlib.contextmanager
+def decode_threads():
+    """
+    Within: torch computes with one thread and numpy's BLAS with the threads torch had (torch's
+    setting for this thread, which `--threads` sets), so that only one pool waits for work.
+    """
+    threads = torch.get_num_threads()
+    if _blas_threads != [threads]:
+        _blas_threadpools().limit(limits=threads)
+        _blas_threads[:] = [threads]
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,90 @@
+"""CPU decoding: float32 products in numpy's BLAS against F.linear, and one thread pool at a time."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoplay.cpu_decode import BlasLinear, decode_threads, use_decode_layout, uses_blas
+from nanoplay.engine import Engine
+from nanoplay.loading import LoadedModel
+from nanoplay.sampling import SamplingParams
+from tests.conftest import tiny_model
+
+
+def blas_copy(linear: torch.nn.Linear) -> BlasLinear:
+    linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
+    return BlasLinear(linear)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (4, 24), (2, 3, 24)])
+def test_blas_linear_matches_f_linear(bias, shape):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40, bias=bias)
+    x = torch.randn(shape)
+    reference = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+    layer = blas_copy(linear)
+    with mock.patch("nanoplay.cpu_decode.np.matmul", wraps=np.matmul) as matmul, torch.inference_mode():
+        y = layer(x)
+    assert matmul.call_count == 1  # the product ran in numpy's BLAS
+    assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_blas_linear_leaves_other_dtypes_and_gradients_to_torch():
+    torch.manual_seed(0)
+    layer = blas_copy(torch.nn.Linear(8, 5))
+    x = torch.randn(3, 8, requires_grad=True)
+    with mock.patch("nanoplay.cpu_decode.np.matmul", wraps=np.matmul) as matmul:
+        layer(x).sum().backward()  # autograd needs torch's product
+        with torch.no_grad():
+            y16 = BlasLinear(torch.nn.Linear(8, 5).to(torch.bfloat16))(x.detach().to(torch.bfloat16))
+    assert matmul.call_count == 0 and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, layer.weight.detach().sum(0).expand(3, 8))
+
+
+def test_decode_layout_uses_blas_for_float32_only():
+    model = tiny_model()
+    use_decode_layout(model)
+    assert uses_blas(model) and model.lm_head.weight is model.transformer.wte.weight  # still tied
+    half = tiny_model().to(torch.bfloat16)
+    use_decode_layout(half)
+    assert not uses_blas(half)
+
+
+def test_engine_steps_with_one_torch_thread_and_the_blas_threads_torch_had():
+    """While a BLAS model steps torch has one thread and BLAS the caller's count (two spinning pools on the
+    same cores ran 7x slower), and the caller's setting comes back after every step."""
+    from threadpoolctl import threadpool_info
+
+    model = tiny_model()
+    use_decode_layout(model)
+    loaded = LoadedModel(name="tiny", model=model, source="test", location="memory")
+    seen = []
+    forward = BlasLinear.forward
+
+    def spy(self, x):
+        seen.append((torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]))
+        return forward(self, x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mock.patch.object(BlasLinear, "forward", spy):
+            req = Engine().generate(loaded, "Hello", SamplingParams(max_new_tokens=3, temperature=0))
+        assert len(req.tokens) == 3 and seen
+        assert all(torch_threads == 1 and blas == [2] * len(blas) and blas for torch_threads, blas in seen)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_threads_restores_torch_threads_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), decode_threads():
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("a failing step")
+    assert torch.get_num_threads() == before
