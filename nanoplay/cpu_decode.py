@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -96,21 +97,42 @@ def _blas_threadpools():
     return ThreadpoolController().select(user_api="blas")
 
 
-_blas_threads: list[int] = []  # the thread count last given to the BLAS libraries, if any
+class _DecodeThreads:
+    """
+    The state behind decode_threads. torch's thread count is per thread, but a thread that has not
+    asked for it yet takes the last count any thread set (torch's lazy_init_num_threads), and the
+    engine's thread may step while a worker scores: so the first to enter saves the count, and every
+    thread leaving puts that back, never a 1 that another thread set meanwhile.
+    """
+
+    lock = threading.Lock()
+    inside = 0  # threads within decode_threads now
+    saved = 0  # torch's thread count when the first of them entered
+    blas = 0  # the thread count last given to the BLAS libraries (0: never)
 
 
 @contextlib.contextmanager
 def decode_threads():
     """
-    Within: torch computes with one thread and numpy's BLAS with the threads torch had (torch's
-    setting for this thread, which `--threads` sets), so that only one pool waits for work.
+    Within: torch computes with one thread and numpy's BLAS with the threads torch had (the
+    process's setting, which `--threads` sets), so that only one pool waits for work. Safe to nest
+    and to enter from several threads at once.
     """
-    threads = torch.get_num_threads()
-    if _blas_threads != [threads]:
-        _blas_threadpools().limit(limits=threads)
-        _blas_threads[:] = [threads]
-    torch.set_num_threads(1)
+    state = _DecodeThreads
+    # a thread takes the process's count the first time it asks (or computes), and that would undo a
+    # set_num_threads(1) made before: ask first
+    own = torch.get_num_threads()
+    with state.lock:
+        if state.inside == 0:
+            state.saved = own
+            if state.blas != state.saved:
+                _blas_threadpools().limit(limits=state.saved)
+                state.blas = state.saved
+        state.inside += 1
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with state.lock:
+            state.inside -= 1
+            torch.set_num_threads(state.saved)

@@ -88,3 +88,46 @@ def test_decode_threads_restores_torch_threads_after_an_error():
         assert torch.get_num_threads() == 1
         raise RuntimeError("a failing step")
     assert torch.get_num_threads() == before
+
+
+def test_decode_threads_from_two_threads_at_once_restore_the_callers_setting():
+    """torch's thread count is partly one setting for the process: a thread that has not computed yet takes
+    the last count any thread set. A worker that starts scoring while the engine's thread steps must not
+    leave 1 behind for the threads that start later, nor give BLAS one thread."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with decode_threads():
+            a_inside.set()
+            b_inside.wait(5)
+        a_left.set()
+
+    def b():  # starts while a is inside
+        with decode_threads():
+            b_inside.set()
+            a_left.wait(5)
+            seen["b inside, after a left"] = torch.get_num_threads()
+
+    def c():  # starts after both left
+        seen["a later thread"] = torch.get_num_threads()
+
+    try:
+        first = threading.Thread(target=a)
+        first.start()
+        assert a_inside.wait(5)
+        second = threading.Thread(target=b)
+        second.start()
+        first.join(), second.join()
+        later = threading.Thread(target=c)
+        later.start(), later.join()
+        assert seen == {"b inside, after a left": 1, "a later thread": 2}
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
+    finally:
+        torch.set_num_threads(before)
