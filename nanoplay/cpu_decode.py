@@ -109,6 +109,7 @@ class _DecodeThreads:
     inside = 0  # threads within decode_threads now
     saved = 0  # torch's thread count when the first of them entered
     blas = 0  # the thread count last given to the BLAS libraries (0: never)
+    depth = threading.local()  # .n: how deep the calling thread is within decode_threads
 
 
 @contextlib.contextmanager
@@ -129,10 +130,12 @@ def decode_threads():
                 _blas_threadpools().limit(limits=state.saved)
                 state.blas = state.saved
         state.inside += 1
+        state.depth.n = getattr(state.depth, "n", 0) + 1
         torch.set_num_threads(1)
     try:
         yield
     finally:
         with state.lock:
             state.inside -= 1
-            torch.set_num_threads(state.saved)
+            state.depth.n -= 1
+            torch.set_num_threads(1 if state.depth.n else state.saved)  # nested: the outer one still runs

@@ -82,10 +82,12 @@ def test_engine_steps_with_one_torch_thread_and_the_blas_threads_torch_had():
         torch.set_num_threads(before)
 
 
-def test_decode_threads_restores_torch_threads_after_an_error():
+def test_decode_threads_nests_and_restores_torch_threads_after_an_error():
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError), decode_threads():
-        assert torch.get_num_threads() == 1
+        with decode_threads():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # the outer one still runs
         raise RuntimeError("a failing step")
     assert torch.get_num_threads() == before
 
