@@ -60,11 +60,15 @@ class BlasLinear(nn.Module):
 @torch.no_grad()
 def use_decode_layout(model: nn.Module) -> None:
     """
-    Prepare a CPU model for decoding, in place: every weight matrix stored transposed in memory (the
-    values and shapes stay the same), which torch's and BLAS's products with few rows read faster,
-    and float32 products moved to numpy's BLAS (BlasLinear). For inference only: the engine applies
-    it to the models it loads itself.
+    Prepare a CPU model for decoding, in place. A float32 model gets every weight matrix stored
+    transposed in memory (the values and shapes stay the same), which BLAS's products with few rows
+    read fastest, and its products in numpy's BLAS (BlasLinear). bf16 and fp16 models keep nn.Linear's
+    own layout: torch's reduced-precision matrix-vector kernels read it 4.7x faster than the
+    transposed one (30M shape, bf16, 2 threads, AVX2). For inference only: the engine applies it to
+    the models it loads itself.
     """
+    if next(model.parameters()).dtype != torch.float32:
+        return
     tied = model.config.tie_word_embeddings
     for module in model.modules():
         if isinstance(module, nn.Linear) and not (tied and module is model.lm_head):
@@ -73,11 +77,10 @@ def use_decode_layout(model: nn.Module) -> None:
         wte = nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
         model.transformer.wte.weight = wte
         model.lm_head.weight = wte
-    if next(model.parameters()).dtype == torch.float32:
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, name, BlasLinear(child))
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, BlasLinear(child))
 
 
 def uses_blas(model: nn.Module) -> bool:
