@@ -70,9 +70,6 @@ def use_decode_layout(model: nn.Module) -> None:
     if next(model.parameters()).dtype != torch.float32:
         return
     tied = model.config.tie_word_embeddings
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not (tied and module is model.lm_head):
-            module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
     if tied:  # one tensor for both, as before
         wte = nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
         model.transformer.wte.weight = wte
@@ -80,12 +77,18 @@ def use_decode_layout(model: nn.Module) -> None:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
+                if not (tied and child is model.lm_head):
+                    child.weight = nn.Parameter(child.weight.t().contiguous().t(), requires_grad=False)
                 setattr(module, name, BlasLinear(child))
 
 
 def uses_blas(model: nn.Module) -> bool:
-    """Whether some of the model's products run in numpy's BLAS (use_decode_layout on float32)."""
-    return any(isinstance(m, BlasLinear) for m in model.modules())
+    """
+    Whether the model's products run in numpy's BLAS. use_decode_layout moves all of a model's
+    products or none, so its output head tells: asked every decode step, this costs no walk over
+    the modules.
+    """
+    return isinstance(getattr(model, "lm_head", None), BlasLinear)
 
 
 def threads_for(*models: nn.Module) -> contextlib.AbstractContextManager:
