@@ -10,7 +10,9 @@ and only ratios measured side by side in one run are quoted.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -110,26 +112,47 @@ def llama_cpp_available() -> bool:
     return True
 
 
-class LlamaCpp:
-    """The same weights in llama.cpp (through llama-cpp-python), converted to GGUF in a temporary folder."""
+# llama.cpp's 4-bit types, which `--vs llama.cpp:TYPE` adds: made from the F32 file by llama.cpp's own
+# quantizer, with its own fallbacks (Q4_K needs rows of whole 256-value blocks; narrower ones take Q5_0)
+LLAMA_CPP_QUANTIZED = {"q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M"}
 
-    def __init__(self, model: GPT, dtype: torch.dtype, threads: int, n_ctx: int):
-        from llama_cpp import Llama
+
+class LlamaCpp:
+    """
+    The same weights in llama.cpp (through llama-cpp-python), converted to GGUF in a temporary folder:
+    file_type "f32", "f16" or "q8_0" as nanoplay's writer makes them, or one of LLAMA_CPP_QUANTIZED.
+    """
+
+    def __init__(self, model: GPT, file_type: str, threads: int, n_ctx: int):
+        import llama_cpp
 
         from .gguf_format import write_gguf
 
-        self.file_type = LLAMA_CPP_TYPES[dtype]
-        self.label = f"llama.cpp {self.file_type.upper()}"
+        llama_cpp.llama_log_set(_quiet_llama_log(), None)  # its loader and quantizer print pages to stderr
+        self.label = f"llama.cpp {file_type.upper()}"
         self._tmp = tempfile.TemporaryDirectory()
-        path = write_gguf(model, Path(self._tmp.name) / "model.gguf", self.file_type)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=n_ctx, verbose=False)
+        folder = Path(self._tmp.name)
+        if file_type in LLAMA_CPP_QUANTIZED:
+            path = folder / f"model-{file_type}.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_QUANTIZED[file_type]}")
+            params.nthread = threads
+            source = write_gguf(model, folder / "model-f32.gguf", "f32")
+            if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize the model to {file_type.upper()}")
+        else:
+            path = write_gguf(model, folder / "model.gguf", file_type)
+        self.path = path  # the GGUF file timed, until close()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=n_ctx, verbose=False)
 
-    def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result":
-        """Greedy decoding of one sequence (llama-cpp-python's Llama holds one)."""
+    def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result | None":
+        """Greedy decoding of one sequence (llama-cpp-python's Llama holds one); None for a larger batch."""
         import llama_cpp
         import numpy as np
 
+        if batch != 1:
+            return None
         llm = self.llm
         vocab = llm.n_vocab()
 
@@ -150,6 +173,73 @@ class LlamaCpp:
 
     def close(self) -> None:
         self.llm.close()
+        self._tmp.cleanup()
+
+
+@functools.cache
+def _quiet_llama_log():
+    """A llama.cpp log callback that drops every message, kept alive here: llama.cpp holds a pointer to it."""
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+
+
+def ctranslate2_available() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# CTranslate2's CPU compute types for ours: it has no 16-bit products on a CPU
+CTRANSLATE2_TYPES = {torch.float32: "float32", torch.int8: "int8"}
+
+
+class CTranslate2:
+    """
+    The same weights in CTranslate2 (its converter run on our transformers export, in a temporary
+    folder), at compute type "float32" or "int8" (its own int8: weights and activations, per row).
+    """
+
+    def __init__(self, loaded: LoadedModel, compute_type: str, threads: int):
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+        from transformers import AutoTokenizer
+
+        from .export import export_hf, transformers_quiet
+
+        self.label = f"CTranslate2 {compute_type}"
+        self._tmp = tempfile.TemporaryDirectory()
+        hf_dir, ct2_dir = Path(self._tmp.name) / "hf", Path(self._tmp.name) / "ct2"
+        with transformers_quiet():
+            export_hf(loaded.model, hf_dir)
+            # CTranslate2 wants one vocabulary entry per embedding row: a padded vocabulary (50304 rows
+            # for GPT-2's 50257 tokens) gets placeholder tokens, never fed
+            tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+            padding = loaded.config.vocab_size - len(tokenizer)
+            if padding > 0:
+                tokenizer.add_tokens([f"<|padding {i}|>" for i in range(padding)], special_tokens=True)
+                tokenizer.save_pretrained(hf_dir)
+            TransformersConverter(str(hf_dir)).convert(str(ct2_dir), quantization=compute_type)
+        self.tokens = tokenizer.convert_ids_to_tokens  # CTranslate2 takes token strings
+        self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                               intra_threads=threads, inter_threads=1)
+
+    def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result":
+        """Greedy decoding of `batch` prompts in one generate_batch call, timed as bench_transformers is."""
+        prompts = [self.tokens(p) for p in _prompts(batch, prompt_tokens)]
+
+        def generate(n: int):
+            self.generator.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1, end_token=[],
+                                          include_prompt_in_result=False)
+
+        one = timed(lambda: generate(1), torch.device("cpu"))
+        full = timed(lambda: generate(new_tokens), torch.device("cpu"))
+        return Result(self.label, batch, batch * prompt_tokens / one, batch * (new_tokens - 1) / (full - one))
+
+    def close(self) -> None:
+        del self.generator
         self._tmp.cleanup()
 
 
@@ -237,21 +327,27 @@ def quality(reference: LoadedModel, model: LoadedModel, ids: list[int]) -> dict:
 
 
 def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_tokens: int = 128,
-              new_tokens: int = 128, vs_transformers: bool = False, vs_llama_cpp: bool = False, repeats: int = 3,
+              new_tokens: int = 128, vs_transformers: bool = False, vs_llama_cpp: bool = False,
+              llama_cpp_types: tuple[str, ...] = (), vs_ctranslate2: bool = False, repeats: int = 3,
               reference: LoadedModel | None = None) -> dict[torch.dtype, dict]:
     """
     Alternating rounds of every engine at every precision, so that every ratio is measured side by
     side: `variants` maps each dtype (torch.int8 for int8 weights) to the model prepared for decoding
-    at it; `reference`, the float32 model, is what llama.cpp converts and what a lower precision's
-    quality is measured against. Returns a report per dtype.
+    at it; `reference`, the float32 model, is what llama.cpp and CTranslate2 convert and what a lower
+    precision's quality is measured against. llama.cpp runs at the type matching each dtype with
+    `vs_llama_cpp`, and at each of `llama_cpp_types` (LLAMA_CPP_QUANTIZED) once, shown in every
+    dtype's report; CTranslate2 runs at fp32 and int8. Returns a report per dtype.
     """
     first = next(iter(variants.values()))
+    source = reference or first
     engines = {"nanoplay": Engine()}
     if first.device.type == "cuda":  # what the CUDA graphs buy: the same engine with ordinary eager steps
         engines["nanoplay, eager steps"] = Engine(static_decode=False)
-    # per dtype, every contender: a function of (batch, new tokens) giving a Result, or None where it cannot
-    contenders: dict[torch.dtype, list] = {}
-    llamas = []
+    threads = torch.get_num_threads()
+    # per dtype (None: shown with every dtype), every contender: a function of (batch, new tokens) giving a
+    # Result, or None where it cannot run that batch
+    contenders: dict[torch.dtype | None, list] = {}
+    others = []  # llama.cpp and CTranslate2 instances, closed at the end
     for dtype, model in variants.items():
         runs = [lambda b, n, e=engine, m=model, label=label: bench_ours(e, m, b, prompt_tokens, n, label)
                 for label, engine in engines.items()]
@@ -259,14 +355,21 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
             hf = to_transformers(model)
             runs.append(lambda b, n, hf=hf, m=model: bench_transformers(hf, b, prompt_tokens, n, m.device))
         if vs_llama_cpp:
-            llamas.append(LlamaCpp((reference or model).model, dtype, torch.get_num_threads(), model.config.block_size))
-            runs.append(lambda b, n, llama=llamas[-1]: llama.bench(b, prompt_tokens, n) if b == 1 else None)
+            others.append(LlamaCpp(source.model, LLAMA_CPP_TYPES[dtype], threads, model.config.block_size))
+            runs.append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
+        if vs_ctranslate2 and dtype in CTRANSLATE2_TYPES:
+            others.append(CTranslate2(source, CTRANSLATE2_TYPES[dtype], threads))
+            runs.append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
         contenders[dtype] = runs
+    for file_type in llama_cpp_types:
+        others.append(LlamaCpp(source.model, file_type, threads, source.config.block_size))
+        contenders.setdefault(None, []).append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
+
     for runs in contenders.values():  # warm up: allocate the caches, touch the weights, capture graphs
         for run in runs:
             for b in batches:
                 run(b, 8)
-    best: dict[torch.dtype, dict[tuple[str, int], Result]] = {dtype: {} for dtype in variants}
+    best: dict[torch.dtype | None, dict[tuple[str, int], Result]] = {dtype: {} for dtype in contenders}
     bandwidth = 0.0
     for _ in range(repeats):
         for b in batches:
@@ -276,14 +379,16 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
                     if key not in best[dtype] or r.decode_tok_s > best[dtype][key].decode_tok_s:
                         best[dtype][key] = r
         bandwidth = max(bandwidth, measure_bandwidth(first.device))
-    for llama in llamas:
-        llama.close()
+    for other in others:
+        other.close()
     reports = {}
     for dtype, model in variants.items():
         report = reports[dtype] = {
-            "results": best[dtype], "bandwidth": bandwidth, "weight_bytes": weight_bytes(model),
-            "threads": torch.get_num_threads(), "bandwidth_reads": repeats * 5, "precision": PRECISIONS[dtype],
-            "params": (reference or model).num_params}
+            "results": {**best[dtype], **best.get(None, {})}, "bandwidth": bandwidth,
+            "weight_bytes": weight_bytes(model), "threads": threads, "bandwidth_reads": repeats * 5,
+            "precision": PRECISIONS[dtype], "params": source.num_params,
+            "llama_cpp": f"llama.cpp {LLAMA_CPP_TYPES[dtype].upper()}" if vs_llama_cpp else None,
+            "other_precisions": {label for label, _ in best.get(None, {})}}
         if reference is not None and dtype != torch.float32:
             report["quality"] = quality(reference, model, quality_text_ids())
     return reports

@@ -1,10 +1,15 @@
 """`nanoplay bench`: its flags are checked before anything is measured."""
 
 import importlib.util
+import sys
 
 import pytest
+import torch
 
+from nanoplay.bench import CTranslate2, LlamaCpp
 from nanoplay.cli import main
+from nanoplay.loading import LoadedModel
+from nanoplay.model import GPT, GPTConfig
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -36,11 +41,15 @@ def test_bench_int8_reports_its_quality_cost(tiny_run, capsys):
     assert out.count("quality vs fp32 on 1000 tokens") == 1  # the int8 table's, not fp32's own
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed")
-def test_bench_vs_llama_cpp_needs_the_extra(capsys):
-    assert main(["bench", "--shape", "owt-30m", "--vs", "llama.cpp"]) == 2
-    assert capsys.readouterr().err == ("nanoplay: error: --vs llama.cpp needs llama-cpp-python: "
-                                       "pip install 'nanoplay[bench]'\n")
+@pytest.mark.parametrize("vs, package, needs", [
+    ("llama.cpp", "llama_cpp", "llama-cpp-python"),
+    ("llama.cpp:q4_k_m", "llama_cpp", "llama-cpp-python"),
+    ("ctranslate2", "ctranslate2", "ctranslate2"),
+])
+def test_bench_vs_another_engine_needs_the_extra(monkeypatch, capsys, vs, package, needs):
+    monkeypatch.setitem(sys.modules, package, None)  # its import fails, as when it is not installed
+    assert main(["bench", "--shape", "owt-30m", "--vs", vs]) == 2
+    assert capsys.readouterr().err == f"nanoplay: error: --vs {vs} needs {needs}: pip install 'nanoplay[bench]'\n"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
@@ -48,3 +57,39 @@ def test_bench_vs_llama_cpp_times_the_same_weights(tiny_run, capsys):
     assert main(["bench", "-m", "tiny", "--dtype", "int8", "--vs", "llama.cpp", "--prompt-tokens", "8",
                  "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
     assert "llama.cpp Q8_0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
+def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer():
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    torch.manual_seed(0)  # 256 wide: rows of whole Q4_K blocks, so no fallback type replaces it
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=256, block_size=64, vocab_size=50257)).eval()
+    for file_type, wanted in (("q4_0", "Q4_0"), ("q4_k_m", "Q4_K")):
+        llama = LlamaCpp(model, file_type, threads=1, n_ctx=64)
+        try:
+            types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(llama.path).tensors}
+            result = llama.bench(1, prompt_tokens=8, new_tokens=3)
+        finally:
+            llama.close()
+        assert wanted in types and "F32" in types  # the matrices quantized; norms and biases stay F32
+        assert result.label == f"llama.cpp {file_type.upper()}" and result.decode_tok_s > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None, reason="needs ctranslate2 (the bench extra)")
+def test_bench_ctranslate2_runs_the_same_model_with_a_padded_vocabulary():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304)).eval()  # nanoGPT's padding
+    loaded = LoadedModel(name="random", model=model, source="random", location="test")
+    prompt = [(1000 + 37 * i) % 50257 for i in range(8)]
+    ours = list(prompt)
+    with torch.no_grad():  # the reference: greedy decoding by full forwards
+        for _ in range(6):
+            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
+    ct2 = CTranslate2(loaded, "float32", threads=1)
+    try:
+        [result] = ct2.generator.generate_batch([ct2.tokens(prompt)], max_length=6, sampling_topk=1, end_token=[],
+                                                include_prompt_in_result=False)
+    finally:
+        ct2.close()
+    assert result.sequences_ids[0] == ours[len(prompt):]

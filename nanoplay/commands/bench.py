@@ -10,6 +10,8 @@ from .common import add_model_options, load_models, resolve_device, stdout_conso
 SHAPE_NAMES = ("gpt2-124m", "gpt2-large", "gpt2-medium", "owt-30m")
 
 
+# nanoplay.bench.LLAMA_CPP_QUANTIZED, as --vs names them
+LLAMA_CPP_TYPES = ("llama.cpp:q4_0", "llama.cpp:q4_k_m")
 DEFAULT_BENCH_TOKENS = 128  # prompt and new tokens, where the model's context allows
 
 
@@ -18,9 +20,11 @@ def register(subparsers) -> None:
     add_model_options(p, required=False, dtypes=True)
     p.add_argument("--shape", choices=SHAPE_NAMES, action="append",
                    help="benchmark a preset shape with random weights (no download needed)")
-    p.add_argument("--vs", choices=["transformers", "llama.cpp"], action="append",
-                   help="also run the same weights through transformers generate() or llama.cpp (repeatable; "
-                        "llama.cpp needs llama-cpp-python: pip install 'nanoplay[bench]')")
+    p.add_argument("--vs", choices=["transformers", "llama.cpp", *LLAMA_CPP_TYPES, "ctranslate2"], action="append",
+                   help="also run the same weights through transformers generate(), llama.cpp (at the type "
+                        "matching each --dtype, or at a 4-bit type: llama.cpp:q4_0, llama.cpp:q4_k_m) or "
+                        "CTranslate2 (fp32 and int8); repeatable. llama.cpp and CTranslate2 come with "
+                        "pip install 'nanoplay[bench]'")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 4)")
     p.add_argument("--prompt-tokens", type=int, help="default: 128, or half the smallest context benchmarked")
     p.add_argument("--new-tokens", type=int, help="default: 128, or half the smallest context benchmarked")
@@ -40,7 +44,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from ..bench import PRECISIONS, at_precision, llama_cpp_available, random_model, run_bench
+    from ..bench import PRECISIONS, at_precision, ctranslate2_available, llama_cpp_available, random_model, run_bench
     from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
@@ -56,8 +60,12 @@ def run(args) -> int:
         if values and min(values) < least:
             raise NanoplayError(f"{flag} must be at least {least}")
     vs = set(args.vs or [])
-    if "llama.cpp" in vs and not llama_cpp_available():
-        raise NanoplayError("--vs llama.cpp needs llama-cpp-python: pip install 'nanoplay[bench]'")
+    llama_types = tuple(name.partition(":")[2] for name in LLAMA_CPP_TYPES if name in vs)
+    for name in sorted(vs & {"llama.cpp", *LLAMA_CPP_TYPES}):
+        if not llama_cpp_available():
+            raise NanoplayError(f"--vs {name} needs llama-cpp-python: pip install 'nanoplay[bench]'")
+    if "ctranslate2" in vs and not ctranslate2_available():
+        raise NanoplayError("--vs ctranslate2 needs ctranslate2: pip install 'nanoplay[bench]'")
     device = resolve_device(args.device)
     dtypes = list(dict.fromkeys(torch_dtype(name, device) for name in args.dtype or ["auto"]))
     if torch.int8 in dtypes and torch.device(device).type != "cpu":
@@ -103,7 +111,8 @@ def run(args) -> int:
             continue
         reports = run_bench(variants, batches=tuple(args.batch or (1, 4)), prompt_tokens=args.prompt_tokens,
                             new_tokens=args.new_tokens, vs_transformers="transformers" in vs,
-                            vs_llama_cpp="llama.cpp" in vs, repeats=args.repeats, reference=reference)
+                            vs_llama_cpp="llama.cpp" in vs, llama_cpp_types=llama_types,
+                            vs_ctranslate2="ctranslate2" in vs, repeats=args.repeats, reference=reference)
         for dtype, model in variants.items():
             console.print(render(model, reports[dtype]))
     return 0
@@ -128,7 +137,7 @@ def render(model, report):
                    f"{q['reference_loss']:.4f} nats/token ({q['loss'] - q['reference_loss']:+.4f}), "
                    f"most likely next token the same as fp32's {q['argmax_agreement']:.1%}")
     table = Table(title=Text(title), caption=Text(caption) if caption else None)
-    llama = next((label for label, _ in results if label.startswith("llama.cpp")), None)
+    llama = report["llama_cpp"]  # the llama.cpp type matching this precision, or None
     for col in ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs llama.cpp",
                 "vs batch 1", "of bound"):
         table.add_column(col, justify="right")
@@ -139,9 +148,10 @@ def render(model, report):
         table.add_row(
             str(batch), Text(label), f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
             f"{r.decode_tok_s / theirs.decode_tok_s:.2f}x" if theirs and label != "transformers" else "",
-            f"{r.decode_tok_s / llamas.decode_tok_s:.2f}x" if llamas and label != llama else "",
+            f"{r.decode_tok_s / llamas.decode_tok_s:.2f}x" if llamas and not label.startswith("llama.cpp") else "",
             f"{r.decode_tok_s / single.decode_tok_s:.2f}x" if single and batch != 1 else "",
-            f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 else "",
+            # the bound is this precision's: another's weights are another size
+            f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 and label not in report["other_precisions"] else "",
         )
     return table
 
