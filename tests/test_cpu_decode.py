@@ -34,6 +34,27 @@ def test_blas_linear_matches_f_linear(bias, shape):
     torch.testing.assert_close(y.double(), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_blas_linear_follows_its_parameters_changed_in_place_or_replaced():
+    """It keeps numpy views of its weight and bias: a change in place shows through them (load_state_dict
+    copies into the parameters), and a parameter given new memory gets new views."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    layer = blas_copy(linear)
+    x = torch.randn(2, 6)
+
+    def reference():
+        return F.linear(x.double(), layer.weight.double(), layer.bias.double()).float()
+
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2)  # in place, as load_state_dict does
+        layer.bias.add_(1)
+        torch.testing.assert_close(layer(x), reference())
+        layer.weight = torch.nn.Parameter(torch.randn(4, 6), requires_grad=False)  # new memory, (out, in) layout
+        layer.bias.data = torch.zeros(4)
+        torch.testing.assert_close(layer(x), reference())
+
+
 def test_blas_linear_leaves_other_dtypes_and_gradients_to_torch():
     torch.manual_seed(0)
     layer = blas_copy(torch.nn.Linear(8, 5))
