@@ -61,10 +61,11 @@ class BlasLinear(nn.Module):
         # a decode step runs ~25 of these: every torch op saved here is a few µs a product (measured
         # 5-15 µs each inside a step, where streaming the weights evicts torch's code from the caches)
         weight_t, bias = self._numpy()
-        y = np.matmul(x.reshape(-1, self.in_features).numpy(), weight_t)  # (N, out)
+        rows = x.numpy().reshape(-1, self.in_features)  # (N, in): one product for every row of the batch
+        y = np.matmul(rows, weight_t)  # (N, out)
         if bias is not None:
             np.add(y, bias, out=y)
-        return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
+        return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
