@@ -22,6 +22,7 @@ import torch
 
 from .cpu_decode import use_decode_layout
 from .engine import Engine
+from .errors import NanoplayError
 from .loading import LoadedModel
 from .model import GPT, GPTConfig
 from .precision import quantize_int8
@@ -119,30 +120,23 @@ LLAMA_CPP_QUANTIZED = {"q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M"}
 
 class LlamaCpp:
     """
-    The same weights in llama.cpp (through llama-cpp-python), converted to GGUF in a temporary folder:
-    file_type "f32", "f16" or "q8_0" as nanoplay's writer makes them, or one of LLAMA_CPP_QUANTIZED.
+    A GGUF file in llama.cpp (through llama-cpp-python): file_type is the file's ("f32", "f16", "q8_0"),
+    or one of LLAMA_CPP_QUANTIZED, which llama.cpp's quantizer then makes from the (F32) file first.
     """
 
-    def __init__(self, model: GPT, file_type: str, threads: int, n_ctx: int):
+    def __init__(self, path: Path, file_type: str, threads: int, n_ctx: int):
         import llama_cpp
-
-        from .gguf_format import write_gguf
 
         llama_cpp.llama_log_set(_quiet_llama_log(), None)  # its loader and quantizer print pages to stderr
         self.label = f"llama.cpp {file_type.upper()}"
-        self._tmp = tempfile.TemporaryDirectory()
-        folder = Path(self._tmp.name)
         if file_type in LLAMA_CPP_QUANTIZED:
-            path = folder / f"model-{file_type}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_QUANTIZED[file_type]}")
             params.nthread = threads
-            source = write_gguf(model, folder / "model-f32.gguf", "f32")
+            source, path = path, path.with_name(f"{path.stem}-{file_type}.gguf")
             if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
-                raise RuntimeError(f"llama.cpp could not quantize the model to {file_type.upper()}")
-        else:
-            path = write_gguf(model, folder / "model.gguf", file_type)
-        self.path = path  # the GGUF file timed, until close()
+                raise RuntimeError(f"llama.cpp could not quantize {source} to {file_type.upper()}")
+        self.path = path  # the GGUF file timed
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=n_ctx, verbose=False)
 
@@ -173,7 +167,6 @@ class LlamaCpp:
 
     def close(self) -> None:
         self.llm.close()
-        self._tmp.cleanup()
 
 
 @functools.cache
@@ -198,30 +191,28 @@ CTRANSLATE2_TYPES = {torch.float32: "float32", torch.int8: "int8"}
 
 class CTranslate2:
     """
-    The same weights in CTranslate2 (its converter run on our transformers export, in a temporary
-    folder), at compute type "float32" or "int8" (its own int8: weights and activations, per row).
+    A transformers GPT-2 directory (our export) in CTranslate2, converted by its own converter into a
+    folder beside it, at compute type "float32" or "int8" (its own int8: weights and activations).
     """
 
-    def __init__(self, loaded: LoadedModel, compute_type: str, threads: int):
+    def __init__(self, hf_dir: Path, compute_type: str, threads: int):
         import ctranslate2
         from ctranslate2.converters import TransformersConverter
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        from .export import export_hf, transformers_quiet
+        from .export import transformers_quiet
 
         self.label = f"CTranslate2 {compute_type}"
-        self._tmp = tempfile.TemporaryDirectory()
-        hf_dir, ct2_dir = Path(self._tmp.name) / "hf", Path(self._tmp.name) / "ct2"
+        ct2_dir = hf_dir.with_name(f"{hf_dir.name}-ctranslate2-{compute_type}")
         with transformers_quiet():
-            export_hf(loaded.model, hf_dir)
             # CTranslate2 wants one vocabulary entry per embedding row: a padded vocabulary (50304 rows
             # for GPT-2's 50257 tokens) gets placeholder tokens, never fed
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-            padding = loaded.config.vocab_size - len(tokenizer)
+            padding = AutoConfig.from_pretrained(hf_dir).vocab_size - len(tokenizer)
             if padding > 0:
                 tokenizer.add_tokens([f"<|padding {i}|>" for i in range(padding)], special_tokens=True)
                 tokenizer.save_pretrained(hf_dir)
-            TransformersConverter(str(hf_dir)).convert(str(ct2_dir), quantization=compute_type)
+            TransformersConverter(str(hf_dir)).convert(str(ct2_dir), quantization=compute_type, force=True)
         self.tokens = tokenizer.convert_ids_to_tokens  # CTranslate2 takes token strings
         self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
                                                intra_threads=threads, inter_threads=1)
@@ -240,7 +231,60 @@ class CTranslate2:
 
     def close(self) -> None:
         del self.generator
-        self._tmp.cleanup()
+
+
+class Isolated:
+    """
+    Another library's engine (LlamaCpp, CTranslate2) in a process of its own, built there as
+    engine_class(*args) and driven from here: `bench` and `close` as the engine's.
+
+    Why: in one process they slow each other down. Once CTranslate2 had generated, llama.cpp in the same
+    process decoded at less than half its speed for the rest of the process (30M shape, F32, 2 threads:
+    179 tok/s, then 78), so a table from one process would be unfair to whoever runs after it.
+    """
+
+    def __init__(self, engine_class, *args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no library state is inherited
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, engine_class, args), daemon=True)
+        self._process.start()
+        child.close()
+        self.label = self._receive()
+
+    def _receive(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise NanoplayError(f"the benchmark process exited with code {self._process.exitcode}") from None
+        if status == "error":
+            raise NanoplayError(value)
+        return value
+
+    def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result | None":
+        self._conn.send((batch, prompt_tokens, new_tokens))
+        return self._receive()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(None)
+            self._process.join()
+        self._conn.close()
+
+
+def _serve(conn, engine_class, args) -> None:
+    """The child process of Isolated: build the engine, then answer bench requests until None."""
+    try:
+        engine = engine_class(*args)
+        conn.send(("ok", engine.label))
+        while (request := conn.recv()) is not None:
+            conn.send(("ok", engine.bench(*request)))
+        engine.close()
+    except Exception as e:  # the parent raises it: the message, and the engine it came from
+        conn.send(("error", f"{engine_class.__name__}: {type(e).__name__}: {e}"))
+    finally:
+        conn.close()
 
 
 @dataclass
@@ -347,40 +391,65 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
     # per dtype (None: shown with every dtype), every contender: a function of (batch, new tokens) giving a
     # Result, or None where it cannot run that batch
     contenders: dict[torch.dtype | None, list] = {}
-    others = []  # llama.cpp and CTranslate2 instances, closed at the end
-    for dtype, model in variants.items():
-        runs = [lambda b, n, e=engine, m=model, label=label: bench_ours(e, m, b, prompt_tokens, n, label)
-                for label, engine in engines.items()]
-        if vs_transformers and dtype != torch.int8:
-            hf = to_transformers(model)
-            runs.append(lambda b, n, hf=hf, m=model: bench_transformers(hf, b, prompt_tokens, n, m.device))
-        if vs_llama_cpp:
-            others.append(LlamaCpp(source.model, LLAMA_CPP_TYPES[dtype], threads, model.config.block_size))
-            runs.append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
-        if vs_ctranslate2 and dtype in CTRANSLATE2_TYPES:
-            others.append(CTranslate2(source, CTRANSLATE2_TYPES[dtype], threads))
-            runs.append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
-        contenders[dtype] = runs
-    for file_type in llama_cpp_types:
-        others.append(LlamaCpp(source.model, file_type, threads, source.config.block_size))
-        contenders.setdefault(None, []).append(lambda b, n, other=others[-1]: other.bench(b, prompt_tokens, n))
+    # llama.cpp and CTranslate2, each in a process of its own (Isolated) reading files written here
+    files = tempfile.TemporaryDirectory()
+    folder = Path(files.name)
+    others = []
 
-    for runs in contenders.values():  # warm up: allocate the caches, touch the weights, capture graphs
-        for run in runs:
+    def other(engine_class, *args):
+        others.append(Isolated(engine_class, *args))
+        return lambda b, n, engine=others[-1]: engine.bench(b, prompt_tokens, n)
+
+    def gguf(file_type: str) -> Path:
+        from .gguf_format import write_gguf
+
+        path = folder / f"model-{file_type}.gguf"
+        return path if path.exists() else write_gguf(source.model, path, file_type)
+
+    def hf_export() -> Path:
+        from .export import export_hf, transformers_quiet
+
+        path = folder / "hf"
+        if not path.exists():
+            with transformers_quiet():
+                export_hf(source.model, path)
+        return path
+
+    try:
+        for dtype, model in variants.items():
+            runs = [lambda b, n, e=engine, m=model, label=label: bench_ours(e, m, b, prompt_tokens, n, label)
+                    for label, engine in engines.items()]
+            if vs_transformers and dtype != torch.int8:
+                hf = to_transformers(model)
+                runs.append(lambda b, n, hf=hf, m=model: bench_transformers(hf, b, prompt_tokens, n, m.device))
+            if vs_llama_cpp:
+                file_type = LLAMA_CPP_TYPES[dtype]
+                runs.append(other(LlamaCpp, gguf(file_type), file_type, threads, model.config.block_size))
+            if vs_ctranslate2 and dtype in CTRANSLATE2_TYPES:
+                compute_type = CTRANSLATE2_TYPES[dtype]
+                runs.append(other(CTranslate2, hf_export(), compute_type, threads))
+            contenders[dtype] = runs
+        for file_type in llama_cpp_types:  # quantized from the F32 file
+            contenders.setdefault(None, []).append(
+                other(LlamaCpp, gguf("f32"), file_type, threads, source.config.block_size))
+        for runs in contenders.values():  # warm up: allocate the caches, touch the weights, capture graphs
+            for run in runs:
+                for b in batches:
+                    run(b, 8)
+        best: dict[torch.dtype | None, dict[tuple[str, int], Result]] = {dtype: {} for dtype in contenders}
+        bandwidth = 0.0
+        for _ in range(repeats):
             for b in batches:
-                run(b, 8)
-    best: dict[torch.dtype | None, dict[tuple[str, int], Result]] = {dtype: {} for dtype in contenders}
-    bandwidth = 0.0
-    for _ in range(repeats):
-        for b in batches:
-            for dtype, runs in contenders.items():
-                for r in filter(None, (run(b, new_tokens) for run in runs)):
-                    key = (r.label, b)
-                    if key not in best[dtype] or r.decode_tok_s > best[dtype][key].decode_tok_s:
-                        best[dtype][key] = r
-        bandwidth = max(bandwidth, measure_bandwidth(first.device))
-    for other in others:
-        other.close()
+                for dtype, runs in contenders.items():
+                    for r in filter(None, (run(b, new_tokens) for run in runs)):
+                        key = (r.label, b)
+                        if key not in best[dtype] or r.decode_tok_s > best[dtype][key].decode_tok_s:
+                            best[dtype][key] = r
+            bandwidth = max(bandwidth, measure_bandwidth(first.device))
+    finally:
+        for engine in others:
+            engine.close()
+        files.cleanup()
     reports = {}
     for dtype, model in variants.items():
         report = reports[dtype] = {

@@ -1,14 +1,17 @@
 """`nanoplay bench`: its flags are checked before anything is measured."""
 
 import importlib.util
+import os
 import sys
 
 import pytest
 import torch
 
-from nanoplay.bench import CTranslate2, LlamaCpp
+from nanoplay.bench import CTranslate2, Isolated, LlamaCpp, Result
 from nanoplay.cli import main
-from nanoplay.loading import LoadedModel
+from nanoplay.errors import NanoplayError
+from nanoplay.export import export_hf
+from nanoplay.gguf_format import write_gguf
 from nanoplay.model import GPT, GPTConfig
 
 
@@ -59,14 +62,43 @@ def test_bench_vs_llama_cpp_times_the_same_weights(tiny_run, capsys):
     assert "llama.cpp Q8_0" in capsys.readouterr().out
 
 
+class ProcessId:
+    """A stand-in engine for Isolated: it reports the process it runs in, or fails as asked."""
+
+    label = "process id"
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise ValueError("no such model")
+
+    def bench(self, batch, prompt_tokens, new_tokens):
+        return Result(str(os.getpid()), batch, prompt_tokens, new_tokens)
+
+    def close(self):
+        pass
+
+
+def test_bench_runs_other_engines_in_a_process_of_their_own():
+    engine = Isolated(ProcessId)
+    try:
+        result = engine.bench(4, 8, 16)
+        assert engine.label == "process id" and int(result.label) != os.getpid()
+        assert (result.batch, result.prefill_tok_s, result.decode_tok_s) == (4, 8, 16)
+    finally:
+        engine.close()
+    with pytest.raises(NanoplayError, match="^ProcessId: ValueError: no such model$"):
+        Isolated(ProcessId, True)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
-def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer():
+def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer(tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
     torch.manual_seed(0)  # 256 wide: rows of whole Q4_K blocks, so no fallback type replaces it
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=256, block_size=64, vocab_size=50257)).eval()
+    source = write_gguf(model, tmp_path / "model.gguf", "f32")
     for file_type, wanted in (("q4_0", "Q4_0"), ("q4_k_m", "Q4_K")):
-        llama = LlamaCpp(model, file_type, threads=1, n_ctx=64)
+        llama = LlamaCpp(source, file_type, threads=1, n_ctx=64)
         try:
             types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(llama.path).tensors}
             result = llama.bench(1, prompt_tokens=8, new_tokens=3)
@@ -77,16 +109,15 @@ def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None, reason="needs ctranslate2 (the bench extra)")
-def test_bench_ctranslate2_runs_the_same_model_with_a_padded_vocabulary():
+def test_bench_ctranslate2_runs_the_same_model_with_a_padded_vocabulary(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304)).eval()  # nanoGPT's padding
-    loaded = LoadedModel(name="random", model=model, source="random", location="test")
     prompt = [(1000 + 37 * i) % 50257 for i in range(8)]
     ours = list(prompt)
     with torch.no_grad():  # the reference: greedy decoding by full forwards
         for _ in range(6):
             ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
-    ct2 = CTranslate2(loaded, "float32", threads=1)
+    ct2 = CTranslate2(export_hf(model, tmp_path / "hf"), "float32", threads=1)
     try:
         [result] = ct2.generator.generate_batch([ct2.tokens(prompt)], max_length=6, sampling_topk=1, end_token=[],
                                                 include_prompt_in_result=False)
