@@ -100,3 +100,18 @@ async def test_a_pane_status_is_one_line_and_a_long_error_is_shown_whole_in_the_
         body = bad.query_one("#tokens")
         assert str(body.render()) == "✗ " + bad.error  # every word, wrapped in the body (which scrolls)
         assert body.size.height >= lines_of(body.render(), body.content_size.width) - 1
+
+
+async def test_the_token_under_the_cursor_stays_on_screen_when_the_pane_shrinks(models):
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=(80, 60)) as pilot:
+        await loaded(pilot)
+        app.settings.temperature = 0
+        app.settings.max_new_tokens = 60
+        await send(pilot, "The cat sat on the")
+        pane = panes(app)[0]
+        pane.focus()
+        await pilot.press("end")
+        await until(pilot, lambda: token_cells(pane, pane.cursor), timeout=10)
+        await pilot.resize_terminal(60, 24)  # a shorter, narrower pane: the last token's line moves down
+        await until(pilot, lambda: token_cells(pane, pane.cursor), timeout=10)

@@ -370,6 +370,8 @@ class ModelPane(Vertical, can_focus=True):
 
     def on_resize(self) -> None:
         self.refresh_view()  # the header breaks its lines for the pane's width
+        if self.cursor is not None:  # the text re-wraps, and the inspector opening below shrinks the pane
+            self.call_after_refresh(self.scroll_to_cursor)
 
     def watch_colour_mode(self) -> None:
         self.refresh_view()
