@@ -1,8 +1,10 @@
 """`nanoplay bench`: its flags are checked before anything is measured."""
 
 import importlib.util
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -90,22 +92,44 @@ def test_bench_runs_other_engines_in_a_process_of_their_own():
         Isolated(ProcessId, True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
-def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer(tmp_path):
+def in_a_child_process(function, *args):
+    """function(*args) in a fresh process: llama.cpp and CTranslate2 never load into the test process (once
+    CTranslate2 has generated, other code in its process runs slower: see nanoplay.bench.Isolated)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def llama_cpp_quantized(source, file_type):
+    """The tensor types of llama.cpp's quantization of `source`, and a short bench of it."""
     from gguf import GGMLQuantizationType, GGUFReader
 
+    llama = LlamaCpp(source, file_type, threads=1, n_ctx=64)
+    try:
+        return ({GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(llama.path).tensors},
+                llama.bench(1, prompt_tokens=8, new_tokens=3))
+    finally:
+        llama.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (the bench extra)")
+def test_bench_llama_cpp_4_bit_types_come_from_its_quantizer(tmp_path):
     torch.manual_seed(0)  # 256 wide: rows of whole Q4_K blocks, so no fallback type replaces it
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=256, block_size=64, vocab_size=50257)).eval()
     source = write_gguf(model, tmp_path / "model.gguf", "f32")
     for file_type, wanted in (("q4_0", "Q4_0"), ("q4_k_m", "Q4_K")):
-        llama = LlamaCpp(source, file_type, threads=1, n_ctx=64)
-        try:
-            types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(llama.path).tensors}
-            result = llama.bench(1, prompt_tokens=8, new_tokens=3)
-        finally:
-            llama.close()
+        types, result = in_a_child_process(llama_cpp_quantized, source, file_type)
         assert wanted in types and "F32" in types  # the matrices quantized; norms and biases stay F32
         assert result.label == f"llama.cpp {file_type.upper()}" and result.decode_tok_s > 0
+
+
+def ctranslate2_greedy(hf_dir, prompt, new_tokens):
+    ct2 = CTranslate2(hf_dir, "float32", threads=1)
+    try:
+        [result] = ct2.generator.generate_batch([ct2.tokens(prompt)], max_length=new_tokens, sampling_topk=1,
+                                                end_token=[], include_prompt_in_result=False)
+    finally:
+        ct2.close()
+    return result.sequences_ids[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None, reason="needs ctranslate2 (the bench extra)")
@@ -117,10 +141,4 @@ def test_bench_ctranslate2_runs_the_same_model_with_a_padded_vocabulary(tmp_path
     with torch.no_grad():  # the reference: greedy decoding by full forwards
         for _ in range(6):
             ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
-    ct2 = CTranslate2(export_hf(model, tmp_path / "hf"), "float32", threads=1)
-    try:
-        [result] = ct2.generator.generate_batch([ct2.tokens(prompt)], max_length=6, sampling_topk=1, end_token=[],
-                                                include_prompt_in_result=False)
-    finally:
-        ct2.close()
-    assert result.sequences_ids[0] == ours[len(prompt):]
+    assert in_a_child_process(ctranslate2_greedy, export_hf(model, tmp_path / "hf"), prompt, 6) == ours[len(prompt):]
