@@ -269,7 +269,10 @@ class Isolated:
     def close(self) -> None:
         if self._process.is_alive():
             self._conn.send(None)
-            self._process.join()
+            self._process.join(timeout=10)
+            if self._process.is_alive():  # still inside a bench (the parent was interrupted): stop it
+                self._process.kill()
+                self._process.join()
         self._conn.close()
 
 
