@@ -1,7 +1,8 @@
 """
 Speed measurements for `nanoplay bench`: prefill and decode tokens/s of the shared sampler at each
-weight precision, the same weights through transformers' `generate()` and llama.cpp in the same
-process, the memory-bandwidth bound, and what a lower precision costs in quality.
+weight precision, the same weights through transformers' `generate()` (in this process), llama.cpp and
+CTranslate2 (each in a process of its own, `Isolated`), the memory-bandwidth bound, and what a lower
+precision costs in quality.
 
 Machines are noisy, so each number is the best of several alternating repeats (ours, theirs, ours, ...)
 and only ratios measured side by side in one run are quoted.
@@ -13,6 +14,7 @@ import copy
 import ctypes
 import dataclasses
 import functools
+import importlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -105,9 +107,10 @@ def to_transformers(loaded: LoadedModel):
     return hf.eval().to(loaded.device)
 
 
-def llama_cpp_available() -> bool:
+def available(module: str) -> bool:
+    """Whether an optional engine's module (llama_cpp, ctranslate2: the bench extra) imports here."""
     try:
-        import llama_cpp  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -177,14 +180,6 @@ def _quiet_llama_log():
     return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 
 
-def ctranslate2_available() -> bool:
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # CTranslate2's CPU compute types for ours: it has no 16-bit products on a CPU
 CTRANSLATE2_TYPES = {torch.float32: "float32", torch.int8: "int8"}
 
@@ -192,7 +187,8 @@ CTRANSLATE2_TYPES = {torch.float32: "float32", torch.int8: "int8"}
 class CTranslate2:
     """
     A transformers GPT-2 directory (our export) in CTranslate2, converted by its own converter into a
-    folder beside it, at compute type "float32" or "int8" (its own int8: weights and activations).
+    folder beside it, at compute type "float32" or "int8" (its own int8: weights and activations). A
+    padded vocabulary's placeholder tokens are saved into the directory's tokenizer.
     """
 
     def __init__(self, hf_dir: Path, compute_type: str, threads: int):

@@ -288,6 +288,13 @@ def test_bench_shape_names_match_the_engine():
     assert sorted(SHAPES) == list(SHAPE_NAMES)
 
 
+def test_bench_llama_cpp_type_names_match_the_engine():
+    from nanoplay.bench import LLAMA_CPP_QUANTIZED
+    from nanoplay.commands.bench import VS_LLAMA_CPP_QUANTIZED
+
+    assert [f"llama.cpp:{t}" for t in LLAMA_CPP_QUANTIZED] == list(VS_LLAMA_CPP_QUANTIZED)
+
+
 def test_device_is_the_gpu_when_present_and_bad_devices_are_one_line(tiny_run, capsys, monkeypatch):
     from nanoplay.loading import resolve_device
 

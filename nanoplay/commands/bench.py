@@ -11,7 +11,7 @@ SHAPE_NAMES = ("gpt2-124m", "gpt2-large", "gpt2-medium", "owt-30m")
 
 
 # nanoplay.bench.LLAMA_CPP_QUANTIZED, as --vs names them
-LLAMA_CPP_TYPES = ("llama.cpp:q4_0", "llama.cpp:q4_k_m")
+VS_LLAMA_CPP_QUANTIZED = ("llama.cpp:q4_0", "llama.cpp:q4_k_m")
 DEFAULT_BENCH_TOKENS = 128  # prompt and new tokens, where the model's context allows
 
 
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     add_model_options(p, required=False, dtypes=True)
     p.add_argument("--shape", choices=SHAPE_NAMES, action="append",
                    help="benchmark a preset shape with random weights (no download needed)")
-    p.add_argument("--vs", choices=["transformers", "llama.cpp", *LLAMA_CPP_TYPES, "ctranslate2"], action="append",
+    p.add_argument("--vs", choices=["transformers", "llama.cpp", *VS_LLAMA_CPP_QUANTIZED, "ctranslate2"], action="append",
                    help="also run the same weights through transformers generate(), llama.cpp (at the type "
                         "matching each --dtype, or at a 4-bit type: llama.cpp:q4_0, llama.cpp:q4_k_m) or "
                         "CTranslate2 (fp32 and int8); repeatable. llama.cpp and CTranslate2 come with "
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from ..bench import PRECISIONS, at_precision, ctranslate2_available, llama_cpp_available, random_model, run_bench
+    from ..bench import PRECISIONS, at_precision, available, random_model, run_bench
     from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
@@ -60,12 +60,11 @@ def run(args) -> int:
         if values and min(values) < least:
             raise NanoplayError(f"{flag} must be at least {least}")
     vs = set(args.vs or [])
-    llama_types = tuple(name.partition(":")[2] for name in LLAMA_CPP_TYPES if name in vs)
-    for name in sorted(vs & {"llama.cpp", *LLAMA_CPP_TYPES}):
-        if not llama_cpp_available():
-            raise NanoplayError(f"--vs {name} needs llama-cpp-python: pip install 'nanoplay[bench]'")
-    if "ctranslate2" in vs and not ctranslate2_available():
-        raise NanoplayError("--vs ctranslate2 needs ctranslate2: pip install 'nanoplay[bench]'")
+    llama_types = tuple(name.partition(":")[2] for name in VS_LLAMA_CPP_QUANTIZED if name in vs)
+    for name in sorted(vs - {"transformers"}):
+        module, package = ("ctranslate2", "ctranslate2") if name == "ctranslate2" else ("llama_cpp", "llama-cpp-python")
+        if not available(module):
+            raise NanoplayError(f"--vs {name} needs {package}: pip install 'nanoplay[bench]'")
     device = resolve_device(args.device)
     dtypes = list(dict.fromkeys(torch_dtype(name, device) for name in args.dtype or ["auto"]))
     if torch.int8 in dtypes and torch.device(device).type != "cpu":
