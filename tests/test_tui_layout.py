@@ -44,7 +44,7 @@ async def test_at_80x24_the_token_under_the_cursor_and_the_whole_inspector_are_o
         pane.focus()
         for keys in (("end",), ("home",), ("end", "left", "left")):  # last token, first, one in between
             await pilot.press(*keys)
-            # the scroll follows on a later refresh, sooner or later by the machine's load: wait for it
+            # the scroll follows on a later refresh, and again when the inspector opening below shrinks the pane
             await until(pilot, lambda: token_cells(pane, pane.cursor), timeout=10)
         inspector = app.main.query_one("#inspector")
         assert inspector.display and inspector.region.y >= pane.region.bottom
