@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .cpu_decode import use_decode_layout
+from .cpu_kernel import why_not_compiled
 from .engine import Engine
 from .errors import NanoplayError
 from .loading import LoadedModel
@@ -57,8 +58,8 @@ def at_precision(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
         quantize_int8(model)
     else:
         model.to(dtype)
-        if next(model.parameters()).device.type == "cpu":
-            use_decode_layout(model)
+    if next(model.parameters()).device.type == "cpu":
+        use_decode_layout(model, compiled=why_not_compiled(model) is None)
     return LoadedModel(name=loaded.name, model=model, source=loaded.source, location=loaded.location)
 
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from .cpu_decode import threads_for, use_decode_layout
+from .cpu_decode import decode_thread_count, keep_freed_memory, threads_for, use_decode_layout
+from .cpu_kernel import KernelDecoder, why_not_compiled
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
@@ -235,6 +236,10 @@ class ModelRunner:
         self._static: StaticDecoder | None = None
         use_static = engine.static_decode
         self.use_static_decode = loaded.device.type == "cuda" if use_static is None else use_static
+        # the compiled CPU decode step (cpu_kernel.py), where the engine wants it and it can run this model
+        self.use_compiled_decode = (engine.compiled_decode and not self.use_static_decode
+                                    and why_not_compiled(loaded.model) is None)
+        self._compiled: KernelDecoder | None = None
         self.queue: list[Request] = []
         self.running: list[Request] = []
         self.owner: list[Request | None] = [None] * self.num_slots
@@ -253,7 +258,7 @@ class ModelRunner:
 
     def step(self) -> None:
         drafts = {id(r.draft): r.draft.model for r in self.running + self.queue if r.draft is not None}
-        with threads_for(self.loaded.model, *drafts.values()):
+        with threads_for(self.loaded.model, *drafts.values(), compiled=self.use_compiled_decode):
             self._step()
 
     @torch.inference_mode()
@@ -330,6 +335,10 @@ class ModelRunner:
             if self._static is None:
                 self._static = StaticDecoder(self.loaded.model, cache)
             logits = self._static.decode(slots, [r._next_token for r in batch], positions)  # (B, vocab)
+        elif self.use_compiled_decode:
+            if self._compiled is None:
+                self._compiled = KernelDecoder(self.loaded.model, cache)
+            logits = self._compiled.decode(slots, [r._next_token for r in batch], positions, decode_thread_count())
         else:
             cache.bind_decode(slots, positions)
             device = self.loaded.device
@@ -463,15 +472,19 @@ class Engine:
     """Loads models once and runs every request of every model through shared, batched decoding."""
 
     def __init__(self, max_slots: int = MAX_SLOTS, cache_budget: int = DEFAULT_CACHE_BUDGET,
-                 static_decode: bool | None = None):
+                 static_decode: bool | None = None, compiled_decode: bool = True):
         """
         static_decode: decode every slot in one fixed-shape step (static_decode.py), replayed as CUDA
         graphs on a GPU. None, the default, uses it on CUDA devices only: on a CPU the ordinary step,
         which reads only the keys each batch needs, is faster.
+        compiled_decode: on a CPU, decode with the compiled step (cpu_kernel.py) where it can run the
+        model; False keeps every step in torch.
         """
         self.max_slots = max_slots
         self.cache_budget = cache_budget
         self.static_decode = static_decode
+        self.compiled_decode = compiled_decode
+        keep_freed_memory()  # decode steps allocate vocabulary-wide tensors: reuse them, not fresh pages
         self._runners: dict[int, ModelRunner] = {}
         self._loaded: dict[tuple, LoadedModel] = {}
         self._cond = threading.Condition()
@@ -497,8 +510,8 @@ class Engine:
             if int8:
                 quantize_int8(loaded.model)
                 loaded.name += " (int8)"
-            elif loaded.device.type == "cpu":
-                use_decode_layout(loaded.model)
+            if loaded.device.type == "cpu":
+                use_decode_layout(loaded.model, compiled=self.compiled_decode and why_not_compiled(loaded.model) is None)
             self._loaded[key] = loaded
         return self._loaded[key]
 

@@ -69,10 +69,10 @@ def test_blas_linear_leaves_other_dtypes_and_gradients_to_torch():
 
 def test_decode_layout_uses_blas_for_float32_only():
     model = tiny_model()
-    use_decode_layout(model)
+    use_decode_layout(model, compiled=False)
     assert uses_blas(model) and model.lm_head.weight is model.transformer.wte.weight  # still tied
     half = tiny_model().to(torch.bfloat16)
-    use_decode_layout(half)
+    use_decode_layout(half, compiled=False)
     w = half.transformer.h[0].mlp.c_fc.weight
     assert not uses_blas(half) and w.is_contiguous()  # nn.Linear's own layout: torch's bf16 kernels read it best
 
@@ -83,7 +83,7 @@ def test_engine_steps_with_one_torch_thread_and_the_blas_threads_torch_had():
     from threadpoolctl import threadpool_info
 
     model = tiny_model()
-    use_decode_layout(model)
+    use_decode_layout(model, compiled=False)
     loaded = LoadedModel(name="tiny", model=model, source="test", location="memory")
     seen = []
     forward = BlasLinear.forward

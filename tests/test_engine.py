@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from nanoplay.cpu_kernel import kernel_status
 from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
@@ -334,14 +335,21 @@ def test_score_matches_transformers():
             assert scored[target - 1].logprob == pytest.approx(float(ref), abs=1e-4)
 
 
-def test_engine_loaded_models_compute_the_same(tiny_run):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_engine_loaded_models_compute_the_same(tiny_run, compiled):
+    """Loaded for the compiled decode step, the weights keep nn.Linear's layout; for torch's steps they are
+    stored transposed. Either way the model computes what the plainly loaded one does."""
     from nanoplay.loading import load_model
 
-    engine = Engine()
+    if compiled and kernel_status():
+        pytest.skip(kernel_status())
+    engine = Engine(compiled_decode=compiled)
     fast = engine.load("tiny")
     plain = load_model("tiny")
     w = fast.model.transformer.h[0].attn.c_attn.weight
-    assert w.shape == plain.model.transformer.h[0].attn.c_attn.weight.shape and w.stride() == (1, w.shape[0])
+    layout = (w.shape[1], 1) if compiled else (1, w.shape[0])
+    assert w.shape == plain.model.transformer.h[0].attn.c_attn.weight.shape and w.stride() == layout
+    assert engine._runner(fast).use_compiled_decode == compiled
     assert fast.model.lm_head.weight is fast.model.transformer.wte.weight
     idx = torch.randint(0, 50257, (3, 40))
     with torch.no_grad():

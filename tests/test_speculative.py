@@ -68,7 +68,7 @@ def test_a_draft_that_agrees_saves_forwards_of_the_model():
     twin = loaded(copy.deepcopy(target.model), "twin")  # the same weights: every proposal is right
     calls = []
     hook = target.model.register_forward_hook(lambda *_: calls.append(1))
-    engine = Engine()
+    engine = Engine(compiled_decode=False)  # every step a torch forward, which the hook counts
     params = SamplingParams(max_new_tokens=21, temperature=0.8, seed=3, stop_on_eot=False)
     plain = generate(engine, target, "Hello", params)
     plain_calls, calls[:] = len(calls), []

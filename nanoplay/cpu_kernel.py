@@ -1,0 +1,220 @@
+"""
+The compiled CPU decode step (kernels/decode_step.c): one new token for each of several sequences,
+the whole forward in one call, for float32, bfloat16 and int8 (precision.py) models.
+
+Why: in torch a decode step of a small model is ~350 operations, and between the matrix products their
+dispatch costs about as much as the products; and no well-kept CPU library here multiplies a few rows
+by a matrix while reading each weight once (see `nanoplay bench` and the README's speed section). The C
+step reads every weight once per step for all rows, with no Python inside.
+
+It is compiled the first time it is needed, with the machine's C compiler (`$CC`, else `cc`) for the
+machine's own CPU (-march=native) and OpenMP, into nanoplay's cache directory; the file's name carries
+a hash of the source, the compiler and the CPU, so a new version or another machine compiles afresh.
+Where there is no compiler (or `NANOPLAY_DECODE_KERNEL=0`), decoding stays in torch, and
+`kernel_status()` says why. Prefill, scoring and training always run in torch: their products have
+many rows, where BLAS is at its best.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .kvcache import KVCache
+from .model import GPT
+from .precision import Int8Linear, cpu_flags
+
+SOURCE = Path(__file__).parent / "kernels" / "decode_step.c"
+DISABLE_VARIABLE = "NANOPLAY_DECODE_KERNEL"  # "0": never use the compiled step
+
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode_step.c's WEIGHT_*
+ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu": 2, "silu": 3, "quick_gelu": 4}  # decode_step.c's ACT_*
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
+                ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
+                ("c_attn", _Matrix), ("attn_proj", _Matrix), ("c_fc", _Matrix), ("mlp_proj", _Matrix),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("attn_scale", ctypes.c_float)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layer", ctypes.c_int64), ("n_head", ctypes.c_int64), ("n_embd", ctypes.c_int64),
+                ("mlp_width", ctypes.c_int64), ("vocab_size", ctypes.c_int64), ("cache_len", ctypes.c_int64),
+                ("weight_type", ctypes.c_int32), ("cache_type", ctypes.c_int32), ("embedding_type", ctypes.c_int32),
+                ("activation", ctypes.c_int32), ("layer_norm_epsilon", ctypes.c_float),
+                ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
+                ("ln_f_weight", ctypes.c_void_p), ("ln_f_bias", ctypes.c_void_p),
+                ("lm_head", _Matrix), ("layers", ctypes.POINTER(_Layer))]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nanoplay" / "kernels"
+
+
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not), once per process."""
+    if os.environ.get(DISABLE_VARIABLE) == "0":
+        return None, f"off ({DISABLE_VARIABLE}=0)"
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = _compiler_version(cc)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"no C compiler ({cc}: {type(e).__name__}): decoding runs in torch; install gcc or set CC"
+    source = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
+                                     platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]))
+    target = _cache_dir() / f"decode_step-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # compiled beside its final name, then renamed: a process that finds the name finds it whole
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                return None, f"the decode kernel did not compile with {cc} ({last}): decoding runs in torch"
+            os.replace(partial, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"the decode kernel did not compile with {cc} ({e}): decoding runs in torch"
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"the decode kernel did not load ({e}): decoding runs in torch"
+    library.decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    library.decode_step.restype = ctypes.c_int
+    return library, ""
+
+
+def kernel_status() -> str:
+    """Empty when the compiled decode step is available on this machine, else one line saying why not."""
+    return _load()[1]
+
+
+def why_not_compiled(model: GPT) -> str | None:
+    """
+    None when the compiled step can decode `model` on this machine, else why not, in a few words:
+    decoding then stays in torch (the maths the step does not know: other activations, fp16).
+    """
+    status = kernel_status()
+    if status:
+        return status
+    cfg = model.config
+    if model.transformer.wte.weight.device.type != "cpu":
+        return "not on the CPU"
+    if cfg.activation not in ACTIVATIONS:
+        return f"its activation, {cfg.activation}"
+    products = _products(model)
+    types = {_weight_type(m) for m in products}
+    if len(types) != 1 or None in types:
+        return "weights of several or unknown dtypes"
+    if model.transformer.wte.weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"embeddings in {model.transformer.wte.weight.dtype}"
+    if not all(getattr(m, "qweight", getattr(m, "weight", None)).is_contiguous() for m in products):
+        return "weights not in nn.Linear's layout"
+    return None
+
+
+def _products(model: GPT) -> list[nn.Module]:
+    return [model.lm_head] + [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                                        b.mlp.c_proj)]
+
+
+def _weight_type(module: nn.Module) -> int | None:
+    if isinstance(module, Int8Linear):
+        return WEIGHT_TYPES[torch.int8]
+    weight = getattr(module, "weight", None)
+    return None if weight is None else WEIGHT_TYPES.get(weight.dtype)
+
+
+class KernelDecoder:
+    """
+    The compiled decode step for one model and its KV cache. It holds the model's tensors (the C side
+    reads their memory) and float32 copies of the few it needs in float32 (a bf16 model's norms and
+    biases, int8 scales), made once.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        why = why_not_compiled(model)
+        if why:
+            raise RuntimeError(f"the compiled decode step cannot run this model: {why}")
+        self.library = _load()[0]
+        self.model = model
+        self.cache = cache
+        cfg = model.config
+        self._keep: list[torch.Tensor] = []  # every tensor whose memory the C side reads
+        lm_head, blocks = model.lm_head, model.transformer.h
+        layers = (_Layer * cfg.n_layer)()
+        for i, block in enumerate(blocks):
+            attn, mlp = block.attn, block.mlp
+            layers[i] = _Layer(self._f32(block.ln_1.weight), self._f32(block.ln_1.bias),
+                               self._f32(block.ln_2.weight), self._f32(block.ln_2.bias),
+                               self._matrix(attn.c_attn), self._matrix(attn.c_proj), self._matrix(mlp.c_fc),
+                               self._matrix(mlp.c_proj), self._raw(cache.k[i]), self._raw(cache.v[i]), attn.scale)
+        self._layers = layers
+        wte = model.transformer.wte.weight.detach()
+        wpe = model.transformer.wpe.weight.detach().to(wte.dtype)
+        self.struct = _Model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.mlp_width, cfg.vocab_size,
+                             cache.k[0].size(2), _weight_type(lm_head), WEIGHT_TYPES[cache.k[0].dtype],
+                             WEIGHT_TYPES[wte.dtype], ACTIVATIONS[cfg.activation], cfg.layer_norm_epsilon,
+                             self._raw(wte.contiguous()), self._raw(wpe.contiguous()),
+                             self._f32(model.transformer.ln_f.weight), self._f32(model.transformer.ln_f.bias),
+                             self._matrix(lm_head), layers)
+
+    def _raw(self, t: torch.Tensor | None) -> int | None:
+        """The address of a contiguous tensor as it is (the weights, the KV cache)."""
+        if t is None:
+            return None
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _f32(self, t: torch.Tensor | None) -> int | None:
+        """The address of a float32 tensor: t itself when it is one, else a float32 copy."""
+        return None if t is None else self._raw(t.detach().float().contiguous())
+
+    def _matrix(self, module: nn.Module) -> _Matrix:
+        if isinstance(module, Int8Linear):
+            weight, scales = module.qweight, self._f32(module.scales)
+        else:
+            weight, scales = module.weight.detach(), None
+        return _Matrix(self._raw(weight), scales, self._f32(module.bias), weight.size(1), weight.size(0))
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int], threads: int) -> torch.Tensor:
+        """
+        Logits (B, vocab) float32 of one new token in each of `slots` at `positions`; each token's key
+        and value are written to the cache at its position, as the torch step does (KVCache.bind_decode).
+        """
+        inputs = torch.tensor([slots, tokens, positions], dtype=torch.int64)  # (3, B)
+        logits = torch.empty(len(slots), self.model.config.vocab_size)
+        status = self.library.decode_step(ctypes.byref(self.struct), len(slots), inputs[1].data_ptr(),
+                                          inputs[2].data_ptr(), inputs[0].data_ptr(), logits.data_ptr(), threads)
+        if status != 0:
+            raise MemoryError("the decode kernel could not allocate its scratch memory")
+        return logits

@@ -1,0 +1,259 @@
+/*
+ * One decode step of nanoplay's GPT (model.py) on a CPU: one new token for each of B sequences, whose
+ * keys and values are appended to the KV cache (kvcache.py), giving the logits of each row.
+ *
+ * Why C: a decode step reads every weight once, so its speed is the rate at which it streams them. In
+ * torch each step runs ~350 small operations whose dispatch, between the products, costs about as much
+ * as the products of a small model; and for a few rows, no well-kept CPU library here reads each weight
+ * once for all of them (see cpu_decode.py and `nanoplay bench`). So this file runs the whole step in
+ * one parallel region: every matrix product streams its weights once for all B rows, whatever their
+ * dtype (float32, bfloat16, or int8 with a scale per output row), with float32 arithmetic throughout.
+ *
+ * The maths is model.py's, in the same order: x = wte[token] + wpe[position]; for each block
+ * x += attn(ln_1(x)), x += mlp(ln_2(x)); logits = lm_head(ln_f(x)). Sums run in float32 in another
+ * order than torch's, so logits agree with a torch forward to float rounding (the tests bound it).
+ *
+ * Compiled on first use by kernels.py with the machine's C compiler, for its own CPU (-march=native),
+ * with OpenMP for the threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_INT8 = 2 };
+enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2, ACT_SILU = 3, ACT_QUICK_GELU = 4 };
+
+typedef struct {
+    const void *weight;   /* (out, in) row-major: float32, bfloat16 or int8 (the model's weight_type) */
+    const float *scales;  /* (out,): int8 row scales, else NULL */
+    const float *bias;    /* (out,) or NULL */
+    int64_t in, out;
+} Matrix;
+
+typedef struct {
+    const float *ln_1_weight, *ln_1_bias, *ln_2_weight, *ln_2_bias;  /* (n_embd,); biases may be NULL */
+    Matrix c_attn, attn_proj, c_fc, mlp_proj;
+    void *k_cache, *v_cache;  /* (slots, n_head, cache_len, head_dim), float32 or bfloat16 (cache_type) */
+    float attn_scale;
+} Layer;
+
+typedef struct {
+    int64_t n_layer, n_head, n_embd, mlp_width, vocab_size, cache_len;
+    int32_t weight_type, cache_type, embedding_type, activation;  /* WEIGHT_*: F32, BF16 (INT8: weights only) */
+    float layer_norm_epsilon;
+    const void *wte, *wpe;  /* (vocab_size, n_embd), (block_size, n_embd), both of embedding_type */
+    const float *ln_f_weight, *ln_f_bias;
+    Matrix lm_head;
+    const Layer *layers;  /* (n_layer,) */
+} Model;
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* 8 floats in one vector: GCC's and Clang's vector extensions, which compile to AVX (or two NEON
+ * registers) with -march=native; loads go through memcpy, as nothing here is aligned. Widening
+ * int8 and bfloat16 to float takes AVX2's instructions where there are (GCC 12 does such a
+ * __builtin_convertvector one lane at a time), else a loop the compiler vectorises as it can. */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline f32x8 load_f32(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline f32x8 load_int8(const int8_t *p) {
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline f32x8 load_bf16(const uint16_t *p) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (f32x8)_mm256_castsi256_ps(u);
+}
+#else
+static inline f32x8 load_int8(const int8_t *p) { f32x8 v; for (int i = 0; i < 8; i++) v[i] = p[i]; return v; }
+static inline f32x8 load_bf16(const uint16_t *p) { f32x8 v; for (int i = 0; i < 8; i++) v[i] = bf16_to_float(p[i]); return v; }
+#endif
+static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+#define SCALAR_F32(v) (v)
+#define SCALAR_BF16(v) bf16_to_float(v)
+#define SCALAR_INT8(v) ((float)(v))
+
+/* out[r] = dot(w, x_r) for r < rows <= 2, with x_r = x + r * n: one weight row, loaded (and widened)
+ * once for one or two activation rows. Each sum runs as 4 interleaved chains of multiply-adds, so that
+ * none waits on another, then a tail of whole vectors into the first chain and of n % 8 one by one:
+ * the same order whether a row is alone or paired, so a sequence's logits do not depend on the batch. */
+#define DOT(NAME, W_TYPE, W_LOAD, W_SCALAR)                                                          \
+    static void NAME(const W_TYPE *w, const float *x, int64_t n, int rows, float *out) {           \
+        const float *y = x + n;                                                                     \
+        f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};       \
+        int64_t i = 0;                                                                              \
+        if (rows == 1) {                                                                            \
+            for (; i + 32 <= n; i += 32) {                                                          \
+                a0 += W_LOAD(w + i) * load_f32(x + i), a1 += W_LOAD(w + i + 8) * load_f32(x + i + 8); \
+                a2 += W_LOAD(w + i + 16) * load_f32(x + i + 16), a3 += W_LOAD(w + i + 24) * load_f32(x + i + 24); \
+            }                                                                                       \
+        } else {                                                                                    \
+            for (; i + 32 <= n; i += 32) {                                                          \
+                f32x8 v0 = W_LOAD(w + i), v1 = W_LOAD(w + i + 8);                                   \
+                f32x8 v2 = W_LOAD(w + i + 16), v3 = W_LOAD(w + i + 24);                             \
+                a0 += v0 * load_f32(x + i), a1 += v1 * load_f32(x + i + 8);                         \
+                a2 += v2 * load_f32(x + i + 16), a3 += v3 * load_f32(x + i + 24);                   \
+                b0 += v0 * load_f32(y + i), b1 += v1 * load_f32(y + i + 8);                         \
+                b2 += v2 * load_f32(y + i + 16), b3 += v3 * load_f32(y + i + 24);                   \
+            }                                                                                       \
+        }                                                                                           \
+        const int64_t vectors = i;                                                                  \
+        const f32x8 chains[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};                            \
+        for (int r = 0; r < rows; r++) {                                                            \
+            const float *xr = x + r * n;                                                            \
+            f32x8 s = chains[r][0];                                                                 \
+            for (i = vectors; i + 8 <= n; i += 8) s += W_LOAD(w + i) * load_f32(xr + i);            \
+            float total = sum8((s + chains[r][1]) + (chains[r][2] + chains[r][3]));                 \
+            for (; i < n; i++) total += W_SCALAR(w[i]) * xr[i];                                     \
+            out[r] = total;                                                                         \
+        }                                                                                           \
+    }
+
+DOT(dot_f32, float, load_f32, SCALAR_F32)
+DOT(dot_bf16, uint16_t, load_bf16, SCALAR_BF16)
+DOT(dot_int8, int8_t, load_int8, SCALAR_INT8)
+
+/* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream).
+ * Called inside the parallel region: the output rows are shared among the threads, and each thread
+ * streams its share of the matrix in order, one weight row for all B activation rows. */
+static void matmul(const Model *m, const Matrix *w, const float *x, int64_t B, float *y, int accumulate) {
+    const int64_t in = w->in, out = w->out;
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        for (int64_t b0 = 0; b0 < B; b0 += 2) {
+            int rows = B - b0 < 2 ? 1 : 2;
+            float acc[2];
+            const float *xb = x + b0 * in;
+            switch (m->weight_type) {
+            case WEIGHT_F32: dot_f32((const float *)w->weight + o * in, xb, in, rows, acc); break;
+            case WEIGHT_BF16: dot_bf16((const uint16_t *)w->weight + o * in, xb, in, rows, acc); break;
+            default: dot_int8((const int8_t *)w->weight + o * in, xb, in, rows, acc); break;
+            }
+            for (int r = 0; r < rows; r++) {
+                float v = acc[r];
+                if (w->scales) v *= w->scales[o];
+                if (w->bias) v += w->bias[o];
+                float *dst = y + (b0 + r) * out + o;
+                *dst = accumulate ? *dst + v : v;
+            }
+        }
+    }
+}
+
+/* y (B, n) = LayerNorm(x (B, n)), as torch's: biased variance, eps inside the square root */
+static void layer_norm(const float *x, const float *weight, const float *bias, int64_t B, int64_t n,
+                       float eps, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * n;
+        float *yb = y + b * n;
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < n; i++) mean += xb[i];
+        mean /= n;
+        for (int64_t i = 0; i < n; i++) var += (xb[i] - mean) * (xb[i] - mean);
+        var /= n;
+        float rstd = (float)(1.0 / sqrt(var + eps)), mu = (float)mean;
+        for (int64_t i = 0; i < n; i++) yb[i] = (xb[i] - mu) * rstd * weight[i] + (bias ? bias[i] : 0.0f);
+    }
+}
+
+static float activate(int activation, float x) {
+    switch (activation) {
+    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case ACT_RELU: return x > 0 ? x : 0;
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    default: return x / (1.0f + expf(-1.702f * x));  /* ACT_QUICK_GELU */
+    }
+}
+
+static inline float load_as(int type, const void *p, int64_t i) {  /* element i of a float32 or bf16 array */
+    return type == WEIGHT_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void cache_store(const Model *m, void *cache, int64_t i, float v) {
+    if (m->cache_type == WEIGHT_BF16) ((uint16_t *)cache)[i] = float_to_bf16(v);
+    else ((float *)cache)[i] = v;
+}
+
+/* Each row's query attends to its own sequence's keys 0..position (the new one included, stored first).
+ * qkv (B, 3 * n_embd) -> y (B, n_embd); scores is scratch of (B * n_head, cache_len). */
+static void attention(const Model *m, const Layer *layer, const float *qkv, int64_t B, const int64_t *slots,
+                      const int64_t *positions, float *scores, float *y) {
+    const int64_t C = m->n_embd, H = m->n_head, hs = C / H, T = m->cache_len;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            const float *q = qkv + b * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
+            const int64_t base = (slots[b] * H + h) * T * hs, pos = positions[b];  /* (slot, head) of the cache */
+            for (int64_t i = 0; i < hs; i++) {
+                cache_store(m, layer->k_cache, base + pos * hs + i, k[i]);
+                cache_store(m, layer->v_cache, base + pos * hs + i, v[i]);
+            }
+            float *s = scores + (b * H + h) * T, best = -INFINITY;
+            for (int64_t t = 0; t <= pos; t++) {
+                float dot = 0;
+                for (int64_t i = 0; i < hs; i++) dot += q[i] * load_as(m->cache_type, layer->k_cache, base + t * hs + i);
+                s[t] = dot * layer->attn_scale;
+                best = s[t] > best ? s[t] : best;
+            }
+            float total = 0;
+            for (int64_t t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - best));
+            float *yh = y + b * C + h * hs;
+            for (int64_t i = 0; i < hs; i++) yh[i] = 0;
+            for (int64_t t = 0; t <= pos; t++) {
+                float p = s[t] / total;
+                for (int64_t i = 0; i < hs; i++) yh[i] += p * load_as(m->cache_type, layer->v_cache, base + t * hs + i);
+            }
+        }
+    }
+}
+
+/* The step. tokens, positions, slots: (B,); logits: (B, vocab_size). Returns 0, or -1 if out of memory. */
+int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
+                float *logits, int threads) {
+    const int64_t C = m->n_embd, wide = 3 * C > m->mlp_width ? 3 * C : m->mlp_width;
+    float *x = malloc(sizeof(float) * B * C), *xn = malloc(sizeof(float) * B * C);
+    float *hidden = malloc(sizeof(float) * B * wide), *att = malloc(sizeof(float) * B * C);
+    float *scores = malloc(sizeof(float) * B * m->n_head * m->cache_len);
+    int ok = x && xn && hidden && att && scores;
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < C; i++)
+                    x[b * C + i] = load_as(m->embedding_type, m->wte, tokens[b] * C + i) + load_as(m->embedding_type, m->wpe, positions[b] * C + i);
+            for (int64_t l = 0; l < m->n_layer; l++) {
+                const Layer *layer = &m->layers[l];
+                layer_norm(x, layer->ln_1_weight, layer->ln_1_bias, B, C, m->layer_norm_epsilon, xn);
+                matmul(m, &layer->c_attn, xn, B, hidden, 0);
+                attention(m, layer, hidden, B, slots, positions, scores, att);
+                matmul(m, &layer->attn_proj, att, B, x, 1);
+                layer_norm(x, layer->ln_2_weight, layer->ln_2_bias, B, C, m->layer_norm_epsilon, xn);
+                matmul(m, &layer->c_fc, xn, B, hidden, 0);
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < B * m->mlp_width; i++) hidden[i] = activate(m->activation, hidden[i]);
+                matmul(m, &layer->mlp_proj, hidden, B, x, 1);
+            }
+            layer_norm(x, m->ln_f_weight, m->ln_f_bias, B, C, m->layer_norm_epsilon, xn);
+            matmul(m, &m->lm_head, xn, B, logits, 0);
+        }
+    }
+    free(x), free(xn), free(hidden), free(att), free(scores);
+    return ok ? 0 : -1;
+}
