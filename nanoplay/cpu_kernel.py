@@ -132,9 +132,9 @@ def why_not_compiled(model: GPT) -> str | None:
     if cfg.activation not in ACTIVATIONS:
         return f"its activation, {cfg.activation}"
     products = _products(model)
-    types = {_weight_type(m) for m in products}
-    if len(types) != 1 or None in types:
-        return "weights of several or unknown dtypes"
+    dtypes = {_weight_dtype(m) for m in products}
+    if len(dtypes) != 1 or not dtypes <= set(WEIGHT_TYPES):
+        return "weights in " + " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     if model.transformer.wte.weight.dtype not in (torch.float32, torch.bfloat16):
         return f"embeddings in {model.transformer.wte.weight.dtype}"
     if not all(getattr(m, "qweight", getattr(m, "weight", None)).is_contiguous() for m in products):
@@ -147,11 +147,8 @@ def _products(model: GPT) -> list[nn.Module]:
                                                                         b.mlp.c_proj)]
 
 
-def _weight_type(module: nn.Module) -> int | None:
-    if isinstance(module, Int8Linear):
-        return WEIGHT_TYPES[torch.int8]
-    weight = getattr(module, "weight", None)
-    return None if weight is None else WEIGHT_TYPES.get(weight.dtype)
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return module.qweight.dtype if isinstance(module, Int8Linear) else module.weight.dtype
 
 
 class KernelDecoder:
@@ -182,7 +179,7 @@ class KernelDecoder:
         wte = model.transformer.wte.weight.detach()
         wpe = model.transformer.wpe.weight.detach().to(wte.dtype)
         self.struct = _Model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.mlp_width, cfg.vocab_size,
-                             cache.k[0].size(2), _weight_type(lm_head), WEIGHT_TYPES[cache.k[0].dtype],
+                             cache.k[0].size(2), WEIGHT_TYPES[_weight_dtype(lm_head)], WEIGHT_TYPES[cache.k[0].dtype],
                              WEIGHT_TYPES[wte.dtype], ACTIVATIONS[cfg.activation], cfg.layer_norm_epsilon,
                              self._raw(wte.contiguous()), self._raw(wpe.contiguous()),
                              self._f32(model.transformer.ln_f.weight), self._f32(model.transformer.ln_f.bias),

@@ -1,0 +1,230 @@
+"""The compiled CPU decode step (nanoplay/kernels/decode_step.c) against torch's forward of the same model."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanoplay.cpu_kernel as cpu_kernel
+from nanoplay.cpu_decode import HUGE_PAGE, keep_freed_memory, use_decode_layout, use_huge_pages
+from nanoplay.cpu_kernel import KernelDecoder, kernel_status, why_not_compiled
+from nanoplay.engine import Engine
+from nanoplay.kvcache import KVCache
+from nanoplay.loading import LoadedModel
+from nanoplay.precision import Int8Linear, quantize_int8
+from nanoplay.sampling import SamplingParams
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(bool(kernel_status()), reason=kernel_status() or "")
+
+# shapes whose rows are not whole vectors (36 = 32 + 4: the 8-wide and one-by-one tails) and every
+# option of the maths the step reads from the config
+CONFIGS = {
+    "gpt2": dict(),
+    "tails, exact gelu, no bias, untied": dict(n_embd=36, n_head=3, activation="gelu", bias=False,
+                                               tie_word_embeddings=False, n_inner=100),
+    "relu, unscaled, inverse layer scale": dict(activation="relu", scale_attn_weights=False,
+                                                scale_attn_by_inverse_layer_idx=True, layer_norm_epsilon=1e-3),
+    "silu": dict(activation="silu", n_layer=3),
+    "quick_gelu": dict(activation="quick_gelu"),
+}
+
+
+def prefill(model, cache, slot, ids):
+    cache.bind_prefill(slot, 0, len(ids))
+    model(torch.tensor([ids]), positions=torch.arange(len(ids)).unsqueeze(0), cache=cache)
+
+
+def full_forward(model, seqs):
+    """Each sequence's last logits from a forward of the whole sequence, in float64 (the reference)."""
+    double = copy.deepcopy(model).double()
+    with torch.no_grad():
+        return torch.stack([double(torch.tensor([s]))[0, -1] for s in seqs]).float()
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+@torch.no_grad()
+def test_step_matches_full_forward_with_mixed_lengths_and_slots(overrides):
+    model = tiny_model(**overrides)
+    cache = KVCache(model.config, slots=4, device="cpu", dtype=torch.float32)
+    seqs = {0: [5, 6, 7], 2: list(range(100, 117)), 3: [42]}  # slot 1 empty: rows that are not slots 0..B-1
+    for slot, ids in seqs.items():
+        prefill(model, cache, slot, ids)
+    step = KernelDecoder(model, cache)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        slots = sorted(seqs)
+        new = [int(torch.randint(0, 50257, (1,), generator=gen)) for _ in slots]
+        logits = step.decode(slots, new, [len(seqs[s]) for s in slots], threads=2)
+        for s, token in zip(slots, new):
+            seqs[s].append(token)
+        torch.testing.assert_close(logits, full_forward(model, [seqs[s] for s in slots]), atol=2e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_step_writes_the_keys_and_values_torchs_step_writes():
+    """torch takes over a cache the step wrote (prefill after a cached prefix, a speculative check)."""
+    model = tiny_model()
+    ours, theirs = (KVCache(model.config, slots=2, device="cpu", dtype=torch.float32) for _ in range(2))
+    for cache in (ours, theirs):
+        prefill(model, cache, 1, [10, 11, 12, 13])
+    KernelDecoder(model, ours).decode([1], [14], [4], threads=2)
+    theirs.bind_decode([1], [4])
+    model(torch.tensor([[14]]), positions=torch.tensor([[4]]), cache=theirs)
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(ours.k[layer], theirs.k[layer], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours.v[layer], theirs.v[layer], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@torch.no_grad()
+def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
+    """Bit for bit: the same summation order alone and batched, so a request decodes the same either way."""
+    model = tiny_model(n_embd=72, n_head=2)  # 72: whole 32-wide blocks, an 8-wide tail and none one by one
+    if dtype == torch.int8:
+        quantize_int8(model)
+    else:
+        model.to(dtype)
+    cache_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    cache = KVCache(model.config, slots=3, device="cpu", dtype=cache_dtype)
+    for slot in range(3):
+        prefill(model, cache, slot, [7 + slot, 8, 9])
+    before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
+    step = KernelDecoder(model, cache)
+    batched = step.decode([0, 1, 2], [20, 21, 22], [3, 3, 3], threads=2)
+    for slot in range(3):
+        for (k, v), (k0, v0) in zip(zip(cache.k, cache.v), before):  # back to before the step
+            k.copy_(k0), v.copy_(v0)
+        alone = step.decode([slot], [20 + slot], [3], threads=1 + slot % 2)
+        assert torch.equal(alone[0], batched[slot])
+
+
+@torch.no_grad()
+def test_int8_step_computes_with_the_dequantized_weights():
+    """float32 activations times int8 weights and their row scales: what the dequantized float model gives."""
+    model = tiny_model(n_embd=36, n_head=3)
+    quantize_int8(model)
+    reference = tiny_model(n_embd=36, n_head=3)
+    for module, ref in zip(model.modules(), reference.modules()):
+        if isinstance(module, Int8Linear):  # the head too, untied: the int8 model looks up float32 embeddings
+            ref.weight = torch.nn.Parameter(module.dequantized())
+    ids = [3, 1, 4, 1, 5, 9]
+    cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.float32)
+    prefill(reference, cache, 0, ids[:-1])  # the same cache as the dequantized model's
+    logits = KernelDecoder(model, cache).decode([0], [ids[-1]], [len(ids) - 1], threads=2)
+    torch.testing.assert_close(logits, full_forward(reference, [ids]), atol=2e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_bf16_step_reads_bf16_weights_and_cache():
+    """bf16 weights widened exactly, float32 arithmetic, keys and values rounded to bf16 as torch stores them."""
+    model = tiny_model().to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()  # the same (bf16) values, computed in float32
+    ids = list(range(200, 210))
+    cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.bfloat16)
+    prefill(model, cache, 0, ids[:-1])
+    logits = KernelDecoder(model, cache).decode([0], [ids[-1]], [len(ids) - 1], threads=2)
+    expected = full_forward(reference, [ids])
+    # the cached keys and values were rounded to bf16 (by torch's bf16 prefill): a few bf16 ulps of the logits
+    torch.testing.assert_close(logits, expected, atol=0.05, rtol=0.02)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_models_it_cannot_run_say_why_and_decode_in_torch():
+    assert why_not_compiled(tiny_model()) is None
+    assert "mish" in why_not_compiled(tiny_model(activation="mish"))
+    assert why_not_compiled(tiny_model().half()) == "weights in float16"
+    transposed = tiny_model()
+    use_decode_layout(transposed, compiled=False)
+    assert "layout" in why_not_compiled(transposed)
+    engine = Engine()
+    model = LoadedModel(name="mish", model=tiny_model(activation="mish"), source="test", location="memory")
+    request = engine.generate(model, "Hello", SamplingParams(max_new_tokens=4, temperature=0))
+    assert len(request.tokens) == 4 and not engine._runner(model).use_compiled_decode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_engine_decodes_as_torch_does(dtype):
+    """Greedy tokens equal and every per-token figure close, with and without the compiled step."""
+    def generate(compiled):
+        model = tiny_model()
+        if dtype == torch.int8:
+            quantize_int8(model)
+        use_decode_layout(model, compiled=compiled)
+        loaded = LoadedModel(name="tiny", model=model, source="test", location="memory")
+        engine = Engine(compiled_decode=compiled)
+        params = SamplingParams(max_new_tokens=30, temperature=0.9, seed=4, top_logprobs=3, stop_on_eot=False)
+        requests = [engine.submit(loaded, prompt, params) for prompt in ("Hello", "A longer prompt than that")]
+        engine.run_until_done(requests)
+        assert engine._runner(loaded).use_compiled_decode == compiled
+        return requests
+
+    for ours, theirs in zip(generate(True), generate(False)):
+        assert [t.id for t in ours.tokens] == [t.id for t in theirs.tokens]
+        # torch's int8 product rounds the activations to bf16 (precision.py), the compiled step does not
+        tolerance = 2e-2 if dtype == torch.int8 else 1e-4
+        for a, b in zip(ours.tokens, theirs.tokens):
+            if dtype == torch.float32:  # int8: near ties among the alternatives may swap with the rounding
+                assert a.rank == b.rank and [x.id for x in a.top] == [x.id for x in b.top]
+            assert a.logprob == pytest.approx(b.logprob, abs=tolerance)
+            assert a.entropy == pytest.approx(b.entropy, abs=tolerance)
+
+
+def test_huge_pages_move_the_weights_and_keep_values_and_tying():
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    use_huge_pages(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.wte.weight.data_ptr() % HUGE_PAGE == 0  # the block starts on a huge page
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc():
+    import platform
+
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("env, says", [({"NANOPLAY_DECODE_KERNEL": "0"}, "NANOPLAY_DECODE_KERNEL=0"),
+                                       ({"CC": "/nonexistent/cc"}, "no C compiler (/nonexistent/cc")])
+def test_without_the_compiled_step_decoding_stays_in_torch(env, says, tmp_path):
+    """No compiler, or switched off: one line says why, and the engine decodes in torch."""
+    script = (
+        "from nanoplay.cpu_kernel import kernel_status, why_not_compiled\n"
+        "from nanoplay.engine import Engine\n"
+        "from nanoplay.loading import LoadedModel\n"
+        "from nanoplay.sampling import SamplingParams\n"
+        "from tests.conftest import tiny_model\n"
+        "model = LoadedModel(name='t', model=tiny_model(), source='test', location='memory')\n"
+        "engine = Engine()\n"
+        "r = engine.generate(model, 'Hi', SamplingParams(max_new_tokens=3, temperature=0))\n"
+        "print(len(r.tokens), engine._runner(model).use_compiled_decode)\n"
+        "print(kernel_status())\n"
+    )
+    import os
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    counts, status = done.stdout.splitlines()
+    assert counts == "3 False" and says in status and "\n" not in status
+
+
+def test_the_library_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernel._load.cache_clear()
+    try:
+        assert cpu_kernel.kernel_status() == ""
+        built = list((tmp_path / "nanoplay" / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no partial file left beside it
+        stamp = built[0].stat().st_mtime_ns
+        cpu_kernel._load.cache_clear()
+        assert cpu_kernel.kernel_status() == "" and built[0].stat().st_mtime_ns == stamp
+    finally:
+        cpu_kernel._load.cache_clear()
