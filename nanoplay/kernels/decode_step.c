@@ -83,6 +83,42 @@ static inline f32x8 load_int8(const int8_t *p) { f32x8 v; for (int i = 0; i < 8;
 static inline f32x8 load_bf16(const uint16_t *p) { f32x8 v; for (int i = 0; i < 8; i++) v[i] = bf16_to_float(p[i]); return v; }
 #endif
 static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) {  /* a where mask (all ones), else b */
+    i32x8 ai, bi;
+    memcpy(&ai, &a, sizeof ai), memcpy(&bi, &b, sizeof bi);
+    ai = (ai & mask) | (bi & ~mask);
+    memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within 2 ulp
+ * of libm's expf), times 2^n built in the exponent bits. x below -87.3 gives 0 (no subnormals), above log(FLT_MAX)
+ * infinity, NaN stays NaN. */
+static inline f32x8 exp8(f32x8 x) {
+    const f32x8 zero = {0};
+    const i32x8 over = x > 88.72283935546875f, under = x < -87.3f, nan = x != x;
+    x = select8(under, zero - 87.3f, select8(over, zero + 88.72283935546875f, x));
+    f32x8 n = x * 1.44269504088896341f + 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
+    n -= 12582912.0f;
+    f32x8 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    f32x8 p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i32x8 k = __builtin_convertvector(n, i32x8), positive = k > 0;
+    p = select8(positive, p + p, p);  /* 2^n as 2 * 2^(n-1) above 0: 2^128 has no float */
+    i32x8 bits = (k + positive + 127) << 23;  /* positive is -1 where true */
+    f32x8 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return select8(nan, x, select8(over, zero + INFINITY, select8(under, zero, p * scale)));
+}
+
 #define SCALAR_F32(v) (v)
 #define SCALAR_BF16(v) bf16_to_float(v)
 #define SCALAR_INT8(v) ((float)(v))
@@ -171,7 +207,7 @@ static void layer_norm(const float *x, const float *weight, const float *bias, i
     }
 }
 
-static float activate(int activation, float x) {
+static float activate_one(int activation, float x) {
     switch (activation) {
     case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
@@ -181,13 +217,67 @@ static float activate(int activation, float x) {
     }
 }
 
+/* h[0..n) = activation(h), 8 at a time where e^x is all it needs (tanh u = 1 - 2 / (e^2u + 1)) */
+static void activate(int activation, float *h, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n && activation != ACT_GELU && activation != ACT_RELU; i += 8) {
+        f32x8 x = load_f32(h + i), y;
+        if (activation == ACT_GELU_TANH) {
+            f32x8 u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            y = 0.5f * x * (1.0f + (1.0f - 2.0f / (exp8(u + u) + 1.0f)));
+        } else {
+            y = x / (1.0f + exp8((activation == ACT_SILU ? -1.0f : -1.702f) * x));
+        }
+        memcpy(h + i, &y, sizeof y);
+    }
+    for (; i < n; i++) h[i] = activate_one(activation, h[i]);
+}
+
 static inline float load_as(int type, const void *p, int64_t i) {  /* element i of a float32 or bf16 array */
     return type == WEIGHT_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static inline void cache_store(const Model *m, void *cache, int64_t i, float v) {
-    if (m->cache_type == WEIGHT_BF16) ((uint16_t *)cache)[i] = float_to_bf16(v);
-    else ((float *)cache)[i] = v;
+static inline void store_as(int type, void *p, int64_t i, float v) {
+    if (type == WEIGHT_BF16) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* q . row for a cached key row of n values (float32 or bf16) */
+static float dot_cached(int type, const void *cache, int64_t row, const float *q, int64_t n) {
+    f32x8 s = {0};
+    int64_t i = 0;
+    if (type == WEIGHT_BF16)
+        for (const uint16_t *r = (const uint16_t *)cache + row; i + 8 <= n; i += 8) s += load_bf16(r + i) * load_f32(q + i);
+    else
+        for (const float *r = (const float *)cache + row; i + 8 <= n; i += 8) s += load_f32(r + i) * load_f32(q + i);
+    float total = sum8(s);
+    for (; i < n; i++) total += load_as(type, cache, row + i) * q[i];
+    return total;
+}
+
+/* y += p * row for a cached value row of n values */
+static void add_cached(int type, const void *cache, int64_t row, float p, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v = type == WEIGHT_BF16 ? load_bf16((const uint16_t *)cache + row + i) : load_f32((const float *)cache + row + i);
+        v = load_f32(y + i) + p * v;
+        memcpy(y + i, &v, sizeof v);
+    }
+    for (; i < n; i++) y[i] += p * load_as(type, cache, row + i);
+}
+
+/* s[0..n) = e^(s - max s) / sum, as torch's softmax */
+static void softmax(float *s, int64_t n) {
+    float best = -INFINITY, total = 0;
+    for (int64_t t = 0; t < n; t++) best = s[t] > best ? s[t] : best;
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        f32x8 e = exp8(load_f32(s + t) - best);
+        memcpy(s + t, &e, sizeof e);
+    }
+    for (; t < n; t++) s[t] = expf(s[t] - best);
+    for (t = 0; t < n; t++) total += s[t];
+    for (t = 0; t < n; t++) s[t] /= total;
 }
 
 /* Each row's query attends to its own sequence's keys 0..position (the new one included, stored first).
@@ -195,30 +285,22 @@ static inline void cache_store(const Model *m, void *cache, int64_t i, float v) 
 static void attention(const Model *m, const Layer *layer, const float *qkv, int64_t B, const int64_t *slots,
                       const int64_t *positions, float *scores, float *y) {
     const int64_t C = m->n_embd, H = m->n_head, hs = C / H, T = m->cache_len;
+    const int type = m->cache_type;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
             const float *q = qkv + b * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
             const int64_t base = (slots[b] * H + h) * T * hs, pos = positions[b];  /* (slot, head) of the cache */
             for (int64_t i = 0; i < hs; i++) {
-                cache_store(m, layer->k_cache, base + pos * hs + i, k[i]);
-                cache_store(m, layer->v_cache, base + pos * hs + i, v[i]);
+                store_as(type, layer->k_cache, base + pos * hs + i, k[i]);
+                store_as(type, layer->v_cache, base + pos * hs + i, v[i]);
             }
-            float *s = scores + (b * H + h) * T, best = -INFINITY;
-            for (int64_t t = 0; t <= pos; t++) {
-                float dot = 0;
-                for (int64_t i = 0; i < hs; i++) dot += q[i] * load_as(m->cache_type, layer->k_cache, base + t * hs + i);
-                s[t] = dot * layer->attn_scale;
-                best = s[t] > best ? s[t] : best;
-            }
-            float total = 0;
-            for (int64_t t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - best));
+            float *s = scores + (b * H + h) * T;
+            for (int64_t t = 0; t <= pos; t++) s[t] = dot_cached(type, layer->k_cache, base + t * hs, q, hs) * layer->attn_scale;
+            softmax(s, pos + 1);
             float *yh = y + b * C + h * hs;
-            for (int64_t i = 0; i < hs; i++) yh[i] = 0;
-            for (int64_t t = 0; t <= pos; t++) {
-                float p = s[t] / total;
-                for (int64_t i = 0; i < hs; i++) yh[i] += p * load_as(m->cache_type, layer->v_cache, base + t * hs + i);
-            }
+            memset(yh, 0, sizeof(float) * hs);
+            for (int64_t t = 0; t <= pos; t++) add_cached(type, layer->v_cache, base + t * hs, s[t], yh, hs);
         }
     }
 }
@@ -247,7 +329,8 @@ int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t 
                 layer_norm(x, layer->ln_2_weight, layer->ln_2_bias, B, C, m->layer_norm_epsilon, xn);
                 matmul(m, &layer->c_fc, xn, B, hidden, 0);
 #pragma omp for schedule(static)
-                for (int64_t i = 0; i < B * m->mlp_width; i++) hidden[i] = activate(m->activation, hidden[i]);
+                for (int64_t i = 0; i < B * m->mlp_width; i += 256)
+                    activate(m->activation, hidden + i, B * m->mlp_width - i < 256 ? B * m->mlp_width - i : 256);
                 matmul(m, &layer->mlp_proj, hidden, B, x, 1);
             }
             layer_norm(x, m->ln_f_weight, m->ln_f_bias, B, C, m->layer_norm_epsilon, xn);
