@@ -82,7 +82,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({cc}: {type(e).__name__}): decoding runs in torch; install gcc or set CC"
     source = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]))
     target = _cache_dir() / f"decode_step-{key.hexdigest()[:16]}.so"
