@@ -95,8 +95,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             done = subprocess.run([cc, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                return None, f"the decode kernel did not compile with {cc} ({last}): decoding runs in torch"
+                lines = done.stderr.strip().splitlines() or ["no message"]
+                first = next((line for line in lines if "error" in line), lines[-1]).strip()
+                return None, f"the decode kernel did not compile with {cc} ({first}): decoding runs in torch"
             os.replace(partial, target)
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"the decode kernel did not compile with {cc} ({e}): decoding runs in torch"

@@ -228,3 +228,20 @@ def test_the_library_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
         assert cpu_kernel.kernel_status() == "" and built[0].stat().st_mtime_ns == stamp
     finally:
         cpu_kernel._load.cache_clear()
+
+
+def test_a_failed_compile_names_the_compilers_error(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fakecc 1.0"; exit 0; }\n'
+                    'echo "decode_step.c:9:1: error: no such thing" >&2\necho "    | ^" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernel._load.cache_clear()
+    try:
+        status = cpu_kernel.kernel_status()
+        assert "error: no such thing" in status and "decoding runs in torch" in status
+        assert list((tmp_path / "nanoplay" / "kernels").iterdir()) == []  # no partial library left
+        assert why_not_compiled(tiny_model()) == status
+    finally:
+        cpu_kernel._load.cache_clear()
