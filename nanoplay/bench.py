@@ -457,10 +457,18 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
             "weight_bytes": weight_bytes(model), "threads": threads, "bandwidth_reads": repeats * 5,
             "precision": PRECISIONS[dtype], "params": source.num_params,
             "llama_cpp": f"llama.cpp {LLAMA_CPP_TYPES[dtype].upper()}" if vs_llama_cpp else None,
-            "other_precisions": {label for label, _ in best.get(None, {})}}
+            "other_precisions": {label for label, _ in best.get(None, {})}, "decode": decode_path(model)}
         if reference is not None and dtype != torch.float32:
             report["quality"] = quality(reference, model, quality_text_ids())
     return reports
+
+
+def decode_path(loaded: LoadedModel) -> str:
+    """How the engine decodes this model: "compiled step", or "torch" and why (a CPU without a compiler, say)."""
+    if loaded.device.type != "cpu":
+        return "CUDA graphs" if loaded.device.type == "cuda" else "torch"
+    why = why_not_compiled(loaded.model)
+    return "compiled step" if why is None else f"torch ({why})"
 
 
 def truncated_draft(loaded: LoadedModel, n_layer: int) -> LoadedModel:

@@ -168,7 +168,9 @@ def uses_blas(model: nn.Module) -> bool:
 def threads_for(*models: nn.Module, compiled: bool = False) -> contextlib.AbstractContextManager:
     """
     The thread setting for running these models: decode_threads if any of them uses BLAS, or if the
-    compiled decode step (whose OpenMP threads are a pool of their own) runs.
+    compiled decode step runs. Its OpenMP threads are torch's own where torch brings libgomp (Linux's
+    wheels), but a second pool beside another OpenMP; letting torch's sampler use every thread
+    between steps measured no faster (30M shape, int8 and fp32, batch 1 and 4).
     """
     if compiled or any(uses_blas(m) for m in models):
         return decode_threads()

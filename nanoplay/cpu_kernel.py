@@ -130,6 +130,12 @@ def why_not_compiled(model: GPT) -> str | None:
     cfg = model.config
     if model.transformer.wte.weight.device.type != "cpu":
         return "not on the CPU"
+    # the step computes GPT.forward's maths: a model that computes anything else, or whose modules
+    # someone watches, runs in torch
+    if type(model) is not GPT or "forward" in vars(model):
+        return "a forward other than GPT's"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks on its modules"
     if cfg.activation not in ACTIVATIONS:
         return f"its activation, {cfg.activation}"
     products = _products(model)

@@ -7,11 +7,13 @@ instructions bf16 is converted in software and is slower than float32, so `prefe
 bf16 only on CPUs that have them (a pure function of the CPU's flags, see `cpu_flags`).
 
 int8 is weight-only quantization at load time: each output row of every matrix product (the output
-head included) is stored as int8 with one scale per row (symmetric, scale = max |w| / 127), and the
-product runs in torch's own kernel, `torch._weight_int8pack_mm`, which reads the int8 weights
-directly. Its inputs and outputs are bf16 (the kernel's fast path on CPUs without AVX-512); norms,
-attention, the residual stream, the KV cache and the embeddings stay float32. A row's result does not
-depend on the other rows of the batch, so a request decodes the same alone or batched.
+head included) is stored as int8 with one scale per row (symmetric, scale = max |w| / 127). Decode
+steps run in the compiled step (cpu_kernel.py), which widens the int8 weights to float32 in registers;
+in torch (prefill, scoring, and decoding where there is no compiler) the product runs in torch's own
+kernel, `torch._weight_int8pack_mm`, which reads the int8 weights directly, with bf16 inputs and
+outputs (its fast path on CPUs without AVX-512). Norms, attention, the residual stream, the KV cache
+and the embeddings stay float32. A row's result does not depend on the other rows of the batch, so a
+request decodes the same alone or batched.
 """
 
 from __future__ import annotations

@@ -38,6 +38,18 @@ def test_bench_prompt_that_fits_runs(tiny_run, capsys):
     assert "tiny@200" in capsys.readouterr().out
 
 
+def test_bench_says_how_each_model_decodes(tiny_run, capsys, monkeypatch):
+    from nanoplay.cpu_kernel import kernel_status
+
+    args = ["bench", "-m", "tiny", "--prompt-tokens", "8", "--new-tokens", "2", "--batch", "1", "--repeats", "1"]
+    assert main(args) == 0
+    expected = "decode: compiled step" if not kernel_status() else f"decode: torch ({kernel_status()})"
+    assert expected in " ".join(capsys.readouterr().out.split())
+    monkeypatch.setattr("nanoplay.bench.why_not_compiled", lambda model: "no C compiler (cc: FileNotFoundError)")
+    assert main(args) == 0
+    assert "decode: torch (no C compiler (cc: FileNotFoundError))" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bench_int8_reports_its_quality_cost(tiny_run, capsys):
     assert main(["bench", "-m", "tiny", "--dtype", "fp32", "--dtype", "int8", "--prompt-tokens", "8",
                  "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0

@@ -139,6 +139,12 @@ def test_models_it_cannot_run_say_why_and_decode_in_torch():
     transposed = tiny_model()
     use_decode_layout(transposed, compiled=False)
     assert "layout" in why_not_compiled(transposed)
+    hooked = tiny_model()
+    hooked.transformer.h[0].mlp.register_forward_hook(lambda *_: None)  # someone reads the activations
+    assert why_not_compiled(hooked) == "forward hooks on its modules"
+    wrapped = tiny_model()
+    wrapped.forward = lambda *args, **kwargs: None
+    assert why_not_compiled(wrapped) == "a forward other than GPT's"
     engine = Engine()
     model = LoadedModel(name="mish", model=tiny_model(activation="mish"), source="test", location="memory")
     request = engine.generate(model, "Hello", SamplingParams(max_new_tokens=4, temperature=0))

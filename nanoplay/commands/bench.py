@@ -125,7 +125,7 @@ def render(model, report):
     results, bandwidth = report["results"], report["bandwidth"]
     bound = bandwidth / report["weight_bytes"] if bandwidth else None
     title = (f"{model.name}, {report['precision']}: {report['params'] / 1e6:.1f}M params, "
-             f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per token")
+             f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per token; decode: {report['decode']}")
     if bandwidth:
         title += (f"; streaming read {bandwidth / 1e9:.1f} GB/s (best of {report['bandwidth_reads']}, "
                   f"{report['threads']} threads) -> batch-1 bound {bound:.1f} tok/s")
