@@ -214,7 +214,15 @@ class KernelDecoder:
         """
         Logits (B, vocab) float32 of one new token in each of `slots` at `positions`; each token's key
         and value are written to the cache at its position, as the torch step does (KVCache.bind_decode).
+        Rows may share a slot at consecutive positions (several tokens of one sequence: a speculative
+        check, a draft catching up): each sees the keys of the rows before it, as a causal forward does.
+        Raises ValueError for a slot, token or position outside the model and its cache.
         """
+        cfg = self.model.config
+        if not (min(slots) >= 0 and max(slots) < self.cache.slots and min(tokens) >= 0
+                and max(tokens) < cfg.vocab_size and min(positions) >= 0 and max(positions) < cfg.block_size):
+            raise ValueError(f"slots {slots}, tokens {tokens} or positions {positions} outside the model's "
+                             f"{self.cache.slots} slots, {cfg.vocab_size} tokens or {cfg.block_size} positions")
         inputs = torch.tensor([slots, tokens, positions], dtype=torch.int64)  # (3, B)
         logits = torch.empty(len(slots), self.model.config.vocab_size)
         status = self.library.decode_step(ctypes.byref(self.struct), len(slots), inputs[1].data_ptr(),

@@ -253,6 +253,13 @@ class ModelRunner:
             self._cache = KVCache(self.loaded.config, self.num_slots, self.loaded.device, self.loaded.dtype)
         return self._cache
 
+    @property
+    def compiled(self) -> KernelDecoder | None:
+        """The compiled decode step on this model's cache, when the runner decodes with one."""
+        if self.use_compiled_decode and self._compiled is None:
+            self._compiled = KernelDecoder(self.loaded.model, self.cache)
+        return self._compiled
+
     def has_work(self) -> bool:
         return bool(self.queue or self.running)
 
@@ -293,7 +300,7 @@ class ModelRunner:
         """One speculative step for r with its draft model (speculative.py); False if it must decode plainly."""
         drafts = self._drafts.get(id(r.draft))
         if drafts is None or drafts.draft is not r.draft:
-            drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots)
+            drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots, self.engine.compiled_decode)
         return speculative_step(self, r, drafts)
 
     def _pick_slot(self, ids: list[int]) -> int | None:
@@ -335,10 +342,8 @@ class ModelRunner:
             if self._static is None:
                 self._static = StaticDecoder(self.loaded.model, cache)
             logits = self._static.decode(slots, [r._next_token for r in batch], positions)  # (B, vocab)
-        elif self.use_compiled_decode:
-            if self._compiled is None:
-                self._compiled = KernelDecoder(self.loaded.model, cache)
-            logits = self._compiled.decode(slots, [r._next_token for r in batch], positions, decode_thread_count())
+        elif self.compiled is not None:
+            logits = self.compiled.decode(slots, [r._next_token for r in batch], positions, decode_thread_count())
         else:
             cache.bind_decode(slots, positions)
             device = self.loaded.device

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cpu_decode import decode_thread_count
+from .cpu_kernel import KernelDecoder, why_not_compiled
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .sampling import apply_penalties, choose
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 DEFAULT_DRAFT_TOKENS = 4
+MAX_COMPILED_TOKENS = 16  # longer feeds (a draft catching up on a new prompt) take torch's forward
 GPT2_VOCAB = 50257  # tokens of GPT-2's BPE; larger vocabularies are padding beyond them
 
 
@@ -57,11 +60,34 @@ def check_draft(model: "LoadedModel", draft: "LoadedModel", draft_tokens: int) -
 
 
 class DraftCache:
-    """A draft model's KV cache beside one model's: the draft's slot i follows the model's slot i."""
+    """
+    A draft model's KV cache beside one model's: the draft's slot i follows the model's slot i. With
+    `compiled`, the draft's forwards of a few tokens run in the compiled CPU step (cpu_kernel.py).
+    """
 
-    def __init__(self, draft: "LoadedModel", slots: int):
+    def __init__(self, draft: "LoadedModel", slots: int, compiled: bool):
         self.draft = draft
         self.cache = KVCache(draft.config, slots, draft.device, draft.dtype)
+        self.compiled = KernelDecoder(draft.model, self.cache) if compiled and why_not_compiled(draft.model) is None \
+            else None
+
+
+def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder | None, slot: int, start: int,
+                   tokens: list[int], last_only: bool = False) -> torch.Tensor:
+    """
+    Logits (len(tokens), vocab) -- (1, vocab) with last_only -- of `tokens` fed into `slot` at positions
+    start.. (after what the slot holds before `start`), their keys and values cached: in the compiled
+    step when there is one and the tokens are few (it reads every weight once for up to 4 of them),
+    else in a torch forward.
+    """
+    if compiled is not None and len(tokens) <= MAX_COMPILED_TOKENS:
+        positions = list(range(start, start + len(tokens)))
+        logits = compiled.decode([slot] * len(tokens), tokens, positions, decode_thread_count())
+        return logits[-1:] if last_only else logits
+    cache.bind_prefill(slot, start, len(tokens))
+    positions = torch.arange(start, start + len(tokens), device=model.device).unsqueeze(0)
+    return model.model(torch.tensor([tokens], device=model.device), positions=positions, cache=cache,
+                       last_only=last_only)[0]
 
 
 def speculative_step(runner: "ModelRunner", r: "Request", drafts: DraftCache) -> bool:
@@ -83,11 +109,7 @@ def speculative_step(runner: "ModelRunner", r: "Request", drafts: DraftCache) ->
 
     # 2. the model scores y0, d1..dk in one forward: row j predicts the token after the j-th of them
     fed = [r._next_token] + proposed
-    device = model.device
-    cache.bind_prefill(slot, start, len(fed))
-    idx = torch.tensor([fed], device=device)
-    positions = torch.arange(start, start + len(fed), device=device).unsqueeze(0)
-    logits = model.model(idx, positions=positions, cache=cache)[0]  # (k+1, vocab)
+    logits = forward_tokens(model, cache, runner.compiled, slot, start, fed)  # (k+1, vocab)
     prefix = cache.tokens[slot]
 
     # 3. record the model's own choice row by row, up to the first disagreement
@@ -118,10 +140,7 @@ def _propose(r: "Request", drafts: DraftCache, window: list[int], k: int, vocab_
     feed = window[start:]
     proposed: list[int] = []
     for j in range(k):
-        dcache.bind_prefill(slot, start, len(feed))
-        positions = torch.arange(start, start + len(feed), device=draft.device).unsqueeze(0)
-        logits = draft.model(torch.tensor([feed], device=draft.device), positions=positions, cache=dcache,
-                             last_only=True)[0, -1]  # (Vd,)
+        logits = forward_tokens(draft, dcache, drafts.compiled, slot, start, feed, last_only=True)[0]  # (Vd,)
         dcache.tokens[slot] = window[:start] + feed
         seen = torch.tensor(seen_ids, device=draft.device) if params.repetition_penalty != 1.0 else None
         noise = None if params.temperature == 0 else r._noise(j)

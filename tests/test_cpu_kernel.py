@@ -251,3 +251,34 @@ def test_a_failed_compile_names_the_compilers_error(tmp_path, monkeypatch):
         assert why_not_compiled(tiny_model()) == status
     finally:
         cpu_kernel._load.cache_clear()
+
+
+@torch.no_grad()
+def test_tokens_of_one_sequence_in_one_call_are_a_causal_forward():
+    """Rows of one slot at consecutive positions (a speculative check): each sees the ones before it, and
+    gets the bits it gets fed one at a time."""
+    model = tiny_model()
+    together, apart = (KVCache(model.config, slots=2, device="cpu", dtype=torch.float32) for _ in range(2))
+    for cache in (together, apart):
+        prefill(model, cache, 1, [10, 11, 12])
+    tokens = [13, 14, 15, 16, 17]  # 5 rows: a block of 4 and one more
+    logits = KernelDecoder(model, together).decode([1] * 5, tokens, [3, 4, 5, 6, 7], threads=2)
+    one_by_one = KernelDecoder(model, apart)
+    for i, token in enumerate(tokens):
+        assert torch.equal(logits[i], one_by_one.decode([1], [token], [3 + i], threads=2)[0])
+    seqs = [[10, 11, 12] + tokens[:i + 1] for i in range(5)]
+    torch.testing.assert_close(logits, full_forward(model, seqs), atol=2e-5, rtol=1e-5)
+
+
+def test_speculative_decoding_through_the_compiled_step_changes_no_bit():
+    """The check of k+1 tokens runs in the same step as plain decoding, row for row: the same figures exactly."""
+    from nanoplay.bench import truncated_draft
+
+    target = LoadedModel(name="target", model=tiny_model(seed=1, n_layer=3), source="test", location="memory")
+    params = SamplingParams(max_new_tokens=20, seed=2, temperature=0.8, top_logprobs=3, stop_on_eot=False)
+    plain = Engine().generate(target, "The cat sat on", params)
+    engine = Engine()  # a fresh cache: the prompt's prefill the same forward as plain's
+    speculative = engine.generate(target, "The cat sat on", params, draft=truncated_draft(target, 2))
+    assert engine._runner(target).use_compiled_decode and speculative.draft_accepted > 0
+    assert [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in speculative.tokens] == \
+        [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in plain.tokens]

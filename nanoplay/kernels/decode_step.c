@@ -315,8 +315,10 @@ static void softmax(float *s, int64_t n) {
     for (t = 0; t < n; t++) s[t] /= total;
 }
 
-/* Each row's query attends to its own sequence's keys 0..position (the new one included, stored first).
- * qkv (B, 3 * n_embd) -> y (B, n_embd); scores is scratch of (B * n_head, cache_len). */
+/* Each row's query attends to its own sequence's keys 0..position. Every row's key and value are stored
+ * first, so rows of one sequence at consecutive positions (a speculative check) each see the ones
+ * before them: a causal forward of several tokens. qkv (B, 3 * n_embd) -> y (B, n_embd); scores is
+ * scratch of (B * n_head, cache_len). */
 static void attention(const Model *m, const Layer *layer, const float *qkv, int64_t B, const int64_t *slots,
                       const int64_t *positions, float *scores, float *y) {
     const int64_t C = m->n_embd, H = m->n_head, hs = C / H, T = m->cache_len;
@@ -324,12 +326,19 @@ static void attention(const Model *m, const Layer *layer, const float *qkv, int6
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
-            const float *q = qkv + b * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
-            const int64_t base = (slots[b] * H + h) * T * hs, pos = positions[b];  /* (slot, head) of the cache */
+            const float *k = qkv + b * 3 * C + C + h * hs, *v = k + C;
+            const int64_t at = ((slots[b] * H + h) * T + positions[b]) * hs;
             for (int64_t i = 0; i < hs; i++) {
-                store_as(type, layer->k_cache, base + pos * hs + i, k[i]);
-                store_as(type, layer->v_cache, base + pos * hs + i, v[i]);
+                store_as(type, layer->k_cache, at + i, k[i]);
+                store_as(type, layer->v_cache, at + i, v[i]);
             }
+        }
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            const float *q = qkv + b * 3 * C + h * hs;
+            const int64_t base = (slots[b] * H + h) * T * hs, pos = positions[b];  /* (slot, head) of the cache */
             float *s = scores + (b * H + h) * T;
             for (int64_t t = 0; t <= pos; t++) s[t] = dot_cached(type, layer->k_cache, base + t * hs, q, hs) * layer->attn_scale;
             softmax(s, pos + 1);
