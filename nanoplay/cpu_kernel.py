@@ -11,8 +11,9 @@ It is compiled the first time it is needed, with the machine's C compiler (`$CC`
 machine's own CPU (-march=native) and OpenMP, into nanoplay's cache directory; the file's name carries
 a hash of the source, the compiler and the CPU, so a new version or another machine compiles afresh.
 Where there is no compiler (or `NANOPLAY_DECODE_KERNEL=0`), decoding stays in torch, and
-`kernel_status()` says why. Prefill, scoring and training always run in torch: their products have
-many rows, where BLAS is at its best.
+`kernel_status()` says why. A few tokens of one sequence can go in one call too (speculative
+decoding's check and its draft, speculative.py). Prompts, scoring and training run in torch: their
+products have many rows, where BLAS is at its best.
 """
 
 from __future__ import annotations
