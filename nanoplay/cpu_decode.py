@@ -199,13 +199,14 @@ def keep_freed_memory() -> bool:
     sampler's statistics for 4 rows took 4.8 ms instead of 1.8 ms. The cost: a process keeps up to
     its peak of such blocks instead of returning them (the models' weights, larger, are not affected).
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt, version = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError, TypeError):  # not glibc: musl, macOS, Windows
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):  # no C library to open by name: Windows
         return False
-    return bool(mallopt(GLIBC_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(GLIBC_M_TRIM_THRESHOLD, 4 * KEEP_FREED_BYTES))
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl, macOS
+        return False
+    return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+                and libc.mallopt(GLIBC_M_TRIM_THRESHOLD, 4 * KEEP_FREED_BYTES))
 
 
 @functools.cache
