@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -68,50 +69,63 @@ def _cache_dir() -> Path:
     return Path(base) / "nanoplay" / "kernels"
 
 
-def _compiler_version(cc: str) -> str:
-    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+def _compiler_version(cc: list[str]) -> str:
+    return subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def _build(cc: list[str], flags: list[str], target: Path) -> str:
+    """Compile the step into `target` (written beside it, then renamed: a process that finds the name
+    finds it whole); "" or why it failed, one line."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            return f"the decode kernel did not compile with {cc[0]} ({next((x for x in lines if 'error' in x), lines[-1]).strip()})"
+        os.replace(partial, target)
+        return ""
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(the library, "") or (None, why not), once per process."""
+    """(the library, "") or (None, why not), once per process. Nothing here raises: any failure (no
+    compiler, a cache directory that cannot be written, a damaged file in it) leaves decoding in torch."""
     if os.environ.get(DISABLE_VARIABLE) == "0":
         return None, f"off ({DISABLE_VARIABLE}=0)"
-    cc = os.environ.get("CC", "cc")
+    cc = shlex.split(os.environ.get("CC") or "cc")  # CC may carry flags: "gcc -m64"
     try:
         version = _compiler_version(cc)
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"no C compiler ({cc}: {type(e).__name__}): decoding runs in torch; install gcc or set CC"
-    source = SOURCE.read_bytes()
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return None, f"no C compiler ({' '.join(cc)}: {type(e).__name__}): install gcc or set CC"
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(cc + flags).encode(),
                                      platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]))
     target = _cache_dir() / f"decode_step-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # compiled beside its final name, then renamed: a process that finds the name finds it whole
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+    for attempt in range(2):  # a file there that does not load (damaged, foreign) is built again, once
         try:
-            done = subprocess.run([cc, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines() or ["no message"]
-                first = next((line for line in lines if "error" in line), lines[-1]).strip()
-                return None, f"the decode kernel did not compile with {cc} ({first}): decoding runs in torch"
-            os.replace(partial, target)
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"the decode kernel did not compile with {cc} ({e}): decoding runs in torch"
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    try:
-        library = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"the decode kernel did not load ({e}): decoding runs in torch"
-    library.decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    library.decode_step.restype = ctypes.c_int
+            if not target.exists():
+                why = _build(cc, flags, target)
+                if why:
+                    return None, why
+            library = ctypes.CDLL(str(target))
+            step = library.decode_step
+            break
+        except (OSError, AttributeError, subprocess.SubprocessError) as e:
+            try:
+                target.unlink(missing_ok=True)  # never leave a file that does not load
+            except OSError as unlink_error:
+                return None, f"the decode kernel in {target} does not load and cannot be replaced ({unlink_error})"
+            if attempt:
+                return None, f"the decode kernel could not be built or loaded in {target.parent} ({e})"
+    step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    step.restype = ctypes.c_int
     return library, ""
 
 
