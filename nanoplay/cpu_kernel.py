@@ -145,12 +145,9 @@ def why_not_compiled(model: GPT) -> str | None:
     cfg = model.config
     if model.transformer.wte.weight.device.type != "cpu":
         return "not on the CPU"
-    # the step computes GPT.forward's maths: a model that computes anything else, or whose modules
-    # someone watches, runs in torch
-    if type(model) is not GPT or "forward" in vars(model):
-        return "a forward other than GPT's"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return "forward hooks on its modules"
+    watched = watched_or_wrapped(model)
+    if watched:
+        return watched
     if cfg.activation not in ACTIVATIONS:
         return f"its activation, {cfg.activation}"
     products = _products(model)
@@ -161,6 +158,19 @@ def why_not_compiled(model: GPT) -> str | None:
         return f"embeddings in {model.transformer.wte.weight.dtype}"
     if not all(getattr(m, "qweight", getattr(m, "weight", None)).is_contiguous() for m in products):
         return "weights not in nn.Linear's layout"
+    return None
+
+
+def watched_or_wrapped(model: GPT) -> str | None:
+    """
+    Why the step would not compute what `model(...)` does now, or None: the step computes GPT.forward's
+    maths, so a model that computes anything else, or whose modules someone watches (forward hooks),
+    runs in torch. Cheap enough to ask every step, as hooks come and go.
+    """
+    if type(model) is not GPT or "forward" in vars(model):
+        return "a forward other than GPT's"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks on its modules"
     return None
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .cpu_decode import decode_thread_count, keep_freed_memory, threads_for, use_decode_layout
-from .cpu_kernel import KernelDecoder, why_not_compiled
+from .cpu_kernel import KernelDecoder, watched_or_wrapped, why_not_compiled
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
@@ -255,8 +255,11 @@ class ModelRunner:
 
     @property
     def compiled(self) -> KernelDecoder | None:
-        """The compiled decode step on this model's cache, when the runner decodes with one."""
-        if self.use_compiled_decode and self._compiled is None:
+        """The compiled decode step on this model's cache, when the runner decodes with one now: not
+        while hooks watch the model or its forward is replaced (they may come after the first step)."""
+        if not self.use_compiled_decode or watched_or_wrapped(self.loaded.model):
+            return None
+        if self._compiled is None:
             self._compiled = KernelDecoder(self.loaded.model, self.cache)
         return self._compiled
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cpu_decode import decode_thread_count
-from .cpu_kernel import KernelDecoder, why_not_compiled
+from .cpu_kernel import KernelDecoder, watched_or_wrapped, why_not_compiled
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .sampling import apply_penalties, choose
@@ -80,7 +80,7 @@ def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder
     step when there is one and the tokens are few (it reads every weight once for up to 4 of them),
     else in a torch forward.
     """
-    if compiled is not None and len(tokens) <= MAX_COMPILED_TOKENS:
+    if compiled is not None and len(tokens) <= MAX_COMPILED_TOKENS and not watched_or_wrapped(model.model):
         positions = list(range(start, start + len(tokens)))
         logits = compiled.decode([slot] * len(tokens), tokens, positions, decode_thread_count())
         return logits[-1:] if last_only else logits

@@ -316,3 +316,22 @@ def test_speculative_decoding_through_the_compiled_step_changes_no_bit():
     assert engine._runner(target).use_compiled_decode and speculative.draft_accepted > 0
     assert [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in speculative.tokens] == \
         [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in plain.tokens]
+
+
+def test_hooks_added_after_the_first_request_take_the_step_back_to_torch():
+    """A hook (or a wrapped forward) that comes after the runner exists still sees, and changes, every token."""
+    def generate(engine, model):
+        return [t.id for t in engine.generate(model, "Hi", SamplingParams(max_new_tokens=6, temperature=0)).tokens]
+
+    model = LoadedModel(name="t", model=tiny_model(), source="test", location="memory")
+    engine = Engine()
+    generate(engine, model)
+    calls = []
+    mlp = model.model.transformer.h[1].mlp
+    hook = mlp.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0)
+    hooked = generate(engine, model)
+    assert len(calls) == 6  # the prompt, then every step (torch's forward, not the compiled one)
+    reference = Engine(compiled_decode=False)
+    assert hooked == generate(reference, model)
+    hook.remove()
+    assert generate(engine, model) == generate(Engine(compiled_decode=False), model)
