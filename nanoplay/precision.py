@@ -8,8 +8,9 @@ bf16 only on CPUs that have them (a pure function of the CPU's flags, see `cpu_f
 
 int8 is weight-only quantization at load time: each output row of every matrix product (the output
 head included) is stored as int8 with one scale per row (symmetric, scale = max |w| / 127). Decode
-steps run in the compiled step (cpu_kernel.py), which widens the int8 weights to float32 in registers;
-in torch (prefill, scoring, and decoding where there is no compiler) the product runs in torch's own
+steps run in the compiled step (cpu_kernel.py), which widens the int8 weights to float32 in registers
+and rounds each product's inputs and results to bf16 as torch's kernel does (so `score`, and a machine
+without a compiler, give the same numbers up to a rare rounding flip); in torch (prefill, scoring, and decoding where there is no compiler) the product runs in torch's own
 kernel, `torch._weight_int8pack_mm`, which reads the int8 weights directly, with bf16 inputs and
 outputs (its fast path on CPUs without AVX-512). Norms, attention, the residual stream, the KV cache
 and the embeddings stay float32. A row's result does not depend on the other rows of the batch, so a
@@ -104,6 +105,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """
     if next(model.parameters()).device.type != "cpu":
         raise NanoplayError("int8 weights run on the CPU only (torch's int8 kernel): give --device cpu")
+    widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % 8})
+    if widths:  # torch 2.13's kernel reads past such rows: a segmentation fault, not an error
+        raise NanoplayError(f"int8 weights need matrix input widths that are multiples of 8 (torch's int8 kernel); "
+                            f"this model has {', '.join(map(str, widths))}: give --dtype fp32 or bf16")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

@@ -12,6 +12,7 @@ import nanoplay.cpu_kernel as cpu_kernel
 from nanoplay.cpu_decode import HUGE_PAGE, keep_freed_memory, use_decode_layout, use_huge_pages
 from nanoplay.cpu_kernel import KernelDecoder, kernel_status, why_not_compiled
 from nanoplay.engine import Engine
+from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
 from nanoplay.precision import Int8Linear, quantize_int8
@@ -103,19 +104,29 @@ def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
 
 
 @torch.no_grad()
-def test_int8_step_computes_with_the_dequantized_weights():
-    """float32 activations times int8 weights and their row scales: what the dequantized float model gives."""
-    model = tiny_model(n_embd=36, n_head=3)
+def test_int8_step_computes_what_torchs_int8_product_does():
+    """bf16 inputs and bf16 results around float32 sums, as torch's int8 kernel (precision.py): so gen,
+    score and a machine without a compiler give the same int8 numbers, up to a rare bf16 rounding flip."""
+    model = tiny_model(n_embd=40, n_head=2)  # 40: a whole-vector tail after the 32-wide blocks
     quantize_int8(model)
-    reference = tiny_model(n_embd=36, n_head=3)
-    for module, ref in zip(model.modules(), reference.modules()):
-        if isinstance(module, Int8Linear):  # the head too, untied: the int8 model looks up float32 embeddings
-            ref.weight = torch.nn.Parameter(module.dequantized())
-    ids = [3, 1, 4, 1, 5, 9]
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
     cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.float32)
-    prefill(reference, cache, 0, ids[:-1])  # the same cache as the dequantized model's
+    prefill(model, cache, 0, ids[:-1])
     logits = KernelDecoder(model, cache).decode([0], [ids[-1]], [len(ids) - 1], threads=2)
-    torch.testing.assert_close(logits, full_forward(reference, [ids]), atol=2e-5, rtol=1e-5)
+    expected = model(torch.tensor([ids]))[:, -1]
+    torch.testing.assert_close(logits, expected, atol=5e-3, rtol=0)
+    assert ((logits - expected).abs() > 1e-5).float().mean() < 1e-3
+    # against float32 activations, the dequantized weights give logits visibly apart: the rounding is there
+    reference = tiny_model(n_embd=40, n_head=2)
+    for module, ref in zip(model.modules(), reference.modules()):
+        if isinstance(module, Int8Linear):
+            ref.weight = torch.nn.Parameter(module.dequantized())
+    assert (logits - full_forward(reference, [ids])).abs().max() > 1e-4
+
+
+def test_int8_refuses_widths_torchs_kernel_cannot_read():
+    with pytest.raises(NanoplayError, match="multiples of 8 .* 36: give --dtype fp32 or bf16"):
+        quantize_int8(tiny_model(n_embd=36, n_head=3))
 
 
 @torch.no_grad()
@@ -170,8 +181,8 @@ def test_engine_decodes_as_torch_does(dtype):
 
     for ours, theirs in zip(generate(True), generate(False)):
         assert [t.id for t in ours.tokens] == [t.id for t in theirs.tokens]
-        # torch's int8 product rounds the activations to bf16 (precision.py), the compiled step does not
-        tolerance = 2e-2 if dtype == torch.int8 else 1e-4
+        # int8: a bf16 rounding of a product's result may flip between the two (different summation orders)
+        tolerance = 5e-3 if dtype == torch.int8 else 1e-4
         for a, b in zip(ours.tokens, theirs.tokens):
             if dtype == torch.float32:  # int8: near ties among the alternatives may swap with the rounding
                 assert a.rank == b.rank and [x.id for x in a.top] == [x.id for x in b.top]

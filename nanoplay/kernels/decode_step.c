@@ -190,20 +190,27 @@ DOT_BLOCKS(bf16, uint16_t, load_bf16, SCALAR_BF16)
 DOT_BLOCKS(int8, int8_t, load_int8, SCALAR_INT8)
 
 static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float v, int accumulate) {
-    if (w->scales) v *= w->scales[o];
+    if (w->scales) v = bf16_to_float(float_to_bf16(v * w->scales[o]));  /* int8: a bf16 result, as torch's */
     if (w->bias) v += w->bias[o];
     float *dst = y + b * w->out + o;
     *dst = accumulate ? *dst + v : v;
 }
 
-/* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream).
+/* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream); int8 rounds
+ * x to bf16 in place first and each result to bf16 before the bias (torch's int8 product, precision.py).
  * Called inside the parallel region: the output rows are shared among the threads, and each thread
  * streams its share of the matrix in order. A batch takes one weight row for up to 4 activation rows
  * at a time, one sequence one weight row; int8 takes 2 weight rows for a batch and 4 for one
  * sequence, as its widening needs more work per load (measured on AVX2 against one row: 15% faster
  * for int8, but 1.4x slower for bf16 and float32). */
-static void matmul(const Model *m, const Matrix *w, const float *x, int64_t B, float *y, int accumulate) {
+static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *y, int accumulate) {
     const int64_t in = w->in, out = w->out;
+    if (m->weight_type == WEIGHT_INT8) {
+        /* int8 products take bf16 inputs, as torch's int8 kernel does (precision.py): the same numbers
+         * with and without a compiler, and in `score`. x is this product's own scratch input. */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * in; i++) x[i] = bf16_to_float(float_to_bf16(x[i]));
+    }
     const size_t width = m->weight_type == WEIGHT_F32 ? 4 : m->weight_type == WEIGHT_BF16 ? 2 : 1;
     void (*dot)(const void *, const float *, int64_t, int, int, float *) =
         m->weight_type == WEIGHT_F32 ? dot_f32 : m->weight_type == WEIGHT_BF16 ? dot_bf16 : dot_int8;
