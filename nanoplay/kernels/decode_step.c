@@ -275,6 +275,17 @@ static void activate(int activation, float *h, int64_t n) {
     for (; i < n; i++) h[i] = activate_one(activation, h[i]);
 }
 
+/* h (B, n) = activation(h), shared among the threads in pieces of 256 within each row: where a value
+ * falls (8-wide or one by one) then depends on its column alone, never on the batch */
+static void activate_rows(int activation, float *h, int64_t B, int64_t n) {
+    const int64_t pieces = (n + 255) / 256;
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < B * pieces; k++) {
+        const int64_t b = k / pieces, start = k % pieces * 256;
+        activate(activation, h + b * n + start, n - start < 256 ? n - start : 256);
+    }
+}
+
 static inline float load_as(int type, const void *p, int64_t i) {  /* element i of a float32 or bf16 array */
     return type == WEIGHT_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -379,9 +390,7 @@ int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t 
                 matmul(m, &layer->attn_proj, att, B, x, 1);
                 layer_norm(x, layer->ln_2_weight, layer->ln_2_bias, B, C, m->layer_norm_epsilon, xn);
                 matmul(m, &layer->c_fc, xn, B, hidden, 0);
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < B * m->mlp_width; i += 256)
-                    activate(m->activation, hidden + i, B * m->mlp_width - i < 256 ? B * m->mlp_width - i : 256);
+                activate_rows(m->activation, hidden, B, m->mlp_width);
                 matmul(m, &layer->mlp_proj, hidden, B, x, 1);
             }
             layer_norm(x, m->ln_f_weight, m->ln_f_bias, B, C, m->layer_norm_epsilon, xn);
