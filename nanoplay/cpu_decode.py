@@ -153,7 +153,7 @@ def use_huge_pages(model: nn.Module) -> int:
                     t.data = moved[t.data_ptr()]  # the same Parameter everywhere it is shared
                 else:
                     setattr(module, name, moved[t.data_ptr()])
-    return offset
+    return sum(sizes.values())
 
 
 def uses_blas(model: nn.Module) -> bool:

@@ -237,8 +237,7 @@ class ModelRunner:
         use_static = engine.static_decode
         self.use_static_decode = loaded.device.type == "cuda" if use_static is None else use_static
         # the compiled CPU decode step (cpu_kernel.py), where the engine wants it and it can run this model
-        self.use_compiled_decode = (engine.compiled_decode and not self.use_static_decode
-                                    and why_not_compiled(loaded.model) is None)
+        self.use_compiled_decode = not self.use_static_decode and engine.compiles(loaded.model)
         self._compiled: KernelDecoder | None = None
         self.queue: list[Request] = []
         self.running: list[Request] = []
@@ -303,7 +302,7 @@ class ModelRunner:
         """One speculative step for r with its draft model (speculative.py); False if it must decode plainly."""
         drafts = self._drafts.get(id(r.draft))
         if drafts is None or drafts.draft is not r.draft:
-            drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots, self.engine.compiled_decode)
+            drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots, self.engine.compiles(r.draft.model))
         return speculative_step(self, r, drafts)
 
     def _pick_slot(self, ids: list[int]) -> int | None:
@@ -519,9 +518,13 @@ class Engine:
                 quantize_int8(loaded.model)
                 loaded.name += " (int8)"
             if loaded.device.type == "cpu":
-                use_decode_layout(loaded.model, compiled=self.compiled_decode and why_not_compiled(loaded.model) is None)
+                use_decode_layout(loaded.model, compiled=self.compiles(loaded.model))
             self._loaded[key] = loaded
         return self._loaded[key]
+
+    def compiles(self, model: torch.nn.Module) -> bool:
+        """Whether this engine decodes `model` in the compiled CPU step (compiled_decode, and it can)."""
+        return self.compiled_decode and why_not_compiled(model) is None
 
     def unload(self, model: LoadedModel) -> None:
         """Cancel the model's requests and free its KV cache (a pane closed, say)."""

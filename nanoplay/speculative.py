@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cpu_decode import decode_thread_count
-from .cpu_kernel import KernelDecoder, watched_or_wrapped, why_not_compiled
+from .cpu_kernel import KernelDecoder, watched_or_wrapped
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .sampling import apply_penalties, choose
@@ -62,14 +62,13 @@ def check_draft(model: "LoadedModel", draft: "LoadedModel", draft_tokens: int) -
 class DraftCache:
     """
     A draft model's KV cache beside one model's: the draft's slot i follows the model's slot i. With
-    `compiled`, the draft's forwards of a few tokens run in the compiled CPU step (cpu_kernel.py).
+    `compiled` (Engine.compiles), the draft's forwards of a few tokens run in the compiled CPU step.
     """
 
     def __init__(self, draft: "LoadedModel", slots: int, compiled: bool):
         self.draft = draft
         self.cache = KVCache(draft.config, slots, draft.device, draft.dtype)
-        self.compiled = KernelDecoder(draft.model, self.cache) if compiled and why_not_compiled(draft.model) is None \
-            else None
+        self.compiled = KernelDecoder(draft.model, self.cache) if compiled else None
 
 
 def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder | None, slot: int, start: int,

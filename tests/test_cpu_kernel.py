@@ -195,7 +195,8 @@ def test_engine_decodes_as_torch_does(dtype):
 def test_huge_pages_move_the_weights_and_keep_values_and_tying():
     model = tiny_model()
     reference = copy.deepcopy(model)
-    use_huge_pages(model)
+    matrices = {p.data_ptr(): p for p in model.parameters() if p.dim() == 2}  # the tied head once
+    assert use_huge_pages(model) == sum(-(-p.numel() * 4 // 64) * 64 for p in matrices.values())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.transformer.wte.weight.data_ptr() % HUGE_PAGE == 0  # the block starts on a huge page
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
