@@ -344,8 +344,8 @@ class ModelRunner:
             if self._static is None:
                 self._static = StaticDecoder(self.loaded.model, cache)
             logits = self._static.decode(slots, [r._next_token for r in batch], positions)  # (B, vocab)
-        elif self.compiled is not None:
-            logits = self.compiled.decode(slots, [r._next_token for r in batch], positions, decode_thread_count())
+        elif (compiled := self.compiled) is not None:
+            logits = compiled.decode(slots, [r._next_token for r in batch], positions, decode_thread_count())
         else:
             cache.bind_decode(slots, positions)
             device = self.loaded.device

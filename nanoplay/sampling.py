@@ -30,6 +30,7 @@ subtracted first, so no setting can overflow them into NaN, and a removed token 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
@@ -198,21 +199,23 @@ def stable_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """The model's raw log-probabilities (..., vocab) in float64, finite for every token it does not rule
-    out however large its logits (float32 logits of +-3e38 differ by more than float32 can hold)."""
-    return stable_logits(logits).log_softmax(-1)
+def _logprobs(logits: torch.Tensor, row_max: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """log-probabilities (N, k) float64 of logits (N, k) in rows whose maximum and log_z are (N,)"""
+    return (logits.double() - row_max.unsqueeze(1)) - log_z.unsqueeze(1)
 
 
 @dataclass
 class Distribution:
     """
     A model's next-token distributions for rows of logits (N, vocab), with what each token reports,
-    computed once per step for the whole batch: every figure is a pass over the vocabulary, and the
-    top entries also give the greedy token and most tokens' rank without another pass.
+    computed once per step for the whole batch. A token's log-probability is (logit - max) - log_z in
+    float64, log_softmax's formula; the figures come from two passes over the vocabulary, in C where
+    the compiled kernels load (cpu_kernel.distribution_statistics), else in torch.
     """
 
-    logprobs: torch.Tensor  # (N, vocab) float64, `model_logprobs`
+    logits: torch.Tensor  # (N, vocab): float32, or float64 from `stable_logits` where a row is not finite
+    max: torch.Tensor  # (N,) float64: each row's largest logit
+    log_z: torch.Tensor  # (N,) float64: log sum exp(logits - max)
     entropy: torch.Tensor  # (N,) nats
     top_ids: torch.Tensor  # (N, m): the m most likely ids, most likely first, m >= min(2, vocab)
     top_logprobs: torch.Tensor  # (N, m)
@@ -220,17 +223,40 @@ class Distribution:
     @classmethod
     def of(cls, logits: torch.Tensor, top: int) -> "Distribution":
         """logits (N, vocab), each row with a distribution (`logits_fault`); `top`: alternatives wanted."""
-        logprobs = model_logprobs(logits)
-        # -p log p, 0 where p is 0 (a -inf logit: 0 * -inf is NaN, which nansum skips); special.entr is
-        # the same sum, but not vectorised: 10x slower
-        entropy = -torch.nansum(logprobs.exp() * logprobs, dim=-1)
-        top_logprobs, top_ids = torch.topk(logprobs, min(max(top, 2), logprobs.size(-1)), dim=-1)
-        return cls(logprobs, entropy, top_ids, top_logprobs)
+        from .cpu_kernel import distribution_statistics
+
+        m = min(max(top, 2), logits.size(-1))
+        figures = distribution_statistics(logits, m)  # None for rows that are not all finite, or no compiler
+        if figures is None:  # as kernels/distribution.c computes them
+            logits = stable_logits(logits)
+            row_max = logits.amax(-1)
+            shifted = logits - row_max.unsqueeze(-1)  # (N, vocab), <= 0
+            e = shifted.exp()
+            at_max = shifted == 0
+            # sum e = 1 + rest: log1p(rest) keeps a rest of 1e-20, which log(1 + 1e-20) would lose
+            rest = e.masked_fill(at_max, 0.0).sum(-1) + (at_max.sum(-1) - 1)
+            log_z = rest.log1p()
+            # -sum p log p = log_z - sum e * shifted / (1 + rest); a -inf logit adds 0 * -inf = NaN, which
+            # nansum skips
+            entropy = log_z - torch.nansum(e * shifted, dim=-1) / (1 + rest)
+            top_ids = torch.topk(logits, m, dim=-1).indices
+        else:
+            row_max, log_z, entropy, top_ids = figures
+        return cls(logits, row_max, log_z, entropy, top_ids, _logprobs(logits.gather(1, top_ids), row_max, log_z))
+
+    def logprobs_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The log-probabilities (N, k) of ids (N, k), one set per row."""
+        return _logprobs(self.logits.gather(1, ids), self.max, self.log_z)
+
+    @functools.cached_property
+    def logprobs(self) -> torch.Tensor:
+        """Every token's log-probability (N, vocab) float64: the model's raw log-probabilities."""
+        return _logprobs(self.logits, self.max, self.log_z)
 
     def greedy(self) -> torch.Tensor:
         """The most likely token of each row (N,): torch.argmax's, the first id of a tie."""
         if self.top_ids.size(1) >= 2 and bool((self.top_logprobs[:, 0] > self.top_logprobs[:, 1]).all()):
-            return self.top_ids[:, 0]  # no tie for first place: topk's first is the argmax
+            return self.top_ids[:, 0]  # no tie for first place: the top entries' first is the argmax
         return self.logprobs.argmax(-1)
 
     def figures(self, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -238,7 +264,7 @@ class Distribution:
         For the token taken at each row (N,): its log-probability (N,), its rank (N,; 1 = most likely),
         and the k most likely ids and their log-probabilities (N, k).
         """
-        chosen = self.logprobs.gather(1, tokens.unsqueeze(1))  # (N, 1)
+        chosen = self.logprobs_of(tokens.unsqueeze(1))  # (N, 1)
         if bool((chosen >= self.top_logprobs[:, -1:]).all()):
             # every token more likely than the chosen one is among the top entries
             higher = (self.top_logprobs > chosen).sum(1)

@@ -349,3 +349,11 @@ def test_hooks_added_after_the_first_request_take_the_step_back_to_torch():
     assert hooked == generate(reference, model)
     hook.remove()
     assert generate(engine, model) == generate(Engine(compiled_decode=False), model)
+    calls.clear()  # torch's global hooks watch every module of every model
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(1)):
+        with torch.no_grad():
+            model.model(torch.tensor([[1]]))
+        per_forward = len(calls)
+        calls.clear()
+        generate(engine, model)
+    assert len(calls) == 6 * per_forward  # the prompt, then every step

@@ -136,11 +136,11 @@ def test_a_tiny_temperature_is_greedy_not_token_0():
 
 
 def test_infinite_logits_take_all_the_mass_and_nan_is_named():
-    from nanoplay.sampling import logits_fault, model_logprobs
+    from nanoplay.sampling import Distribution, logits_fault
 
     x = logits(8)
     x[[5, 9]] = float("inf")
-    lp = model_logprobs(x)
+    lp = Distribution.of(x.unsqueeze(0), 5).logprobs[0]
     assert lp[5] == lp[9] == pytest.approx(math.log(0.5)) and torch.isinf(lp).sum() == V - 2
     g = torch.Generator().manual_seed(1)
     picks = {choose(x, SamplingParams(temperature=0.7), draw_noise(g, V, "cpu"))[0] for _ in range(50)}
@@ -181,7 +181,7 @@ def random_params(rng: random.Random) -> SamplingParams:
 
 def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
     """A seeded property test: 400 random rows and settings, extremes included."""
-    from nanoplay.sampling import model_logprobs
+    from nanoplay.sampling import Distribution
 
     rng = random.Random(11)
     g = torch.Generator().manual_seed(11)
@@ -198,7 +198,7 @@ def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
         assert not torch.isnan(sampling_lp).any(), where
         assert torch.isfinite(sampling_lp[token]), where  # the token is one the filters kept
         assert float(sampling_lp.logsumexp(-1)) == pytest.approx(0.0, abs=1e-9), where  # a distribution
-        assert torch.isfinite(model_logprobs(row)[token]), where  # finite under the model too
+        assert torch.isfinite(Distribution.of(row.unsqueeze(0), 2).logprobs[0, token]), where  # under the model too
         assert row[token] != float("-inf"), where  # never a token the model rules out
         if torch.isinf(row).any() and (row == float("inf")).any():
             assert row[token] == float("inf"), where  # +inf takes all the mass
@@ -255,9 +255,22 @@ def test_prompt_seeds_never_collide_with_sample_seeds():
         assert len({s % 2**32 for s in seeds}) == len(seeds)
 
 
-def test_distribution_figures_match_a_full_pass_over_the_vocabulary():
-    """Distribution takes shortcuts (the top entries give the greedy token and most ranks, one sum tells
-    finite rows): each figure against its definition, computed over the whole row, ties and -inf included."""
+@pytest.fixture(params=["compiled", "torch"])
+def figures_path(request, monkeypatch):
+    """Distribution's figures from the compiled kernel (kernels/distribution.c), or from torch."""
+    import nanoplay.cpu_kernel as cpu_kernel
+
+    if request.param == "compiled" and cpu_kernel.kernel_status():
+        pytest.skip(cpu_kernel.kernel_status())
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernel, "distribution_statistics", lambda logits, top: None)
+    return request.param
+
+
+def test_distribution_figures_match_a_full_pass_over_the_vocabulary(figures_path):
+    """Distribution takes shortcuts (the top entries give the greedy token and most ranks; C or torch
+    computes max, log_z and entropy): each figure against its definition over the whole row, in float64,
+    ties and extremes included, and rows wider than the kernel's chunks (4096 entries)."""
     from nanoplay.sampling import Distribution, stable_logits
 
     rng = random.Random(5)
@@ -265,25 +278,74 @@ def test_distribution_figures_match_a_full_pass_over_the_vocabulary():
     for row in rows[:10]:  # ties for first place, which torch.argmax breaks by the lowest id
         row[[7, 3, 50]] = row.max() + 1 if torch.isfinite(row.max()) else 0.0
     rows += [torch.tensor([2.0, 1.0, 2.0] + [-math.inf] * 57), torch.tensor([0.0] * 60)]
+    wide = torch.randn(9000, generator=torch.Generator().manual_seed(5)) * 4
+    wide[[8191, 4096, 4095, 8999]] = wide.max() + 2  # tied across the chunks' edges
+    rows += [wide, torch.randn(9000, generator=torch.Generator().manual_seed(6)) * 4]
     for i, row in enumerate(rows):
         if torch.isnan(row).any() or (row == -math.inf).all():
             continue
-        logits = row.unsqueeze(0)
-        d = Distribution.of(logits, 5)
+        size = row.numel()
+        d = Distribution.of(row.unsqueeze(0), 5)
         reference = stable_logits(row).log_softmax(-1)  # float64, +inf rows made finite
-        assert torch.equal(d.logprobs[0], reference), i
+        torch.testing.assert_close(d.logprobs[0], reference, rtol=1e-15, atol=1e-13, msg=str(i))
         probs = reference.exp()
         assert float(d.entropy[0]) == pytest.approx(float(torch.special.entr(probs).sum()), abs=1e-9), i
         assert int(d.greedy()[0]) == int(torch.argmax(stable_logits(row))), i
         # every token, the likely and the unlikely: rank = 1 + how many are strictly more likely
-        tokens = torch.arange(60)
-        many = Distribution(d.logprobs.expand(60, -1), d.entropy.expand(60), d.top_ids.expand(60, -1),
-                            d.top_logprobs.expand(60, -1))
+        tokens = torch.arange(size)
+        many = Distribution(d.logits.expand(size, -1), d.max.expand(size), d.log_z.expand(size),
+                            d.entropy.expand(size), d.top_ids.expand(size, -1), d.top_logprobs.expand(size, -1))
         chosen, rank, top_ids, top_lp = many.figures(tokens, 3)
-        assert torch.equal(chosen, reference), i
-        assert rank.tolist() == [int((reference > reference[t]).sum()) + 1 for t in range(60)], i
-        assert torch.equal(top_lp[0], reference.sort(descending=True).values[:3]), i
-        assert torch.equal(reference[top_ids[0]], top_lp[0]), i
+        torch.testing.assert_close(chosen, reference, rtol=1e-15, atol=1e-13, msg=str(i))
+        assert rank.tolist() == [int((reference > reference[t]).sum()) + 1 for t in range(size)], i
+        torch.testing.assert_close(top_lp[0], reference.sort(descending=True).values[:3], rtol=1e-15, atol=1e-13)
+        assert torch.equal(d.logprobs[0][top_ids[0]], top_lp[0]), i
+    if figures_path == "compiled":  # equal logits: the lower id first, as argmax
+        assert Distribution.of(wide.unsqueeze(0), 5).top_ids[0, :4].tolist() == [4095, 4096, 8191, 8999]
+
+
+def test_figures_stay_exact_for_a_model_all_but_certain(figures_path):
+    """Rows [0, d] for d from -745 to 0: log_z = log(1 + e^d) and the entropy, against math's, to float64
+    rounding even where e^d is 1e-300 (log1p of what the maximum's 1 leaves, not the log of 1 + e^d); in
+    the kernel this checks its e^x over the whole range it takes, as the entropy shows e^d's error."""
+    from nanoplay.sampling import Distribution
+
+    d = torch.linspace(-745.0, 0.0, 20001)
+    figures = Distribution.of(torch.stack([torch.zeros_like(d), d], dim=1), 2)
+    for k in range(0, 20001, 7):
+        x = float(d[k])  # float32 -> exact in float64
+        log_z = math.log1p(math.exp(x))
+        entropy = -(math.exp(-log_z) * -log_z + math.exp(x - log_z) * (x - log_z))
+        if x > -708:
+            assert float(figures.log_z[k]) == pytest.approx(log_z, rel=1e-14, abs=1e-320), x
+            assert float(figures.entropy[k]) == pytest.approx(entropy, rel=1e-13, abs=1e-320), x
+        else:  # the kernel adds nothing below e^-708: 1e-308 of a total of at least 1
+            assert float(figures.log_z[k]) == pytest.approx(log_z, abs=1e-307), x
+
+
+def test_compiled_figures_agree_with_torch_and_not_with_the_thread_count(monkeypatch):
+    """kernels/distribution.c against the torch path, and the same bits with one thread or two."""
+    import nanoplay.cpu_kernel as cpu_kernel
+    from nanoplay.sampling import Distribution
+
+    if cpu_kernel.kernel_status():
+        pytest.skip(cpu_kernel.kernel_status())
+    batch = torch.randn(5, 50304, generator=torch.Generator().manual_seed(3)) * 3
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(cpu_kernel.distribution_statistics(batch, 20))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    monkeypatch.setattr(cpu_kernel, "distribution_statistics", lambda logits, top: None)
+    reference = Distribution.of(batch, 20)
+    row_max, log_z, entropy, top_ids = results[0]
+    assert torch.equal(row_max, reference.max) and torch.equal(top_ids, reference.top_ids)
+    torch.testing.assert_close(log_z, reference.log_z, rtol=1e-15, atol=0)
+    torch.testing.assert_close(entropy, reference.entropy, rtol=1e-13, atol=0)
 
 
 def test_finite_check_sends_nan_inf_and_overflowing_rows_down_the_exact_path():
