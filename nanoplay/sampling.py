@@ -314,10 +314,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def draw_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Tensor:
-    """This step's Exp(1) noise for one request: the same values for the same seed and step."""
-    noise = torch.empty(max(NOISE_SIZE, vocab_size), device=device)
-    noise.exponential_(generator=generator)
-    return noise[:vocab_size]
+    """
+    This step's Exp(1) noise (vocab_size,) float64 for one request: the same values for the same seed and
+    step. By inversion, E = -log(1 - U) with U uniform in [0, 1) to 53 bits: torch's exponential_ with a
+    generator draws one value at a time on a CPU (1.3 ms for 50304 on a 2-core VM, against 0.3 ms).
+    """
+    noise = torch.rand(max(NOISE_SIZE, vocab_size), generator=generator, dtype=torch.float64, device=device)
+    return noise.neg_().log1p_().neg_()[:vocab_size]
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[int, torch.Tensor]:

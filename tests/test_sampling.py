@@ -111,6 +111,20 @@ def test_noise_is_shared_across_vocab_sizes():
     assert torch.equal(a, b[:50257])
 
 
+def test_noise_is_exponential():
+    """Exp(1): P(E > t) = e^-t, checked at several t over 20 draws of 50304 (4 standard errors), down to
+    the tail that decides unlikely tokens (t = 12: 6e-6, which float32 uniforms, with 24 bits, would cut
+    off at 16.6 altogether)."""
+    g = torch.Generator().manual_seed(2)
+    noise = torch.cat([draw_noise(g, NOISE_SIZE, "cpu") for _ in range(20)])
+    n = noise.numel()
+    assert noise.dtype == torch.float64 and bool((noise >= 0).all())
+    for t in (0.1, 0.5, 1, 2, 4, 8, 12):
+        p = math.exp(-t)
+        assert abs(float((noise > t).double().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, t
+    assert float(noise.max()) > 12
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(max_new_tokens=0),
                                  dict(stop=[""]), dict(repetition_penalty=0), dict(seed=-1), dict(seed=2**63)])
 def test_invalid_settings_are_refused(bad):
