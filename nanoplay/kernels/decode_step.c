@@ -136,7 +136,10 @@ static inline f32x8 exp8(f32x8 x) {
  * each weight vector is loaded (and widened) once for all activation rows, each activation vector once
  * for all weight rows. Every dot product is one chain of 8-wide multiply-adds over whole vectors, then
  * its 8 lanes summed, then the n % 8 tail one by one: the same order in every block shape, so a
- * sequence's logits do not depend on its batch; the NW * NX chains of a block run side by side. */
+ * sequence's logits do not depend on its batch; the NW * NX chains of a block run side by side.
+ * float32 weights are prefetched 512 bytes ahead with the non-temporal hint: measured on a 2-core AMD
+ * EPYC, decode steps 5-11% faster (30M, 124M shapes); no gain for bf16 or int8, which read fewer bytes
+ * per multiply-add. Prefetching past a matrix's end is harmless: a prefetch never faults. */
 #define DOT_BLOCK(NAME, W_TYPE, W_LOAD, W_SCALAR, NW, NX)                                           \
     static void NAME(const W_TYPE *w, const float *x, int64_t n, float *out) {                     \
         f32x8 acc[NW][NX];                                                                          \
@@ -147,6 +150,8 @@ static inline f32x8 exp8(f32x8 x) {
             f32x8 xv[NX];                                                                           \
             for (int c = 0; c < NX; c++) xv[c] = load_f32(x + c * n + i);                           \
             for (int r = 0; r < NW; r++) {                                                          \
+                if (sizeof(W_TYPE) == 4) /* float32: fetch 512 bytes ahead, non-temporal (see above) */   \
+                    __builtin_prefetch(w + r * n + i + 128, 0, 0);                                  \
                 f32x8 wv = W_LOAD(w + r * n + i);                                                   \
                 for (int c = 0; c < NX; c++) acc[r][c] = fma8(wv, xv[c], acc[r][c]);               \
             }                                                                                       \
