@@ -2,9 +2,11 @@
 Weight precision for inference: which dtype a machine runs fastest, and 8-bit weights.
 
 Decoding reads every weight once per token, so fewer bytes per weight decode faster -- where the CPU
-can compute with them. bfloat16 products run on oneDNN's avx512_bf16 / AMX kernels; without those
-instructions bf16 is converted in software and is slower than float32, so `preferred_dtype` picks
-bf16 only on CPUs that have them (a pure function of the CPU's flags, see `cpu_flags`).
+can compute with them. torch's bfloat16 products run on oneDNN's avx512_bf16 / AMX kernels; without
+those instructions torch converts bf16 in software, so `preferred_dtype` picks bf16 only on CPUs that
+have them (a pure function of the CPU's flags, see `cpu_flags`). The compiled decode step
+(cpu_kernel.py) widens bf16 in registers and decodes it faster than float32 on any CPU, but `auto`
+also loads the models `eval` and `score` measure, so it stays float32 there (README: Weight precision).
 
 int8 is weight-only quantization at load time: each output row of every matrix product (the output
 head included) is stored as int8 with one scale per row (symmetric, scale = max |w| / 127). Decode
