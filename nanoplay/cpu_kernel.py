@@ -118,7 +118,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 if why:
                     return None, why
             library = ctypes.CDLL(str(target))
-            step, statistics = library.decode_step, library.distribution_stats
+            step, statistics, race = library.decode_step, library.distribution_stats, library.temperature_race
             break
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             try:
@@ -133,6 +133,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     statistics.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     statistics.restype = ctypes.c_int
+    race.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
+                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    race.restype = ctypes.c_int
     return library, ""
 
 
@@ -163,6 +166,27 @@ def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tenso
     if status < 0:
         raise MemoryError("the distribution kernel could not allocate its scratch memory")
     return None if status else (row_max.double(), log_z, entropy, top_ids)
+
+
+def temperature_race(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> tuple[int, float, float] | None:
+    """
+    sampling.choose's exponential race at `temperature` with no other filter, for one row of float64
+    logits (vocab,) on the CPU and its Exp(1) noise (vocab,) (kernels/distribution.c): (token, the
+    row's maximum, log_z), where token j's sampling log-probability is (logits[j] - max) / temperature
+    - log_z. None where the kernels do not load, for other tensors, and for a row with NaN or +-inf.
+    """
+    library = _load()[0]
+    if (library is None or logits.device.type != "cpu" or logits.dtype != torch.float64 or logits.dim() != 1
+            or noise.device.type != "cpu" or noise.shape != logits.shape or not logits.numel()):
+        return None
+    logits, noise = logits.contiguous(), noise.double().contiguous()
+    token, row_max, log_z = ctypes.c_int64(), ctypes.c_double(), ctypes.c_double()
+    status = library.temperature_race(logits.data_ptr(), logits.numel(), temperature, noise.data_ptr(),
+                                      decode_thread_count(), ctypes.byref(token), ctypes.byref(row_max),
+                                      ctypes.byref(log_z))
+    if status < 0:
+        raise MemoryError("the sampling kernel could not allocate its scratch memory")
+    return None if status else (token.value, row_max.value, log_z.value)
 
 
 def why_not_compiled(model: GPT) -> str | None:

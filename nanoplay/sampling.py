@@ -244,10 +244,6 @@ class Distribution:
             row_max, log_z, entropy, top_ids = figures
         return cls(logits, row_max, log_z, entropy, top_ids, _logprobs(logits.gather(1, top_ids), row_max, log_z))
 
-    def logprobs_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """The log-probabilities (N, k) of ids (N, k), one set per row."""
-        return _logprobs(self.logits.gather(1, ids), self.max, self.log_z)
-
     @functools.cached_property
     def logprobs(self) -> torch.Tensor:
         """Every token's log-probability (N, vocab) float64: the model's raw log-probabilities."""
@@ -257,20 +253,23 @@ class Distribution:
         """The most likely token of each row (N,): torch.argmax's, the first id of a tie."""
         if self.top_ids.size(1) >= 2 and bool((self.top_logprobs[:, 0] > self.top_logprobs[:, 1]).all()):
             return self.top_ids[:, 0]  # no tie for first place: the top entries' first is the argmax
-        return self.logprobs.argmax(-1)
+        return self.logits.argmax(-1)
 
     def figures(self, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
         """
-        For the token taken at each row (N,): its log-probability (N,), its rank (N,; 1 = most likely),
-        and the k most likely ids and their log-probabilities (N, k).
+        For the token taken at each row (N,): its log-probability (N,), its rank (N,; 1 = most likely: 1 +
+        how many tokens have a larger logit, counted on the logits, where float64 rounding of the
+        log-probabilities cannot merge two of them), and the k most likely ids and their
+        log-probabilities (N, k).
         """
-        chosen = self.logprobs_of(tokens.unsqueeze(1))  # (N, 1)
-        if bool((chosen >= self.top_logprobs[:, -1:]).all()):
-            # every token more likely than the chosen one is among the top entries
-            higher = (self.top_logprobs > chosen).sum(1)
+        chosen = self.logits.gather(1, tokens.unsqueeze(1))  # (N, 1)
+        top = self.logits.gather(1, self.top_ids)  # (N, m)
+        if bool((chosen >= top[:, -1:]).all()):
+            higher = (top > chosen).sum(1)  # every token more likely than the chosen one is among the top
         else:
-            higher = (self.logprobs > chosen).sum(1)
-        return [chosen.squeeze(1), higher + 1, self.top_ids[:, :k], self.top_logprobs[:, :k]]
+            higher = (self.logits > chosen).sum(1)
+        return [_logprobs(chosen, self.max, self.log_z).squeeze(1), higher + 1, self.top_ids[:, :k],
+                self.top_logprobs[:, :k]]
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
@@ -313,6 +312,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def only_temperature(params: SamplingParams, vocab_size: int) -> bool:
+    """True when steps 4-6 (top-k, top-p, min-p) remove nothing whatever the logits."""
+    return ((params.top_k is None or params.top_k >= vocab_size) and (params.top_p is None or params.top_p >= 1.0)
+            and not params.min_p)
+
+
 def draw_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Tensor:
     """
     This step's Exp(1) noise (vocab_size,) float64 for one request: the same values for the same seed and
@@ -326,13 +331,22 @@ def draw_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Ten
 def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[int, torch.Tensor]:
     """
     Pick the next token from one row of penalised logits (vocab,); returns (id, sampling log-probs
-    (vocab,), float64). The row must have a distribution (`logits_fault` is None for it).
+    (vocab,), float64). The row must have a distribution (`logits_fault` is None for it). With a
+    temperature and no other filter, on a CPU where the kernels load, the race runs in C
+    (cpu_kernel.temperature_race): the same token, and log-probabilities equal to float64 rounding.
     """
     if params.temperature == 0:
         token = int(torch.argmax(stable_logits(logits)))
         sampling_logprobs = torch.full(logits.shape, float("-inf"), dtype=torch.float64, device=logits.device)
         sampling_logprobs[token] = 0.0  # greedy: a point mass
         return token, sampling_logprobs
+    if only_temperature(params, logits.size(-1)):  # the default settings: steps 3 and 7 in one compiled pass
+        from .cpu_kernel import temperature_race
+
+        raced = temperature_race(logits, params.temperature, noise)  # None: no compiler, or not finite
+        if raced is not None:
+            token, row_max, log_z = raced
+            return token, (logits - row_max) / params.temperature - log_z
     sampling_logprobs = filter_logits(logits, params).log_softmax(-1)
     # exponential race: argmax p / E  ==  argmax log p - log E; a removed token stays out even if E is 0
     race = torch.where(sampling_logprobs > float("-inf"), sampling_logprobs - noise.double().log(), float("-inf"))

@@ -311,7 +311,8 @@ def test_distribution_figures_match_a_full_pass_over_the_vocabulary(figures_path
                             d.entropy.expand(size), d.top_ids.expand(size, -1), d.top_logprobs.expand(size, -1))
         chosen, rank, top_ids, top_lp = many.figures(tokens, 3)
         torch.testing.assert_close(chosen, reference, rtol=1e-15, atol=1e-13, msg=str(i))
-        assert rank.tolist() == [int((reference > reference[t]).sum()) + 1 for t in range(size)], i
+        stable = stable_logits(row)
+        assert rank.tolist() == [int((stable > stable[t]).sum()) + 1 for t in range(size)], i
         torch.testing.assert_close(top_lp[0], reference.sort(descending=True).values[:3], rtol=1e-15, atol=1e-13)
         assert torch.equal(d.logprobs[0][top_ids[0]], top_lp[0]), i
     if figures_path == "compiled":  # equal logits: the lower id first, as argmax
@@ -373,3 +374,37 @@ def test_finite_check_sends_nan_inf_and_overflowing_rows_down_the_exact_path():
     assert not all_finite(huge)
     assert logits_fault(huge) == [None]
     assert torch.equal(stable_logits(huge), huge.double())
+
+
+def test_the_compiled_race_draws_what_the_torch_chain_draws(monkeypatch):
+    """choose at a temperature alone runs in C where the kernels load: the same token as the torch chain
+    for seeded random rows (extremes, ties, rows wider than a 4096-entry chunk), temperatures from 5e-324
+    to 1e300 and noise with zeros, and the same sampling log-probabilities to float64 rounding."""
+    import nanoplay.cpu_kernel as cpu_kernel
+
+    if cpu_kernel.kernel_status():
+        pytest.skip(cpu_kernel.kernel_status())
+    rng = random.Random(12)
+    g = torch.Generator().manual_seed(12)
+    compiled_race = cpu_kernel.temperature_race
+    used = 0
+    for case in range(300):
+        size = rng.choice([1, 3, 40, 9000])
+        row = random_row(rng, size)
+        row[torch.isinf(row)] = 0.0  # finite rows: others go to the torch chain
+        if rng.random() < 0.2:
+            row[: size // 2] = row.max()  # ties for first place
+        params = SamplingParams(temperature=rng.choice([5e-324, 1e-38, 1e-6, 0.7, 1.0, 100.0, 1e300]), seed=1)
+        noise = draw_noise(g, size, "cpu")
+        if rng.random() < 0.1:
+            noise[rng.randrange(size)] = 0.0  # E = 0 wins
+        logits = row.double()
+        monkeypatch.setattr(cpu_kernel, "temperature_race", compiled_race)
+        used += compiled_race(logits, params.temperature, noise) is not None
+        token, sampling_lp = choose(logits, params, noise)
+        monkeypatch.setattr(cpu_kernel, "temperature_race", lambda *args: None)
+        ref_token, ref_lp = choose(logits, params, noise)
+        where = f"case {case}: size {size}, temperature {params.temperature}"
+        assert token == ref_token, where
+        torch.testing.assert_close(sampling_lp, ref_lp, rtol=1e-13, atol=1e-12, msg=where)
+    assert used == 300  # every case took the compiled race

@@ -1,17 +1,23 @@
 /*
- * The figures every generated or scored token reports about its model's next-token distribution
- * (sampling.py's Distribution), for rows of float32 logits: each row's maximum, log Z = log sum_j
- * e^(x_j - max) and entropy in float64, and its most likely ids.
+ * The sampler's passes over the vocabulary, for the common cases, in C (sampling.py holds the whole
+ * chain in torch, and uses these where the kernels load):
+ *  - distribution_stats: the figures every generated or scored token reports about its model's
+ *    next-token distribution (sampling.py's Distribution), for rows of float32 logits: each row's
+ *    maximum, log Z = log sum_j e^(x_j - max) and entropy in float64, and its most likely ids;
+ *  - temperature_race: a token drawn at a temperature with no other setting (the playground's and
+ *    gen's default), by sampling.choose's exponential race over float64 logits and noise.
  *
- * Why C: in torch these are five passes over the vocabulary in float64 (log_softmax, exp, a product,
- * a sum, topk), 0.4 ms a row on a 2-core CPU: a tenth of a small model's decode step. Here they take
- * two passes and about a tenth of that time.
+ * Why C: in torch each is several passes over the vocabulary in float64 (log_softmax, exp, a
+ * product, a sum, topk; a division, log_softmax, a log, a comparison, argmax), 0.4-0.8 ms a row on a
+ * 2-core CPU: a tenth of a small model's decode step or more. Here each takes one or two passes and
+ * a fraction of that time.
  *
  * The sums run in float64 with e^x to double precision (Cephes' rational approximation, within
  * 2 ulp of libm's exp, tested), and log Z as log1p of what the maximum's 1 leaves, so a
  * log-probability (x - max) - log Z is correct to float64 rounding even for a model all but certain
- * of its next token (where torch's log_softmax takes the log of 1 + 1e-20 as 0). Rows are cut into chunks of CHUNK entries whose partial results
- * are combined in order, so the figures do not depend on the number of threads.
+ * of its next token (where torch's log_softmax takes the log of 1 + 1e-20 as 0). Rows are cut into
+ * chunks of CHUNK entries whose partial results are combined in order, so no result depends on the
+ * number of threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -195,5 +201,91 @@ int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t
         }
     }
     free(parts), free(chunk_max), free(vals), free(merged), free(ids);
+    return status;
+}
+
+/*
+ * The exponential race at a temperature, sampling.choose's for a row of finite float64 logits (vocab,)
+ * with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
+ * noise E_j >= 0 (an E_j of 0 wins, the first such, unless (x_j - max) / T is -inf; equal keys go to the
+ * lower id, as torch.argmax's).
+ * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
+ * up to float64 rounding of a near tie. Writes the token, the row's maximum and log Z at temperature T
+ * (log_z: the sampling log-probability of j is (x_j - max) / T - log_z). Returns 0; 1 if the row holds
+ * NaN or +-inf (nothing written: the caller's torch chain handles it); -1 if out of memory.
+ */
+int temperature_race(const double *logits, int64_t vocab, double temperature, const double *noise, int threads,
+                     int64_t *token, double *max, double *log_z) {
+    const int64_t chunks = (vocab + CHUNK - 1) / CHUNK;
+    double *chunk_max = malloc(sizeof(double) * chunks), *below = malloc(sizeof(double) * chunks);
+    double *best_key = malloc(sizeof(double) * chunks);
+    int64_t *at_max = malloc(sizeof(int64_t) * chunks), *best_id = malloc(sizeof(int64_t) * chunks);
+    int status = chunk_max && below && best_key && at_max && best_id ? 0 : -1;
+    if (status == 0) {
+        int finite = 1;
+        double row_max = 0;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static) reduction(&& : finite)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t start = c * CHUNK, n = vocab - start < CHUNK ? vocab - start : CHUNK;
+                double best = logits[start], nonfinite = 0;
+                for (int64_t i = start; i < start + n; i++) {
+                    best = logits[i] > best ? logits[i] : best;
+                    nonfinite += logits[i] - logits[i]; /* NaN where a value is NaN or infinite */
+                }
+                chunk_max[c] = best;
+                finite = finite && nonfinite == 0;
+            }
+#pragma omp single
+            {
+                row_max = chunk_max[0];
+                for (int64_t c = 1; c < chunks; c++) row_max = chunk_max[c] > row_max ? chunk_max[c] : row_max;
+            }
+            if (finite) {
+#pragma omp for schedule(static)
+                for (int64_t c = 0; c < chunks; c++) {
+                    const int64_t start = c * CHUNK, n = vocab - start < CHUNK ? vocab - start : CHUNK;
+                    f64x4 z = {0};
+                    i64x4 ties = {0};
+                    double key = -1.0; /* every key is >= 0 */
+                    int64_t id = -1, i = start;
+                    for (; i + 4 <= start + n; i += 4) {
+                        f64x4 x, e;
+                        memcpy(&x, logits + i, sizeof x), memcpy(&e, noise + i, sizeof e);
+                        f64x4 d = (x - row_max) / temperature; /* (x - max) / T, as filter_logits scales */
+                        i64x4 normal = d >= -708.0;
+                        f64x4 q = select4d(normal, exp4d(select4d(normal, d, (f64x4){0} - 708.0)), (f64x4){0});
+                        ties -= d == 0.0;
+                        z += select4d(d < 0.0, q, (f64x4){0});
+                        /* E = 0 wins where the token can be drawn at all: not where (x - max) / T is -inf */
+                        f64x4 k = select4d(e == 0.0, select4d(d > -INFINITY, (f64x4){0} + INFINITY, (f64x4){0}), q / e);
+                        for (int l = 0; l < 4; l++)
+                            if (k[l] > key) key = k[l], id = i + l;
+                    }
+                    double zt = (z[0] + z[2]) + (z[1] + z[3]);
+                    int64_t tied = ties[0] + ties[1] + ties[2] + ties[3];
+                    for (; i < start + n; i++) {
+                        double d = (logits[i] - row_max) / temperature, q = d < -708.0 ? 0.0 : exp(d);
+                        double k = noise[i] == 0.0 ? (d > -INFINITY ? INFINITY : 0.0) : q / noise[i];
+                        zt += d < 0.0 ? q : 0.0, tied += d == 0.0;
+                        if (k > key) key = k, id = i;
+                    }
+                    below[c] = zt, at_max[c] = tied, best_key[c] = key, best_id[c] = id;
+                }
+            }
+        }
+        if (!finite) status = 1;
+        if (status == 0) {
+            double rest = 0, key = -1.0;
+            int64_t tied = 0, id = -1;
+            for (int64_t c = 0; c < chunks; c++) { /* in chunk order: a tie goes to the lower id */
+                rest += below[c], tied += at_max[c];
+                if (best_key[c] > key) key = best_key[c], id = best_id[c];
+            }
+            *token = id, *max = row_max, *log_z = log1p(rest + (double)(tied - 1));
+        }
+    }
+    free(chunk_max), free(below), free(best_key), free(at_max), free(best_id);
     return status;
 }
