@@ -371,18 +371,17 @@ class ModelRunner:
         raw = logits.float()
         k = max(r.params.top_logprobs for r in batch)
         distribution = Distribution.of(raw, k)
-        tokens, sampling = self._choose(batch, raw, distribution)  # (B,), (B, vocab) or None for plain greedy
-        picked = tokens.unsqueeze(1)  # (B, 1)
+        tokens, sampling = self._choose(batch, raw, distribution)  # B ids; (B, vocab), or None for plain greedy
         chosen_lp, rank, top_ids, top_lp = distribution.figures(tokens, k)
-        entropy = distribution.entropy
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
-            chosen_slp = torch.zeros_like(chosen_lp)
-            top_slp = torch.where(top_ids == picked, 0.0, float("-inf"))
+            chosen_slp = [0.0] * len(batch)
+            top_slp = [[0.0 if i == token else float("-inf") for i in ids] for ids, token in zip(top_ids, tokens)]
         else:
-            chosen_slp, top_slp = sampling.gather(1, picked).squeeze(1), sampling.gather(1, top_ids)
-        # every statistic for the whole batch, moved to Python in one go
-        columns = (tokens, chosen_lp, chosen_slp, rank, entropy, top_ids, top_lp, top_slp)
-        for r, (token, lp, slp, rank, entropy, alt_ids, alt_lp, alt_slp) in zip(batch, zip(*(c.tolist() for c in columns))):
+            index = torch.tensor([[token] + ids for token, ids in zip(tokens, top_ids)], device=sampling.device)
+            gathered = sampling.gather(1, index).tolist()  # (B, 1 + k)
+            chosen_slp, top_slp = [row[0] for row in gathered], [row[1:] for row in gathered]
+        columns = (tokens, chosen_lp, chosen_slp, rank, distribution.entropy.tolist(), top_ids, top_lp, top_slp)
+        for r, (token, lp, slp, rank, entropy, alt_ids, alt_lp, alt_slp) in zip(batch, zip(*columns)):
             p = r.params
             if (token == tokenizer.eot_id and p.stop_on_eot) or token in p.stop_token_ids:
                 self._complete(r, "eot" if token == tokenizer.eot_id else "stop")
@@ -404,8 +403,8 @@ class ModelRunner:
 
     @staticmethod
     def _choose(batch: list[Request], raw: torch.Tensor,
-                distribution: Distribution) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next tokens (B,) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
+                distribution: Distribution) -> tuple[list[int], torch.Tensor | None]:
+        """Next tokens (B) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
         if all(r.params.is_plain_greedy for r in batch):
             return distribution.greedy(), None  # +inf logits win, as in the sampler
         tokens, rows = [], []
@@ -417,7 +416,7 @@ class ModelRunner:
             token, sampling_lp = choose(apply_penalties(raw[i], p, seen, r._counts), p, noise)
             tokens.append(token)
             rows.append(sampling_lp)
-        return torch.tensor(tokens, device=raw.device), torch.stack(rows)
+        return tokens, torch.stack(rows)
 
     def _complete(self, r: Request, reason: str, error: str | None = None) -> None:
         tail = r._finish(reason, error)
@@ -672,9 +671,8 @@ class Engine:
                 raise NanoplayError(f"{model.name}: {fault}")
             # the rows predicting seq[first_target:end]
             rows = Distribution.of(logits[first_target - 1 - begin:end - 1 - begin], top_logprobs)
-            targets = torch.tensor(seq[first_target:end], device=model.device)
-            chosen_lp, rank, top_ids, top_lp = rows.figures(targets, top_logprobs)
-            columns = [c.tolist() for c in (chosen_lp, rank, rows.entropy, top_ids, top_lp)]
+            chosen_lp, rank, top_ids, top_lp = rows.figures(seq[first_target:end], top_logprobs)
+            columns = (chosen_lp, rank, rows.entropy.tolist(), top_ids, top_lp)
             for token, lp, rank, entropy, alt_ids, alt_lp in zip(seq[first_target:end], *columns):
                 # nothing is sampled: the sampling distribution is the model's own
                 out.append(TokenInfo(id=token, text=stream.push(token), bytes=tokenizer.token_bytes(token),

@@ -249,27 +249,37 @@ class Distribution:
         """Every token's log-probability (N, vocab) float64: the model's raw log-probabilities."""
         return _logprobs(self.logits, self.max, self.log_z)
 
-    def greedy(self) -> torch.Tensor:
-        """The most likely token of each row (N,): torch.argmax's, the first id of a tie."""
-        if self.top_ids.size(1) >= 2 and bool((self.top_logprobs[:, 0] > self.top_logprobs[:, 1]).all()):
-            return self.top_ids[:, 0]  # no tie for first place: the top entries' first is the argmax
-        return self.logits.argmax(-1)
+    @functools.cached_property
+    def _top(self) -> tuple[list[list[int]], list[list[float]]]:
+        """The top ids and their logits, as Python lists (rows are few; a torch call costs microseconds)."""
+        return self.top_ids.tolist(), self.logits.gather(1, self.top_ids).tolist()
 
-    def figures(self, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    def greedy(self) -> list[int]:
+        """The most likely token of each row: torch.argmax's, the first id of a tie."""
+        tokens = []
+        for i, (ids, top) in enumerate(zip(*self._top)):
+            tied = len(top) < 2 or not top[0] > top[1]
+            tokens.append(int(self.logits[i].argmax()) if tied else ids[0])  # no tie: the top's first
+        return tokens
+
+    def figures(self, tokens: list[int], k: int) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
         """
-        For the token taken at each row (N,): its log-probability (N,), its rank (N,; 1 = most likely: 1 +
-        how many tokens have a larger logit, counted on the logits, where float64 rounding of the
+        For the token taken at each row: its log-probability, its rank (1 = most likely: 1 + how many
+        tokens have a larger logit, counted on the logits, where float64 rounding of the
         log-probabilities cannot merge two of them), and the k most likely ids and their
-        log-probabilities (N, k).
+        log-probabilities, one list per row. The same float64 arithmetic as `logprobs`, in Python.
         """
-        chosen = self.logits.gather(1, tokens.unsqueeze(1))  # (N, 1)
-        top = self.logits.gather(1, self.top_ids)  # (N, m)
-        if bool((chosen >= top[:, -1:]).all()):
-            higher = (top > chosen).sum(1)  # every token more likely than the chosen one is among the top
-        else:
-            higher = (self.logits > chosen).sum(1)
-        return [_logprobs(chosen, self.max, self.log_z).squeeze(1), higher + 1, self.top_ids[:, :k],
-                self.top_logprobs[:, :k]]
+        logprobs, ranks = [], []
+        for i, (token, ids, top, row_max, log_z) in enumerate(zip(tokens, *self._top, self.max.tolist(),
+                                                                     self.log_z.tolist())):
+            x = top[ids.index(token)] if token in ids else float(self.logits[i, token])
+            if x >= top[-1]:  # every token more likely than the chosen one is among the top
+                higher = sum(v > x for v in top)
+            else:
+                higher = int((self.logits[i] > x).sum())
+            logprobs.append((x - row_max) - log_z)
+            ranks.append(higher + 1)
+        return logprobs, ranks, [ids[:k] for ids in self._top[0]], self.top_logprobs[:, :k].tolist()
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

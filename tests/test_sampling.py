@@ -306,15 +306,18 @@ def test_distribution_figures_match_a_full_pass_over_the_vocabulary(figures_path
         assert float(d.entropy[0]) == pytest.approx(float(torch.special.entr(probs).sum()), abs=1e-9), i
         assert int(d.greedy()[0]) == int(torch.argmax(stable_logits(row))), i
         # every token, the likely and the unlikely: rank = 1 + how many are strictly more likely
-        tokens = torch.arange(size)
+        tokens = list(range(size))
         many = Distribution(d.logits.expand(size, -1), d.max.expand(size), d.log_z.expand(size),
                             d.entropy.expand(size), d.top_ids.expand(size, -1), d.top_logprobs.expand(size, -1))
         chosen, rank, top_ids, top_lp = many.figures(tokens, 3)
-        torch.testing.assert_close(chosen, reference, rtol=1e-15, atol=1e-13, msg=str(i))
+        torch.testing.assert_close(torch.tensor(chosen, dtype=torch.float64), reference, rtol=1e-15, atol=1e-13,
+                                   msg=str(i))
         stable = stable_logits(row)
-        assert rank.tolist() == [int((stable > stable[t]).sum()) + 1 for t in range(size)], i
-        torch.testing.assert_close(top_lp[0], reference.sort(descending=True).values[:3], rtol=1e-15, atol=1e-13)
-        assert torch.equal(d.logprobs[0][top_ids[0]], top_lp[0]), i
+        assert rank == [int((stable > stable[t]).sum()) + 1 for t in range(size)], i
+        assert chosen == d.logprobs[0].tolist(), i  # Python's float64 arithmetic is torch's
+        top = torch.tensor(top_lp[0], dtype=torch.float64)
+        torch.testing.assert_close(top, reference.sort(descending=True).values[:3], rtol=1e-15, atol=1e-13)
+        assert torch.equal(d.logprobs[0][top_ids[0]], top), i  # the same float64 arithmetic
     if figures_path == "compiled":  # equal logits: the lower id first, as argmax
         assert Distribution.of(wide.unsqueeze(0), 5).top_ids[0, :4].tolist() == [4095, 4096, 8191, 8999]
 
