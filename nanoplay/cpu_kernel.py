@@ -220,8 +220,9 @@ def watched_or_wrapped(model: GPT) -> str | None:
     """
     Why the step would not compute what `model(...)` does now, or None: the step computes GPT.forward's
     maths, so a model that computes anything else, or whose modules someone watches (forward hooks, its
-    own or torch's global ones), runs in torch. Asked every step, as hooks come and go: a walk over
-    the modules' own dicts, 20 us for the 30M shape where model.modules() took 70.
+    own or torch's global ones), runs in torch. A walk over the modules' own dicts: 20 us for the 30M
+    shape on warm caches (model.modules() took 70), 0.1-0.2 ms right after a decode step has streamed
+    the weights through them, so the engine asks whenever a request joins (KernelDecoder.look_again).
     """
     if type(model) is not GPT or "forward" in vars(model):
         return "a forward other than GPT's"
@@ -259,6 +260,7 @@ class KernelDecoder:
         self.library = _load()[0]
         self.model = model
         self.cache = cache
+        self.watched: str | None = None  # why hooks or a wrapped forward keep it in torch, when last looked
         cfg = model.config
         self._keep: list[torch.Tensor] = []  # every tensor whose memory the C side reads
         lm_head, blocks = model.lm_head, model.transformer.h
@@ -278,6 +280,10 @@ class KernelDecoder:
                              self._raw(wte.contiguous()), self._raw(wpe.contiguous()),
                              self._f32(model.transformer.ln_f.weight), self._f32(model.transformer.ln_f.bias),
                              self._matrix(lm_head), layers)
+
+    def look_again(self) -> None:
+        """Look for hooks or a replaced forward on the model again (watched_or_wrapped; `watched`)."""
+        self.watched = watched_or_wrapped(self.model)
 
     def _raw(self, t: torch.Tensor | None) -> int | None:
         """The address of a contiguous tensor as it is (the weights, the KV cache)."""

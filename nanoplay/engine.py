@@ -255,12 +255,14 @@ class ModelRunner:
     @property
     def compiled(self) -> KernelDecoder | None:
         """The compiled decode step on this model's cache, when the runner decodes with one now: not
-        while hooks watch the model or its forward is replaced (they may come after the first step)."""
-        if not self.use_compiled_decode or watched_or_wrapped(self.loaded.model):
+        while hooks watch the model or its forward is replaced, as last looked when a request joined."""
+        if not self.use_compiled_decode:
             return None
         if self._compiled is None:
+            if watched_or_wrapped(self.loaded.model):
+                return None
             self._compiled = KernelDecoder(self.loaded.model, self.cache)
-        return self._compiled
+        return None if self._compiled.watched else self._compiled
 
     def has_work(self) -> bool:
         return bool(self.queue or self.running)
@@ -274,6 +276,10 @@ class ModelRunner:
     def _step(self) -> None:
         for r in [r for r in self.queue + self.running if r._cancel]:
             self._complete(r, "cancelled")
+        if self.queue:  # hooks (or a wrapped forward) added since the last request take effect from this one
+            for step in [self._compiled] + [d.compiled for d in self._drafts.values()]:
+                if step is not None:
+                    step.look_again()
         decoding = list(self.running)
         # admit queued requests while slots are free; their prefill yields their first token
         while self.queue:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cpu_decode import decode_thread_count
-from .cpu_kernel import KernelDecoder, watched_or_wrapped
+from .cpu_kernel import KernelDecoder
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .sampling import apply_penalties, choose
@@ -79,7 +79,7 @@ def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder
     step when there is one and the tokens are few (it reads every weight once for up to 4 of them),
     else in a torch forward.
     """
-    if compiled is not None and len(tokens) <= MAX_COMPILED_TOKENS and not watched_or_wrapped(model.model):
+    if compiled is not None and not compiled.watched and len(tokens) <= MAX_COMPILED_TOKENS:
         positions = list(range(start, start + len(tokens)))
         logits = compiled.decode([slot] * len(tokens), tokens, positions, decode_thread_count())
         return logits[-1:] if last_only else logits
