@@ -40,6 +40,7 @@ from .precision import Int8Linear, cpu_flags
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = [KERNELS / "decode_step.c", KERNELS / "distribution.c"]  # compiled into one library
+HEADERS = [KERNELS / "vectors.h"]  # what they include: part of the build's hash
 DISABLE_VARIABLE = "NANOPLAY_DECODE_KERNEL"  # "0": never use the compiled step
 
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode_step.c's WEIGHT_*
@@ -108,8 +109,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({' '.join(cc)}: {type(e).__name__}): install gcc or set CC"
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), version.encode(), " ".join(cc + flags).encode(),
-                                     platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]))
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS), version.encode(),
+                                     " ".join(cc + flags).encode(), platform.machine().encode(),
+                                     " ".join(sorted(cpu_flags())).encode()]))
     target = _cache_dir() / f"decode_step-{key.hexdigest()[:16]}.so"
     for attempt in range(2):  # a file there that does not load (damaged, foreign) is built again, once
         try:

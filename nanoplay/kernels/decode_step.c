@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vectors.h"
+
 enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_INT8 = 2 };
 enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2, ACT_SILU = 3, ACT_QUICK_GELU = 4 };
 
@@ -62,13 +64,9 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as to
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-/* 8 floats in one vector: GCC's and Clang's vector extensions, which compile to AVX (or two NEON
- * registers) with -march=native; loads go through memcpy, as nothing here is aligned. Widening
- * int8 and bfloat16 to float takes AVX2's instructions where there are (GCC 12 does such a
- * __builtin_convertvector one lane at a time), else a loop the compiler vectorises as it can. */
-typedef float f32x8 __attribute__((vector_size(32)));
-
-static inline f32x8 load_f32(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+/* Widening int8 and bfloat16 to float (vectors.h's 8-float vectors) takes AVX2's instructions where
+ * there are (GCC 12 does such a __builtin_convertvector one lane at a time), else a loop the compiler
+ * vectorises as it can. */
 #if defined(__AVX2__)
 #include <immintrin.h>
 static inline f32x8 load_int8(const int8_t *p) {
@@ -93,14 +91,6 @@ static inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {
 }
 static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) {  /* a where mask (all ones), else b */
-    i32x8 ai, bi;
-    memcpy(&ai, &a, sizeof ai), memcpy(&bi, &b, sizeof bi);
-    ai = (ai & mask) | (bi & ~mask);
-    memcpy(&a, &ai, sizeof a);
-    return a;
-}
 
 /* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within 2 ulp
  * of libm's expf), times 2^n built in the exponent bits. x below -87.3 gives 0 (no subnormals), above log(FLT_MAX)

@@ -24,24 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vectors.h"
+
 enum { CHUNK = 4096 };
 
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef int64_t i64x4 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
-
-static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) { /* a where mask (all ones), else b */
-    i32x8 ai, bi;
-    memcpy(&ai, &a, sizeof ai), memcpy(&bi, &b, sizeof bi);
-    ai = (ai & mask) | (bi & ~mask);
-    memcpy(&a, &ai, sizeof a);
-    return a;
-}
-
 static inline int any8(i32x8 mask) { /* is any lane of a comparison's mask set */
     int64_t lanes[4];
     memcpy(lanes, &mask, sizeof lanes);
@@ -128,7 +117,7 @@ static void chunk_part(const float *x, int64_t n, int64_t offset, float max, int
     /* the top entries: most values fail one comparison with the least of those kept, 8 at a time */
     for (i = 0; i < n; i += 8) {
         const int64_t end = i + 8 < n ? i + 8 : n;
-        if (end - i == 8 && part->count == top && !any8(load8(x + i) > vals[top - 1])) continue;
+        if (end - i == 8 && part->count == top && !any8(load_f32(x + i) > vals[top - 1])) continue;
         for (int64_t j = i; j < end; j++) keep_top(vals, ids, &part->count, top, x[j], offset + j);
     }
 }
@@ -159,7 +148,7 @@ int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t
                 f32x8 best8 = (f32x8){0} + x[0], nonfinite8 = {0};
                 int64_t i = 0;
                 for (; i + 8 <= n; i += 8) {
-                    f32x8 v = load8(x + i);
+                    f32x8 v = load_f32(x + i);
                     best8 = select8(v > best8, v, best8);
                     nonfinite8 += v - v; /* NaN where v is NaN or infinite */
                 }
