@@ -169,3 +169,30 @@ async def test_screenshot_goes_to_the_sessions_folder_without_downloads(models, 
         (svg,) = shots.glob("*.svg")
         assert svg.read_text().startswith("<svg")
         await until(pilot, lambda: any(str(svg) in n.message for n in app._notifications), timeout=5)
+
+
+async def test_a_worker_result_for_a_closing_screen_is_dropped(models):
+    """A worker's result (the picker's model list, the trainer's end) arriving while its screen is torn
+    down: Textual prunes a screen's widgets before the screen, so for a moment it is attached with its
+    widgets gone (NoMatches, seen in CI)."""
+    import asyncio
+
+    from nanoplay.tui.screens.picker import ModelPicker
+    from nanoplay.tui.screens.welcome import WelcomeScreen
+
+    app = NanoplayApp(models=["alpha"])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        for screen_class, late in ((ModelPicker, lambda s: s.show_models([("alpha", "alpha")])),
+                                   (WelcomeScreen, lambda s: s.training_ended("stopped"))):
+            for close in ("pop", "dismiss"):
+                screen = screen_class()
+                await app.push_screen(screen)
+                await pilot.pause()
+                calls = 0
+                app.pop_screen() if close == "pop" else screen.dismiss(None)
+                while screen.is_attached and calls < 1000:  # every turn of the loop while it goes
+                    late(screen)
+                    calls += 1
+                    await asyncio.sleep(0)
+                assert calls > 1 and app.screen is app.main and app.is_running

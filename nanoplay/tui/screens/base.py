@@ -19,6 +19,17 @@ class DismissOnce:
 
     _dismissed = False
 
+    @property
+    def gone(self) -> bool:
+        """
+        True once this screen is dismissed or being removed: a worker's late callback must leave it alone.
+
+        `is_attached` alone is not enough: Textual removes a screen's widgets before the screen itself, so
+        for a moment the screen is attached with its widgets gone (a query raises NoMatches). Textual's
+        own `Widget.recompose` checks the same `_pruning` flag.
+        """
+        return self._dismissed or not self.is_attached or self._pruning
+
     def dismiss(self, result: ScreenResultType | None = None) -> AwaitComplete:
         app = self.app
         if self._dismissed or self not in app.screen_stack:

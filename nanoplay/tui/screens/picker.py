@@ -48,7 +48,7 @@ class ModelPicker(Dialog[str | None]):
         self.app.call_from_thread(self.show_models, options)
 
     def show_models(self, options: list[tuple[str, str]]) -> None:
-        if not self.is_attached:  # the picker was closed while the models were listed
+        if self.gone:  # the picker was closed while the models were listed
             return
         models = self.query_one("#models", OptionList)
         models.clear_options()

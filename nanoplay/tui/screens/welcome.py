@@ -97,14 +97,14 @@ class WelcomeScreen(FullScreen[str | None]):
             self.app.call_from_thread(self.dismiss, config.name)
 
     def training_ended(self, message: str) -> None:
-        if not self.is_attached:  # the screen went while the trainer stopped
+        if self.gone:  # the screen went while the trainer stopped
             return
         self.query_one("#train-status", Label).update(Content(message))  # an error's text: never markup
         self.query_one("#train", Button).disabled = False
         self.stop_event.clear()
 
     def show_progress(self, p) -> None:
-        if not self.is_attached:
+        if self.gone:
             return
         self.query_one("#train-progress", ProgressBar).update(total=p.max_steps, progress=p.step)
         loss = f" · loss {p.loss:.3f}" if p.loss is not None else ""
