@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import hashlib
 import os
 import platform
@@ -239,6 +240,13 @@ def watched_or_wrapped(model: GPT) -> str | None:
     return None
 
 
+def tensors_read(model: GPT) -> list[tuple]:
+    """Each parameter's and buffer's identity as the step reads it: address, layout and version (torch
+    counts in-place changes; `p.data.mul_(2)` escapes it, which is why `.data` is for code that knows)."""
+    return [(t.data_ptr(), t.dtype, t.shape, t.stride(), t._version)
+            for t in itertools.chain(model.parameters(), model.buffers())]
+
+
 def _products(model: GPT) -> list[nn.Module]:
     return [model.lm_head] + [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
                                                                         b.mlp.c_proj)]
@@ -262,8 +270,13 @@ class KernelDecoder:
         self.library = _load()[0]
         self.model = model
         self.cache = cache
-        self.watched: str | None = None  # why hooks or a wrapped forward keep it in torch, when last looked
-        cfg = model.config
+        self.why_not: str | None = None  # why the model runs in torch now (hooks, ...), as last looked
+        self._build()
+
+    def _build(self) -> None:
+        """Read the model's tensors' addresses (and copy the few it needs in float32) into the C struct."""
+        model, cache, cfg = self.model, self.cache, self.model.config
+        self._tensors = tensors_read(model)
         self._keep: list[torch.Tensor] = []  # every tensor whose memory the C side reads
         lm_head, blocks = model.lm_head, model.transformer.h
         layers = (_Layer * cfg.n_layer)()
@@ -284,8 +297,17 @@ class KernelDecoder:
                              self._matrix(lm_head), layers)
 
     def look_again(self) -> None:
-        """Look for hooks or a replaced forward on the model again (watched_or_wrapped; `watched`)."""
-        self.watched = watched_or_wrapped(self.model)
+        """
+        Look at the model again (`why_not`): hooks or a replaced forward send it to torch; a tensor
+        replaced (`layer.weight = nn.Parameter(...)`) or changed in place since the step read it (the
+        step reads float32 copies of a bf16 model's norms) rebuilds the step, or sends it to torch when
+        the step cannot run the new tensors (why_not_compiled).
+        """
+        self.why_not = watched_or_wrapped(self.model)
+        if self.why_not is None and tensors_read(self.model) != self._tensors:
+            self.why_not = why_not_compiled(self.model)
+            if self.why_not is None:
+                self._build()
 
     def _raw(self, t: torch.Tensor | None) -> int | None:
         """The address of a contiguous tensor as it is (the weights, the KV cache)."""

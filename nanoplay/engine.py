@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .cpu_decode import decode_thread_count, keep_freed_memory, threads_for, use_decode_layout
-from .cpu_kernel import KernelDecoder, watched_or_wrapped, why_not_compiled
+from .cpu_kernel import KernelDecoder, tensors_read, watched_or_wrapped, why_not_compiled
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .loading import LoadedModel, load_model, resolve_device
@@ -245,6 +245,10 @@ class ModelRunner:
         self.last_used = [0] * self.num_slots
         self._drafts: dict[int, DraftCache] = {}  # draft models' KV caches, by id of the draft
         self._clock = itertools.count(1)
+        # keys and values are only reused (a cached prefix) from slots filled with the weights of now
+        self._weights = tensors_read(loaded.model)
+        self.weights_version = 0
+        self.filled_with = [0] * self.num_slots  # the weights_version each slot's keys and values come from
 
     @property
     def cache(self) -> KVCache:
@@ -254,15 +258,16 @@ class ModelRunner:
 
     @property
     def compiled(self) -> KernelDecoder | None:
-        """The compiled decode step on this model's cache, when the runner decodes with one now: not
-        while hooks watch the model or its forward is replaced, as last looked when a request joined."""
+        """The compiled decode step on this model's cache, when the runner decodes with one now: not while
+        hooks watch the model, its forward is replaced or its tensors were replaced by ones the step
+        cannot run, as last looked when a request joined (KernelDecoder.look_again)."""
         if not self.use_compiled_decode:
             return None
         if self._compiled is None:
-            if watched_or_wrapped(self.loaded.model):
+            if why_not_compiled(self.loaded.model):
                 return None
             self._compiled = KernelDecoder(self.loaded.model, self.cache)
-        return None if self._compiled.watched else self._compiled
+        return None if self._compiled.why_not else self._compiled
 
     def has_work(self) -> bool:
         return bool(self.queue or self.running)
@@ -276,10 +281,8 @@ class ModelRunner:
     def _step(self) -> None:
         for r in [r for r in self.queue + self.running if r._cancel]:
             self._complete(r, "cancelled")
-        if self.queue:  # hooks (or a wrapped forward) added since the last request take effect from this one
-            for step in [self._compiled] + [d.compiled for d in self._drafts.values()]:
-                if step is not None:
-                    step.look_again()
+        if self.queue:  # hooks, a wrapped forward or new weights since the last request take effect from this one
+            self._look_at_models()
         decoding = list(self.running)
         # admit queued requests while slots are free; their prefill yields their first token
         while self.queue:
@@ -311,14 +314,35 @@ class ModelRunner:
             drafts = self._drafts[id(r.draft)] = DraftCache(r.draft, self.num_slots, self.engine.compiles(r.draft.model))
         return speculative_step(self, r, drafts)
 
+    def _look_at_models(self) -> None:
+        """
+        What the steps derived from the model (and its drafts) still hold: tensors replaced or changed in
+        place since (tensors_read) make every cached key and value stale and the CUDA graphs' addresses
+        old; hooks or a replaced forward would not run in a graph's replay; the compiled step looks
+        for itself (KernelDecoder.look_again). Called when a request joins (a walk of the modules).
+        """
+        weights = tensors_read(self.loaded.model)
+        if weights != self._weights:
+            self._weights = weights
+            self.weights_version += 1
+            self._static = None
+        elif self._static is not None and self._static.capture and watched_or_wrapped(self.loaded.model):
+            self._static = None
+        for step in [self._compiled] + list(self._drafts.values()):
+            if step is not None:
+                step.look_again()
+
     def _pick_slot(self, ids: list[int]) -> int | None:
-        """A free slot for a new sequence, pre-filled with the longest cached prefix of `ids` we have."""
+        """A free slot for a new sequence, pre-filled with the longest cached prefix of `ids` we have
+        (from slots filled with the weights of now)."""
         free = [s for s in range(self.num_slots) if self.owner[s] is None]
         if not free:
             return None
         cached = self.cache.tokens
         best, best_len = None, 0
         for s in range(self.num_slots):
+            if self.filled_with[s] != self.weights_version:
+                continue
             n = _common_prefix(cached[s], ids, limit=len(ids) - 1)  # the last token is always fed
             if n > best_len:
                 best, best_len = s, n
@@ -327,11 +351,14 @@ class ModelRunner:
         slot = min(free, key=lambda s: (self.last_used[s], s))  # least recently used
         if best is not None:  # the prefix is in a busy slot: copy it over
             self.cache.copy_prefix(best, slot, best_len)
+            self.filled_with[slot] = self.weights_version
         return slot
 
     def _prefill(self, r: Request, ids: list[int]) -> None:
         """Feed `ids` into r's slot (after whatever prefix the slot already holds) and sample."""
         cache = self.cache
+        if self.filled_with[r._slot] != self.weights_version:  # keys and values of other weights
+            cache.tokens[r._slot], self.filled_with[r._slot] = [], self.weights_version
         start = _common_prefix(cache.tokens[r._slot], ids, limit=len(ids) - 1)
         feed = ids[start:]
         cache.bind_prefill(r._slot, start, len(feed))

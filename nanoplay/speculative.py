@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cpu_decode import decode_thread_count
-from .cpu_kernel import KernelDecoder
+from .cpu_kernel import KernelDecoder, tensors_read
 from .errors import NanoplayError
 from .kvcache import KVCache
 from .sampling import apply_penalties, choose
@@ -69,6 +69,17 @@ class DraftCache:
         self.draft = draft
         self.cache = KVCache(draft.config, slots, draft.device, draft.dtype)
         self.compiled = KernelDecoder(draft.model, self.cache) if compiled else None
+        self._weights = tensors_read(draft.model)
+
+    def look_again(self) -> None:
+        """The draft's weights replaced or changed since: its cached keys and values are stale (see
+        ModelRunner._look_at_models); its compiled step looks for itself."""
+        weights = tensors_read(self.draft.model)
+        if weights != self._weights:
+            self._weights = weights
+            self.cache.tokens = [[] for _ in self.cache.tokens]
+        if self.compiled is not None:
+            self.compiled.look_again()
 
 
 def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder | None, slot: int, start: int,
@@ -79,7 +90,7 @@ def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder
     step when there is one and the tokens are few (it reads every weight once for up to 4 of them),
     else in a torch forward.
     """
-    if compiled is not None and not compiled.watched and len(tokens) <= MAX_COMPILED_TOKENS:
+    if compiled is not None and not compiled.why_not and len(tokens) <= MAX_COMPILED_TOKENS:
         positions = list(range(start, start + len(tokens)))
         logits = compiled.decode([slot] * len(tokens), tokens, positions, decode_thread_count())
         return logits[-1:] if last_only else logits

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_kernel import watched_or_wrapped
 from .kvcache import KVCache
 from .model import GPT
 
@@ -27,7 +28,9 @@ class StaticDecoder:
     def __init__(self, model: GPT, cache: KVCache):
         self.model = model
         self.cache = cache
-        self.capture = cache.device.type == "cuda"
+        # a graph replays what it recorded: hooks would run once, at capture (ModelRunner drops the
+        # graphs when hooks come later or the weights change)
+        self.capture = cache.device.type == "cuda" and watched_or_wrapped(model) is None
         slots = cache.slots
         # inputs, rewritten before each step: the token, its position, and where its key/value are stored
         self.inputs = torch.zeros(3, slots, dtype=torch.long, device=cache.device)  # (3, slots)

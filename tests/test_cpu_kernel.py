@@ -357,3 +357,36 @@ def test_hooks_added_after_the_first_request_take_the_step_back_to_torch():
         calls.clear()
         generate(engine, model)
     assert len(calls) == 6 * per_forward  # the prompt, then every step
+
+
+def test_weights_replaced_or_changed_after_the_first_request_are_read_again():
+    """The step holds the addresses it read (and float32 copies of a bf16 model's norms): a parameter
+    replaced, or changed in place, after a request is read again from the next request on; one the step
+    cannot run (fp16) sends the model to torch. Each against the torch forward on the same weights."""
+    def generate(engine, model):
+        out = engine.generate(model, "Hi", SamplingParams(max_new_tokens=6, temperature=0, top_logprobs=2))
+        return [(t.id, [a.id for a in t.top]) for t in out.tokens], [t.logprob for t in out.tokens]
+
+    def same_as_torch(engine, model, atol):
+        (tokens, logprobs), (want, want_logprobs) = generate(engine, model), generate(Engine(compiled_decode=False), model)
+        assert tokens == want
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)
+
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):  # bf16: torch rounds between products
+        model = LoadedModel(name="t", model=tiny_model().to(dtype), source="test", location="memory")
+        blocks = model.model.transformer.h
+        engine = Engine()
+        before = generate(engine, model)
+        assert engine._runner(model).compiled is not None
+        with torch.no_grad():
+            fc = blocks[1].mlp.c_fc
+            fc.weight = torch.nn.Parameter(fc.weight.flip(0) * 3)  # a new tensor
+            blocks[0].ln_1.weight.mul_(-2)  # in place: a bf16 model's copy in float32 is stale
+        same_as_torch(engine, model, atol)
+        assert generate(engine, model) != before and engine._runner(model).compiled is not None
+    with torch.no_grad():
+        proj = blocks[0].attn.c_proj
+        proj.weight = torch.nn.Parameter(proj.weight.half())  # weights the step cannot run
+    runner = engine._runner(model)
+    generate(engine, model)
+    assert runner.compiled is None and "weights in" in runner._compiled.why_not

@@ -1,5 +1,6 @@
 """The shared sampler: KV cache against full forwards, batching, seeds, stops, overflow, cancellation."""
 
+import copy
 import math
 import threading
 
@@ -56,6 +57,53 @@ def test_prefill_after_cached_prefix_matches_full_forward():
     out = model(torch.tensor([ids[12:]]), positions=torch.arange(12, 30).unsqueeze(0), cache=cache)
     torch.testing.assert_close(out, model(torch.tensor([ids]))[:, 12:], atol=1e-5, rtol=1e-5)
 
+
+
+def test_keys_and_values_of_old_weights_are_not_reused_as_a_prefix():
+    """A prompt's cached prefix (the KV cache of an earlier request) belongs to the weights it was computed
+    with: after a parameter is replaced or changed in place, the same prompt gets what a fresh engine
+    gives, in every decode path, also when the old prefix sits in a busy slot."""
+    from nanoplay.bench import truncated_draft
+
+    params = SamplingParams(max_new_tokens=4, temperature=0, top_logprobs=1)
+    prompt = "The cat sat on the mat and the dog"
+
+    def logprobs(engine, model, **kw):
+        return [t.logprob for t in engine.generate(model, prompt, params, **kw).tokens]
+
+    for kw in ({"compiled_decode": False}, {"compiled_decode": False, "static_decode": True}, {}):
+        model = loaded(tiny_model())
+        engine = Engine(**kw)
+        logprobs(engine, model)
+        with torch.no_grad():
+            model.model.transformer.h[0].attn.c_attn.weight.mul_(1.5)  # in place: the same tensor
+        assert logprobs(engine, model) == logprobs(Engine(**kw), model), kw
+        attn = model.model.transformer.h[1].attn
+        attn.c_proj.weight = torch.nn.Parameter(attn.c_proj.weight * -1)  # a new tensor
+        assert logprobs(engine, model) == logprobs(Engine(**kw), model), kw
+    busy = engine.submit(model, prompt, SamplingParams(max_new_tokens=40, temperature=0))  # holds the prompt
+    for _ in range(3):
+        engine.step()
+    with torch.no_grad():
+        model.model.transformer.ln_f.weight.mul_(0.5)
+    assert logprobs(engine, model) == logprobs(Engine(), model)
+    busy.cancel()
+    # a draft's cache likewise: its stale keys would change which tokens it proposes (how many are
+    # accepted), never the figures
+    draft = truncated_draft(loaded(copy.deepcopy(model.model)), 1)  # its own weights, agreeing often
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    engine.generate(model, prompt, params, draft=draft)
+    with torch.no_grad():
+        draft.model.transformer.h[0].attn.c_attn.weight.mul_(1.2)
+    again = engine.generate(model, prompt, params, draft=draft)
+    assert again.draft_accepted > 0
+    drafts = engine._runner(model)._drafts[id(draft)].cache  # its keys: those of the draft as it is now
+    held = drafts.tokens[again._slot]
+    reference = KVCache(draft.config, slots=1, device="cpu", dtype=torch.float32)
+    reference.bind_prefill(0, 0, len(held))
+    with torch.no_grad():
+        draft.model(torch.tensor([held]), positions=torch.arange(len(held)).unsqueeze(0), cache=reference)
+    torch.testing.assert_close(drafts.k[0][again._slot, :, :len(held)], reference.k[0][0, :, :len(held)])
 
 
 @torch.no_grad()
