@@ -239,7 +239,9 @@ class Distribution:
             # -sum p log p = log_z - sum e * shifted / (1 + rest); a -inf logit adds 0 * -inf = NaN, which
             # nansum skips
             entropy = log_z - torch.nansum(e * shifted, dim=-1) / (1 + rest)
-            top_ids = torch.topk(logits, m, dim=-1).indices
+            # equal logits in id order, as the kernel and argmax give them (topk's order among ties is
+            # its own: the listed alternatives would differ at the cut-off)
+            top_ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :m]
         else:
             row_max, log_z, entropy, top_ids = figures
         return cls(logits, row_max, log_z, entropy, top_ids, _logprobs(logits.gather(1, top_ids), row_max, log_z))

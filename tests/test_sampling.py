@@ -318,8 +318,12 @@ def test_distribution_figures_match_a_full_pass_over_the_vocabulary(figures_path
         top = torch.tensor(top_lp[0], dtype=torch.float64)
         torch.testing.assert_close(top, reference.sort(descending=True).values[:3], rtol=1e-15, atol=1e-13)
         assert torch.equal(d.logprobs[0][top_ids[0]], top), i  # the same float64 arithmetic
-    if figures_path == "compiled":  # equal logits: the lower id first, as argmax
-        assert Distribution.of(wide.unsqueeze(0), 5).top_ids[0, :4].tolist() == [4095, 4096, 8191, 8999]
+    # equal logits: the lower id first, as argmax, in both paths (topk lists ties in an order of its own)
+    assert Distribution.of(wide.unsqueeze(0), 5).top_ids[0, :4].tolist() == [4095, 4096, 8191, 8999]
+    ties = torch.zeros(1, 50304)
+    ties[0, [40000, 3, 17, 50000, 9]] = 1.0
+    assert Distribution.of(ties, 4).top_ids[0].tolist() == [3, 9, 17, 40000]
+    assert Distribution.of(torch.zeros(1, 300), 4).top_ids[0].tolist() == [0, 1, 2, 3]
 
 
 def test_figures_stay_exact_for_a_model_all_but_certain(figures_path):
