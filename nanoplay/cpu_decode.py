@@ -66,9 +66,12 @@ class BlasLinear(nn.Module):
         # 5-15 µs each inside a step, where streaming the weights evicts torch's code from the caches)
         weight_t, bias = self._numpy()
         rows = x.numpy().reshape(-1, self.in_features)  # (N, in): one product for every row of the batch
-        y = np.matmul(rows, weight_t)  # (N, out)
-        if bias is not None:
-            np.add(y, bias, out=y)
+        # overflow gives inf as torch's product does, which the sampler reports; numpy would also warn
+        # on stderr (2 us a product)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = np.matmul(rows, weight_t)  # (N, out)
+            if bias is not None:
+                np.add(y, bias, out=y)
         return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:

@@ -155,3 +155,17 @@ def test_decode_threads_from_two_threads_at_once_restore_the_callers_setting():
         assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]} == {2}
     finally:
         torch.set_num_threads(before)
+
+
+def test_blas_linear_overflows_to_inf_as_f_linear_does_and_says_nothing(recwarn):
+    """A product past float32's range is inf in both (the sampler reports it); numpy would warn on stderr."""
+    linear = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.fill_(3e38)
+        linear.bias.fill_(-3e38)
+    x = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0]])
+    reference = F.linear(x, linear.weight, linear.bias)
+    with torch.inference_mode():
+        y = blas_copy(linear)(x)
+    assert torch.equal(y, reference) and torch.isinf(y[0]).all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
