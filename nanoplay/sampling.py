@@ -63,7 +63,11 @@ class SamplingParams:
     top_logprobs: int = 5  # alternatives reported per token
 
     def __post_init__(self):
-        checks = [
+        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        # finite first: NaN fails every comparison below, whose messages would name the wrong fault
+        checks = [(getattr(self, name) is None or math.isfinite(getattr(self, name)), f"{name} must be a finite number")
+                  for name in numbers]
+        checks += [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (self.top_k is None or self.top_k >= 1, "top_k must be >= 1"),
@@ -74,9 +78,6 @@ class SamplingParams:
             (all(self.stop), "stop strings must not be empty"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be between 0 and 2**63 - 1"),
         ]
-        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-        checks += [(getattr(self, name) is None or math.isfinite(getattr(self, name)), f"{name} must be a finite number")
-                   for name in numbers]
         for ok, message in checks:
             if not ok:
                 raise NanoplayError(f"invalid sampling setting: {message}")

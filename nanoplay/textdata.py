@@ -54,6 +54,8 @@ class TextSource:
 
 
 def resolve_source(data: str, text_column: str | None = None, val_fraction: float | None = None) -> TextSource:
+    if val_fraction is not None and not 0 <= val_fraction < 1:  # NaN too
+        raise NanoplayError(f"val_fraction must be at least 0 and below 1, not {val_fraction}")
     column = text_column or ""
     # None or 0: the source's own default, so that the trainer and `nanoplay eval` agree unless told otherwise
     fraction = val_fraction or (PYDOC_VAL_FRACTION if data == "pydoc-topics" else 0.0)

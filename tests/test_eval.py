@@ -370,6 +370,16 @@ def test_local_text_files_are_read_whole_or_split_like_the_trainer(tmp_path):
     assert val.ids.tolist() == documents_stream("x", expected).ids.tolist()
 
 
+@pytest.mark.parametrize("fraction", [float("nan"), 1.0, -0.1])
+def test_a_val_fraction_outside_0_1_is_refused_by_name(tmp_path, fraction):
+    """NaN made `round(n * fraction)` raise deep in the split; 1 or more made an empty train split."""
+    from nanoplay.textdata import load_text_dataset
+
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "some text"}) + "\n")
+    with pytest.raises(NanoplayError, match=f"^val_fraction must be at least 0 and below 1, not {fraction}$"):
+        load_text_dataset(str(tmp_path / "docs.jsonl"), split="val", val_fraction=fraction)
+
+
 # -----------------------------------------------------------------------------
 # the command, on every checkpoint format side by side
 

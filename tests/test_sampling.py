@@ -167,10 +167,13 @@ def test_infinite_logits_take_all_the_mass_and_nan_is_named():
         "model produced logits that are -inf for every token"]
 
 
-@pytest.mark.parametrize("bad", ["temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"])
-def test_infinite_settings_are_refused(bad):
-    with pytest.raises(NanoplayError, match=f"invalid sampling setting: {bad} must be a finite number"):
-        SamplingParams(**{bad: float("inf")})
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("bad", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                 "frequency_penalty"])
+def test_infinite_settings_are_refused(bad, value):
+    """NaN fails every range check, so a range message (temperature must be >= 0) would name the wrong fault."""
+    with pytest.raises(NanoplayError, match=f"^invalid sampling setting: {bad} must be a finite number$"):
+        SamplingParams(**{bad: value})
 
 
 def random_row(rng: random.Random, size: int) -> torch.Tensor:

@@ -88,6 +88,10 @@ def test_printed_config_reads_back_and_unknown_keys_are_refused(tmp_path):
 BAD_VALUES = [
     (["--learning-rate", "-1"], "learning_rate must be greater than 0, not -1.0"),
     (["--dropout", "1.5"], "dropout must be at least 0 and below 1, not 1.5"),
+    (["--learning-rate", "inf"], "learning_rate must be a finite number, not inf"),  # passed `> 0`
+    (["--min-lr", "nan"], "min_lr must be a finite number, not nan"),  # passed `< 0`
+    (["--grad-clip", "nan"], "grad_clip must be a finite number, not nan"),
+    (["--val-fraction", "nan"], "val_fraction must be a finite number, not nan"),
     (["--activation", "gelu2"], "activation 'gelu2': use gelu_tanh or gelu or gelu_10 or quick_gelu"),
     (["--vocab-size", "100"], "vocab_size 100 is smaller than the GPT-2 tokenizer's 50257 tokens: "
                               "use 50304 (padded to a multiple of 64, the default) or 50257"),

@@ -9,6 +9,7 @@ field of TrainConfig, and every field is also a command-line flag (`max_iters` -
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -71,6 +72,10 @@ class TrainConfig:
         """Every value is checked here, before anything is loaded: one line naming the key and what it takes."""
         from nanoplay.model import ACTIVATIONS  # imports torch: not at the top, so building the CLI stays fast
 
+        for f in fields(self):  # finite first: NaN passes `< 0` and fails `> 0`, and inf passes both
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NanoplayError(f"{f.name} must be a finite number, not {value}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                      "max_iters", "log_interval"):
             if getattr(self, name) < 1:
