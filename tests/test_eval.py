@@ -404,7 +404,11 @@ def local_sets(tmp_path):
     return [f"wikitext-2={tmp_path / 'wiki.parquet'}", f"lambada={tmp_path / 'lambada.jsonl'}"], rows
 
 
-def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
+def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys, monkeypatch):
+    import nanoplay.precision
+
+    # on a CPU with native bf16 (auto would pick bf16 there) eval still measures in float32, as report does
+    monkeypatch.setattr(nanoplay.precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     data_args, rows = local_sets
     argv = ["eval", "--stride", str(CTX), "--json"]
     for spec in [*three_formats, "no-such-model"]:
@@ -413,6 +417,7 @@ def test_eval_three_formats_side_by_side(three_formats, local_sets, capsys):
         argv += ["--data", spec]
     assert main(argv) == 2  # a model failed: the exit says so, and the others are still reported
     report = json.loads(capsys.readouterr().out)
+    assert report["method"]["dtype"] == "float32"
     names = [row["model"] for row in report["models"]]
     assert names[0].endswith("/ckpt.pt") and names[1:] == ["tiny@100", "hf-dir", "no-such-model"]
     assert "error" in report["models"][3] and "no-such-model" in report["models"][3]["error"]

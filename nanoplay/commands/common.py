@@ -13,14 +13,26 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16", "int8": "int8", "auto": "auto"}
 
 
-def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dtypes: bool = False) -> None:
-    """--model, --device and --dtype; dtypes=True makes --dtype repeatable (a list, None when not given)."""
+MEASURED_DTYPE_HELP = "weights and compute precision (default float32, as the published figures)"
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dtypes: bool = False,
+                      measures: bool = False) -> None:
+    """--model, --device and --dtype; dtypes=True makes --dtype repeatable (a list, None when not given);
+    measures=True (eval, report) defaults to float32 on every machine: a perplexity must not move with
+    the CPU it was measured on."""
     parser.add_argument("--model", "-m", action="append", required=required, metavar="SPEC",
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), **({"action": "append"} if dtypes else {"default": "auto"}),
-                        help="weights and compute precision (default auto: bfloat16 on CPUs with native bf16 "
-                             "products, else float32; int8: 8-bit weights, CPU only)")
+    if dtypes:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), action="append",
+                            help="weights and compute precision, repeatable (default auto: bfloat16 on CPUs with "
+                                 "native bf16 products, else float32; int8: 8-bit weights, CPU only)")
+    else:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32" if measures else "auto",
+                            help=MEASURED_DTYPE_HELP if measures else
+                            "weights and compute precision (default auto: bfloat16 on CPUs with native bf16 "
+                            "products, else float32; int8: 8-bit weights, CPU only)")
 
 
 def read_stdin() -> str:

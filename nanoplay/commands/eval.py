@@ -13,7 +13,7 @@ DEFAULT_DATA = ["wikitext-2", "lambada"]
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="perplexity, bits per byte and LAMBADA of models on the same data, next to published figures")
-    add_model_options(p)
+    add_model_options(p, measures=True)
     p.add_argument("--data", "-d", action="append", metavar="SET",
                    help="wikitext-2, wikitext-103, lambada, openwebtext, pydoc-topics, NAME=PATH (a local copy "
                         "of a named set), a .txt/.jsonl/.parquet file or folder, or a Hub dataset id "

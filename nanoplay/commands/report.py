@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import DTYPES, resolve_device, stdout_console, torch_dtype
+from .common import DTYPES, MEASURED_DTYPE_HELP, resolve_device, stdout_console, torch_dtype
 from .eval import check_scoring_options, human_params, load_data_sets
 
 DEFAULT_DATA = ["openwebtext", "lambada"]
@@ -36,8 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=("train", "val", "all"), help="as for nanoplay eval")
     p.add_argument("--val-fraction", type=float, help="the --val-fraction the run was trained with, if not the default")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="weights and compute precision (default float32, as the published figures)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=MEASURED_DTYPE_HELP)
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="where report.md, report.png/.svg and report.json go (default: checkpoints/RUN/report, "
                         "or ./nanoplay-report for a single model)")
