@@ -8,11 +8,15 @@ torch and friends only when their command runs, so `nanoplay --help` and the TUI
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
 from .errors import NanoplayError
+
+# errors of a write that the command cannot mend: they end it with one line, not a traceback
+WRITE_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG}
 
 COMMAND_MODULES = [
     "nanoplay.commands.gen",
@@ -52,12 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         run = run_app
     else:
         run = args.run
+    if args.command is not None and sys.stdout is None:  # started with `>&-`: print() would fail mid-run
+        print("nanoplay: error: standard output is closed: send it to a file or a pipe (> out.txt)", file=sys.stderr)
+        return 2
     try:
         code = run(args) or 0
         sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
         return code
     except BrokenPipeError:
         return closed_pipe()
+    except OSError as e:
+        if e.filename is not None or e.errno not in WRITE_ERRORS:
+            raise
+        # a write to standard output failed (a full disk, /dev/full): what was written is incomplete
+        print(f"nanoplay: error: cannot write standard output: {e.strerror}", file=sys.stderr)
+        sys.stdout = None  # the interpreter's final flush would fail again
+        return 1
     except NanoplayError as e:
         print(f"nanoplay: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -416,6 +416,34 @@ def test_a_closed_pipe_ends_quietly(tiny_run, command):
     assert p.wait(timeout=120) in (0, 141) and err == ""
 
 
+@pytest.mark.parametrize("command", [["models"], ["score", "--text", "word " * 50]])
+def test_a_closed_pipe_under_a_rich_table_ends_as_any_closed_pipe(tiny_run, command):
+    """rich's console ends a broken pipe with exit 1 of its own; nanoplay's commands end with 141."""
+    env = {**os.environ, "NANOPLAY_CHECKPOINTS": str(tiny_run.parent), "COLUMNS": "200"}
+    p = subprocess.Popen([sys.executable, "-m", "nanoplay", *command, *(["-m", "tiny"] if command != ["models"] else [])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    assert p.wait(timeout=120) == 141 and p.stderr.read() == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [["gen", "--prompt", "Once", "--max-new-tokens", "3", "--seed", "1"],
+                                     ["gen", "--prompt", "Once", "--max-new-tokens", "3", "--seed", "1", "--json"],
+                                     ["score", "--text", "word"], ["models"]])
+def test_standard_output_that_cannot_be_written_is_one_line(tiny_run, command):
+    """A full disk (/dev/full) or a closed standard output (`>&-`): one line, never a traceback."""
+    env = {**os.environ, "NANOPLAY_CHECKPOINTS": str(tiny_run.parent)}
+    argv = [sys.executable, "-m", "nanoplay", *command, *(["-m", "tiny"] if command != ["models"] else [])]
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=env)
+    assert (p.returncode, p.stderr.decode()) == (1, "nanoplay: error: cannot write standard output: "
+                                                     "No space left on device\n")
+    p = subprocess.run(argv, stdout=None, stderr=subprocess.PIPE, env=env, close_fds=True,
+                       preexec_fn=lambda: os.close(1))
+    assert (p.returncode, p.stderr.decode()) == (2, "nanoplay: error: standard output is closed: send it to a "
+                                                     "file or a pipe (> out.txt)\n")
+
+
 def test_bench_defaults_fit_the_model(tiny_run, capsys):
     # tiny has a 64-token context: the default 128-token prompt did not fit
     code, out, err = run_cli(capsys, "bench", "-m", "tiny", "--repeats", "1", "--batch", "1")

@@ -74,8 +74,14 @@ def stdout_console():
     """A rich console for results on stdout; piped into a file it is wide, so tables never fold or crop."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=1000)
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            """rich exits 1 here; the command ends as any other closed pipe does (cli.closed_pipe: 141)."""
+            self.quiet = True
+            raise BrokenPipeError
+
+    console = StdoutConsole()
+    return console if console.is_terminal else StdoutConsole(width=1000)
 
 
 def load_models(engine, specs: list[str], device: str, dtype) -> list:

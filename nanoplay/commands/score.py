@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import NanoplayError
 from ..textio import argument_text, read_text
 from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models, read_stdin,
-                     resolve_device, torch_dtype)
+                     resolve_device, stdout_console, torch_dtype)
 
 
 def register(subparsers) -> None:
@@ -68,7 +68,6 @@ def score_record(model_name: str, totals: dict, tokens, top_logprobs: int) -> di
 
 
 def run(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..engine import Engine
@@ -93,5 +92,5 @@ def run(args) -> int:
                       f"{totals['bits_per_byte']:.4f}",
                       ", ".join(f"{t.text!r} ({-t.logprob / math.log(2):.1f} bits)" for t in worst))
     if not args.json:
-        Console().print(table)
+        stdout_console().print(table)
     return 0
