@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import NanoplayError
+from .textio import json_text
 
 # Noise is drawn over at least this many entries (nanoGPT's padded vocabulary), so models with 50257 and
 # 50304 entries see the same noise for every real token id.
@@ -139,10 +140,15 @@ def parse_stop_string(text: str) -> str:
         elif code == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
             out.append(chr(int(text[i + 2:i + 6], 16)))
             i += 6
+        elif code == "u":
+            raise NanoplayError(f"stop string {text}: \\u takes exactly 4 hex digits (\\u000a), not "
+                                f"{text[i:i + 6]}")
         else:
             raise NanoplayError(f"stop string {text}: unknown escape {text[i:i + 2]}; the escapes are "
                                 f"\\n \\t \\r \\\\ (a backslash) \\, and \\uXXXX")
-    return "".join(out)
+    # a character beyond U+FFFF is typed as its UTF-16 pair, \\ud83d\\ude00: joined here, as JSON does
+    joined = "".join(out).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return json_text(joined, f"stop string {text}")
 
 
 def format_stop_string(stop: str) -> str:

@@ -61,6 +61,24 @@ def check_utf8(path: Path | str, block_size: int = 1 << 20) -> None:
         raise _not_utf8(str(path), carry, 0, offset)
 
 
+def surrogate_problem(text: str) -> str | None:
+    """Why `text` is not text, or None: a lone surrogate (JSON's "\\ud800", a \\uXXXX escape) is half of a
+    UTF-16 pair. The tokenizer would replace it with U+FFFD unseen, and printing it fails."""
+    at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if at is None:
+        return None
+    return (f"a lone surrogate (\\u{ord(text[at]):04x}) at character {at + 1} is half of a UTF-16 pair, "
+            f"not text: write the character itself, or both halves of its pair")
+
+
+def json_text(value: str, where: str) -> str:
+    """A string that JSON (or an escape) gave: `value` itself, or NanoplayError naming `where`."""
+    problem = surrogate_problem(value)
+    if problem:
+        raise NanoplayError(f"{where}: {problem}")
+    return value
+
+
 def argument_text(value: str, option: str) -> str:
     """A command-line argument as text. Bytes that are not UTF-8 reach Python as lone surrogates
     (PEP 383); they are refused like a file's, with the offset in the argument's bytes."""

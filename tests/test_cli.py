@@ -82,6 +82,11 @@ def test_gen_prompts_any_suffix_case_json_array_and_bom(tiny_run, tmp_path, caps
                                  "one JSON value per line is JSONL: name the file .jsonl"),
     ("p.json", "[]", "p.json holds no prompts"),
     ("p.txt", "\n  \n", "p.txt holds no prompts"),
+    # JSON's escape of half a UTF-16 pair: the tokenizer replaced it unseen, and printing the prompt failed
+    ("p.jsonl", '{"prompt": "a\\ud800"}\n', "p.jsonl:1: a lone surrogate (\\ud800) at character 2 is half of a "
+                                              "UTF-16 pair, not text: write the character itself, or both halves of its pair"),
+    ("p.json", '["ok", "\\udc00"]', "p.json: item 2 of the array: a lone surrogate (\\udc00) at character 1 is "
+                                     "half of a UTF-16 pair, not text: write the character itself, or both halves of its pair"),
 ])
 def test_gen_bad_prompts_file_is_one_line(tiny_run, tmp_path, capsys, name, text, message):
     (tmp_path / name).write_text(text)

@@ -84,6 +84,8 @@ MALFORMED = [
     ([{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}],
      "message 1 (user) has content 5: it must be a string"),
     ([{"role": "user", "content": "a"}, {"role": "assistant"}], "message 2 (assistant) has no content"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\ud800"}],
+     "message 2 (assistant): a lone surrogate (\\ud800) at character 2"),
     ({"prompt": "q"}, 'has "prompt" but no "response"'),
     ({"text": "hello"}, "not a conversation"),
     ({"messages": []}, "has no messages"),

@@ -238,7 +238,8 @@ def test_filtered_tokens_are_never_drawn_even_with_zero_noise():
 
 @pytest.mark.parametrize("typed, stop", [(r"\n", "\n"), (r"\n\nUser:", "\n\nUser:"), (r"a\tb", "a\tb"),
                                          (r"C:\\dir", "C:\\dir"), (r"\u00e9t\u00E9", "été"), (r"1\,5", "1,5"),
-                                         ("plain", "plain"), ("é\n", "é\n")])
+                                         ("plain", "plain"), ("é\n", "é\n"),
+                                         (r"a\ud83d\ude00b", "a\U0001f600b")])  # a UTF-16 pair is one character
 def test_stop_string_escapes(typed, stop):
     from nanoplay.sampling import format_stop_string, parse_stop_string
 
@@ -246,11 +247,13 @@ def test_stop_string_escapes(typed, stop):
     assert parse_stop_string(format_stop_string(stop)) == stop
 
 
-@pytest.mark.parametrize("typed", [r"\q", "end\\", r"\u12", r"\x41"])
-def test_unknown_stop_escapes_are_refused(typed):
+@pytest.mark.parametrize("typed, message", [(r"\q", "unknown escape"), ("end\\", "unknown escape"),
+                                            (r"\x41", "unknown escape"), (r"\u12", r"\\u takes exactly 4 hex digits"),
+                                            (r"\ud83d", "a lone surrogate"), (r"\ude00\ud83d", "a lone surrogate")])
+def test_bad_stop_escapes_are_refused(typed, message):
     from nanoplay.sampling import parse_stop_string
 
-    with pytest.raises(NanoplayError, match="unknown escape"):
+    with pytest.raises(NanoplayError, match=message):
         parse_stop_string(typed)
 
 

@@ -23,6 +23,7 @@ import torch
 from nanoplay.chat import ROLES, encode_conversation
 from nanoplay.errors import NanoplayError
 from nanoplay.textdata import load_hub_dataset, quiet_datasets
+from nanoplay.textio import surrogate_problem
 from nanoplay.tokenizer import EOT_ID
 
 MAX_REPORTED = 20
@@ -66,6 +67,8 @@ def to_messages(record) -> list[dict]:
             raise ValueError(f"message {i} ({m['role']}) has content {m['content']!r}: it must be a string")
         if not m["content"].strip():
             raise ValueError(f"message {i} ({m['role']}) has empty content")
+        if problem := surrogate_problem(m["content"]):
+            raise ValueError(f"message {i} ({m['role']}): {problem}")
         clean.append({"role": m["role"], "content": m["content"]})
     check_order([m["role"] for m in clean])
     return clean

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NanoplayError
-from ..textio import argument_text, read_text
+from ..textio import argument_text, json_text, read_text
 from .common import (add_model_options, alternative_record, check_top_logprobs, json_line, load_models, read_stdin,
                      resolve_device, torch_dtype)
 
@@ -92,9 +92,9 @@ def read_prompts_file(path: Path) -> list[str]:
 def prompt_from_item(item, where: str) -> str:
     """A prompt as a JSONL line or a JSON array item gives it: {"prompt": "..."} or a string."""
     if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-        return item["prompt"]
+        return json_text(item["prompt"], where)
     if isinstance(item, str):
-        return item
+        return json_text(item, where)
     raise NanoplayError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
