@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanoplayError
-from .textdata import load_hub_dataset, quiet_datasets, reader_error
+from .textdata import check_not_empty, load_hub_dataset, quiet_datasets, reader_error
 from .tokenizer import get_tokenizer
 
 WIKITEXT_HUB = "Salesforce/wikitext"
@@ -60,7 +60,20 @@ class EvalData:
 
 def load_eval_data(spec: str, *, limit: int | None = None, text_column: str | None = None,
                    split: str | None = None, val_fraction: float | None = None) -> EvalData:
-    """Resolve one --data spec: NAME, NAME=PATH (a local copy of a named set), a path, or a Hub id."""
+    """Resolve one --data spec: NAME, NAME=PATH (a local copy of a named set), a path, or a Hub id.
+    Raises NanoplayError for data with nothing to score (an empty or blank file, an empty split): its
+    perplexity per word and bits per byte would divide by zero."""
+    data = _load_eval_data(spec, limit, text_column, split, val_fraction)
+    if data.kind == "lambada" and not data.texts:
+        raise NanoplayError(f"--data {spec}: holds no LAMBADA examples; give a file with one text per row")
+    if data.kind == "stream" and not data.n_words:  # no bytes, or only whitespace: no words to divide by
+        raise NanoplayError(f"--data {spec}: holds no text to score"
+                            f"{f' in its {split} split' if split and split != 'all' else ''}; give a file with text")
+    return data
+
+
+def _load_eval_data(spec: str, limit: int | None, text_column: str | None, split: str | None,
+                    val_fraction: float | None) -> EvalData:
     head, sep, local = spec.partition("=")
     name = ALIASES.get(head.strip().lower(), head.strip().lower())
     if name not in NAMED:
@@ -220,6 +233,7 @@ def _local_rows(path: Path, column: str) -> list[str]:
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise NanoplayError(f"{path}: expected a {', '.join(LOCAL_BUILDERS)} file")
+    check_not_empty(path)
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}  # WikiText's rows keep their "\n"
     if builder != "parquet":  # text files: nanoplay.textio's one UTF-8 policy, the byte named
         from .textio import check_utf8

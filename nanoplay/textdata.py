@@ -84,7 +84,16 @@ def local_files(path: Path) -> list[Path]:
     files = [f for f in files if f.suffix in LOCAL_BUILDERS]
     if not files:
         raise NanoplayError(f"{path}: no .txt, .jsonl, .json or .parquet files to read")
+    for f in files:
+        check_not_empty(f)
     return files
+
+
+def check_not_empty(path: Path) -> None:
+    """Refuse an empty file, on which `datasets`' readers fail with a bare StopIteration (JSON) or a
+    schema error (text, read as rows)."""
+    if path.stat().st_size == 0:
+        raise NanoplayError(f"{path} is empty: give a file with at least one row")
 
 
 def load_documents(source: TextSource):

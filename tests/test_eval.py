@@ -370,6 +370,25 @@ def test_local_text_files_are_read_whole_or_split_like_the_trainer(tmp_path):
     assert val.ids.tolist() == documents_stream("x", expected).ids.tolist()
 
 
+@pytest.mark.parametrize("name, text, spec, message", [
+    ("empty.txt", "", "{path}", "{path} is empty: give a file with at least one row"),
+    ("blank.txt", "\n\n  \n", "{path}", "--data {path}: holds no text to score; give a file with text"),
+    ("empty.jsonl", "", "{path}", "{path} is empty: give a file with at least one row"),
+    ("empty.jsonl", "", "lambada={path}", "{path} is empty: give a file with at least one row"),
+    ("empty.txt", "", "wikitext-2={path}", "{path} is empty: give a file with at least one row"),
+    ("blank.txt", "\n \n", "wikitext-2={path}", "--data wikitext-2={path}: holds no text to score; give a file with text"),
+])
+def test_data_with_nothing_to_score_is_refused_by_name(tmp_path, name, text, spec, message):
+    """Perplexity per word and bits per byte divide by the words and bytes: an empty or blank file raised
+    ZeroDivisionError after scoring, and an empty JSONL file a bare StopIteration inside `datasets`."""
+    path = tmp_path / name
+    path.write_text(text)
+    spec = spec.format(path=path)
+    with pytest.raises(NanoplayError) as e:
+        load_eval_data(spec)
+    assert str(e.value) == message.format(path=path)
+
+
 @pytest.mark.parametrize("fraction", [float("nan"), 1.0, -0.1])
 def test_a_val_fraction_outside_0_1_is_refused_by_name(tmp_path, fraction):
     """NaN made `round(n * fraction)` raise deep in the split; 1 or more made an empty train split."""
