@@ -1,6 +1,7 @@
 """nanoplay report: step specs, training state, the cache, the trend fit, files and the command, on a tiny run."""
 
 import json
+import os
 from pydoc_data.topics import topics
 
 import pytest
@@ -248,3 +249,21 @@ def test_report_without_matplotlib_says_how_to_get_images(tiny_run, tmp_path, ca
 def test_bad_run_specs_are_one_line(tiny_run, capsys):
     assert main(["report", "tiny@999", "--data", "x.txt"]) == 2
     assert "tiny has no step 999; saved: 100, 200, 300" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_scoring(tiny_run, tmp_path, capsys, monkeypatch):
+    """--out naming a file, or a folder that cannot be made: one line, and nothing scored first (it was a
+    FileExistsError or FileNotFoundError traceback after all the scoring)."""
+    from nanoplay import report as rp
+
+    _, text = tiny_run
+    monkeypatch.setattr(rp, "build", lambda *a, **k: pytest.fail("scored before the --out folder was checked"))
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    cases = [(tmp_path / "afile", "is a file, not a folder: give a folder for report.md, report.json and the images"),
+             (tmp_path / "afile" / "sub", "cannot make the folder (Not a directory); give another")]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((tmp_path / "ro" / "sub", "cannot make the folder (Permission denied); give another"))
+    for out, message in cases:
+        assert main(["report", "tiny@300", "--data", str(text), "--out", str(out), "--no-plot"]) == 2
+        assert capsys.readouterr().err == f"nanoplay: error: --out {out}: {message}\n".replace(f"{out}: is", f"{out} is")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+from ..errors import NanoplayError
 from .common import DTYPES, MEASURED_DTYPE_HELP, resolve_device, stdout_console, torch_dtype
 from .eval import check_scoring_options, human_params, load_data_sets
 
@@ -57,6 +59,7 @@ def run(args) -> int:
     dtype = torch_dtype(args.dtype, device)
     err = Console(stderr=True)
     data = load_data_sets(args, DEFAULT_DATA, err)
+    out = report_folder(args.out or (run_dir / "report" if run_dir else Path("nanoplay-report")))
     settings = rp.Settings(rule=args.rule, stride=args.stride, lambada_rule=args.lambada_rule,
                            eot_prefix=not args.no_eot_prefix,
                            dtype=str(dtype).removeprefix("torch."),
@@ -65,7 +68,6 @@ def run(args) -> int:
         report = rp.build(subjects, data, settings, device=device, dtype=dtype, run_dir=run_dir,
                           cache=rp.ScoreCache(enabled=not args.no_cache), on_start=progress.start,
                           on_progress=progress.advance, on_model_done=progress.model_done)
-    out = args.out or (run_dir / "report" if run_dir else Path("nanoplay-report"))
     report["files"] = write_files(report, out, err)
     if args.json:
         print(json.dumps(_finite(report), indent=2))
@@ -125,6 +127,21 @@ class ScoringProgress:
             eta = f", about {left:.0f} s of scoring left" if math.isfinite(left) else ""
             self.console.print(f"[{self.done_models}/{self.n_models}] {subject.label}: scored {', '.join(scored)} in "
                                f"{seconds:.1f} s{eta}", markup=False, highlight=False)
+
+
+def report_folder(out: Path) -> Path:
+    """The folder the report goes into, made before anything is scored: a file in its place, or a
+    folder that cannot be made or written, is one line naming it, not a traceback after the scoring."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NanoplayError(f"--out {out} is a file, not a folder: give a folder for report.md, report.json "
+                            f"and the images") from None
+    except OSError as e:
+        raise NanoplayError(f"--out {out}: cannot make the folder ({e.strerror}); give another") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise NanoplayError(f"--out {out}: the folder is not writable; give another")
+    return out
 
 
 def write_files(report: dict, out: Path, console) -> dict:
