@@ -49,16 +49,18 @@ def run(args) -> int:
     from ..engine import Engine
     from ..errors import NanoplayError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.model and not args.shape:
         raise NanoplayError("nothing to benchmark: give --model SPEC or --shape owt-30m / gpt2-124m")
     checks = (("--batch", args.batch or [1], 1), ("--threads", [1 if args.threads is None else args.threads], 1),
               ("--repeats", [args.repeats], 1), ("--prompt-tokens", [args.prompt_tokens or 0] * (args.prompt_tokens is not None), 1),
-              ("--new-tokens", [args.new_tokens or 0] * (args.new_tokens is not None), 2))  # decode speed is measured from the second token on
+              ("--new-tokens", [args.new_tokens or 0] * (args.new_tokens is not None), 2),  # decode speed is measured from the second token on
+              ("--draft-layers", [] if args.draft_layers is None else [args.draft_layers], 1),
+              ("--draft-tokens", args.draft_tokens or [], 1))
     for flag, values, least in checks:
         if values and min(values) < least:
-            raise NanoplayError(f"{flag} must be at least {least}")
+            raise NanoplayError(f"{flag} must be at least {least}, not {min(values)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     vs = set(args.vs or [])
     llama_types = tuple(name.partition(":")[2] for name in VS_LLAMA_CPP_QUANTIZED if name in vs)
     for name in sorted(vs - {"transformers"}):
@@ -173,6 +175,7 @@ def run_draft(args, engine, sources, device, console) -> int:
     from rich.text import Text
 
     from ..bench import SHAPES, bench_draft, random_model, truncated_draft
+    from ..errors import NanoplayError
 
     draft = None
     if args.draft in SHAPES:
@@ -186,7 +189,10 @@ def run_draft(args, engine, sources, device, console) -> int:
         table.add_column(col, justify="right")
     for reference, variants in sources:
         for model in variants.values():
-            this_draft = draft or truncated_draft(model, args.draft_layers)
+            try:
+                this_draft = draft or truncated_draft(model, args.draft_layers)
+            except ValueError as e:  # more layers than the model has
+                raise NanoplayError(f"--draft-layers {args.draft_layers}: {e} ({model.name})") from e
             for k in args.draft_tokens or [4]:
                 r = bench_draft(model, this_draft, new_tokens=args.new_tokens, draft_tokens=k, repeats=args.repeats)
                 table.add_row(Text(r["model"]), Text(r["draft"]), str(k), f"{r['plain_tok_s']:.1f}",
