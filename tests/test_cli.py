@@ -94,6 +94,17 @@ def test_gen_bad_prompts_file_is_one_line(tiny_run, tmp_path, capsys, name, text
     assert code == 2 and out == "" and err == f"nanoplay: error: {tmp_path}/{message}\n"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1, not -1"),  # was run with seed 2**63 - 1
+    (["--seed", str(2**63)], f"--seed must be between 0 and 2**63 - 1, not {2**63}"),  # was run with seed 0
+    (["--n", "0"], "--n must be at least 1"),
+    (["--temperature", "nan"], "invalid sampling setting: temperature must be a finite number"),
+])
+def test_gen_bad_settings_are_one_line_before_any_model_loads(tiny_run, capsys, flags, message):
+    code, out, err = run_cli(capsys, "gen", "-m", "no-such-model", "-p", "Hi", *flags)
+    assert (code, out, err) == (2, "", f"nanoplay: error: {message}\n")
+
+
 def test_gen_prompt_from_stdin(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\n"))  # as `echo` pipes it
     code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--max-new-tokens", "1", "--json")
