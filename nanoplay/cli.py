@@ -11,6 +11,7 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 
 from .errors import NanoplayError
@@ -30,8 +31,24 @@ COMMAND_MODULES = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """
+    argparse with nanoplay's error style: a usage error is one line naming the problem and where the help
+    is (argparse prints the whole usage block first), and a value such as -inf for a number option is a
+    value, not an unknown option (argparse takes only -1 and -.5 for numbers). The subcommands' parsers
+    are of this class too (add_subparsers makes its parsers of the parent's class).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+|\d*\.\d+(e[-+]?\d+)?|\d+e[-+]?\d+|inf|infinity|nan)$", re.I)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nanoplay",
         description="Play with small GPT-2-class models: compare, inspect, train, evaluate.",
     )

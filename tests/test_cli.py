@@ -471,3 +471,23 @@ def test_invalid_utf8_in_an_eval_local_copy_is_the_same_error(tiny_run, tmp_path
     path.write_bytes(b"Hello \xe9t\xe9\n = Title = \n")
     code, out, err = run_cli(capsys, "eval", "-m", "tiny", "-d", f"wikitext-2={path}")
     assert code == 2 and err.endswith(f"{path}: {NOT_UTF8}\n") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gen", "-m", "tiny", "-p", "Hi", "--max-new-tokens", "1e9"],
+     "nanoplay gen: error: argument --max-new-tokens: invalid int value: '1e9' (see nanoplay gen --help)"),
+    (["gen", "-m", "tiny", "-p", "Hi", "--prompts", "p.txt"],
+     "nanoplay gen: error: argument --prompts: not allowed with argument --prompt/-p (see nanoplay gen --help)"),
+    # a negative number is a value: -inf was "expected one argument", as if it were an option
+    (["gen", "-m", "tiny", "-p", "Hi", "--temperature", "-inf"],
+     "nanoplay: error: invalid sampling setting: temperature must be a finite number"),
+    (["gen", "-m", "tiny", "-p", "Hi", "--top-p", "-1e-3"], "nanoplay: error: invalid sampling setting: top_p must be in (0, 1]"),
+])
+def test_usage_errors_are_one_line(tiny_run, capsys, argv, message):
+    """argparse printed its whole usage block (13 lines) before the error."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (2, "", message + "\n")
