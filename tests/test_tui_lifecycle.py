@@ -196,3 +196,25 @@ async def test_a_worker_result_for_a_closing_screen_is_dropped(models):
                     calls += 1
                     await asyncio.sleep(0)
                 assert calls > 1 and app.screen is app.main and app.is_running
+
+
+@pytest.mark.parametrize("return_code, line", [
+    (0, "nanoplay: session saved: nanoplay --session s1 reopens it\n"),  # a plain quit said nothing
+    (1, "nanoplay: the playground stopped on an error; the session was saved first: nanoplay --session s1\n"),
+])
+def test_the_exit_line_names_the_saved_session(monkeypatch, capsys, return_code, line):
+    import argparse
+
+    import nanoplay.tui.app as tui_app
+
+    class Closed:  # an app that ran and closed, its session saved on the way out
+        def __init__(self, **kwargs):
+            self.return_code, self.saved_at_exit = return_code, "s1"
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(tui_app, "NanoplayApp", Closed)
+    args = argparse.Namespace(model=None, chat=False, session=None, device=None)
+    assert tui_app.run_app(args) == return_code
+    assert capsys.readouterr().err == line

@@ -271,4 +271,6 @@ def run_app(args) -> int:
     if app.return_code and app.saved_at_exit:
         print(f"nanoplay: the playground stopped on an error; the session was saved first: "
               f"nanoplay --session {app.saved_at_exit}", file=sys.stderr)
+    elif app.saved_at_exit:  # the README's promise: whatever closes the app, the exit line names the session
+        print(f"nanoplay: session saved: nanoplay --session {app.saved_at_exit} reopens it", file=sys.stderr)
     return app.return_code or 0
