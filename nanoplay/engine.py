@@ -323,6 +323,11 @@ class ModelRunner:
         """
         weights = tensors_read(self.loaded.model)
         if weights != self._weights:
+            dtypes = [{t[1] for t in w} for w in (self._weights, weights)]
+            if dtypes[0] != dtypes[1]:  # the KV cache and every step were made for the dtype it was loaded in
+                names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in dtypes]
+                raise NanoplayError(f"its weights went from {names[0]} to {names[1]} after loading: load it in "
+                                    f"the dtype you want instead (Engine.load(spec, dtype=...), --dtype)")
             self._weights = weights
             self.weights_version += 1
             self._static = None
@@ -618,7 +623,8 @@ class Engine:
                 try:
                     runner.step()
                 except Exception as e:  # a failing model must not take the others down
-                    message = f"{runner.loaded.name}: {type(e).__name__}: {e}"
+                    why = str(e) if isinstance(e, NanoplayError) else f"{type(e).__name__}: {e}"  # ours say it all
+                    message = f"{runner.loaded.name}: {why}"
                     for r in runner.queue + runner.running:
                         runner._complete(r, "error", message)
             return bool(runners)

@@ -405,3 +405,15 @@ def test_engine_loaded_models_compute_the_same(tiny_run, compiled):
     params = SamplingParams(max_new_tokens=20, temperature=0, stop_on_eot=False)
     assert [t.id for t in engine.generate(fast, "Hello", params).tokens] == \
         [t.id for t in Engine().generate(plain, "Hello", params).tokens]
+
+
+def test_weights_converted_to_another_dtype_after_loading_fail_the_request_with_a_clear_line():
+    """model.to(bfloat16) after loading: the KV cache (and the compiled step) are float32's; every request
+    failed with torch's "Expected query, key, and value to have the same dtype"."""
+    model = loaded(tiny_model())
+    engine = Engine()
+    assert engine.generate(model, "Hi", SamplingParams(max_new_tokens=2, temperature=0)).finish_reason == "length"
+    model.model.to(torch.bfloat16)
+    r = engine.generate(model, "Hi", SamplingParams(max_new_tokens=2, temperature=0))
+    assert (r.finish_reason, r.error) == ("error", "tiny: its weights went from float32 to bfloat16 after loading: "
+                                          "load it in the dtype you want instead (Engine.load(spec, dtype=...), --dtype)")
