@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import hashlib
+import itertools
 import os
 import platform
 import shlex
@@ -296,15 +296,15 @@ class KernelDecoder:
                              self._f32(model.transformer.ln_f.weight), self._f32(model.transformer.ln_f.bias),
                              self._matrix(lm_head), layers)
 
-    def look_again(self) -> None:
+    def look_again(self, tensors: list[tuple]) -> None:
         """
-        Look at the model again (`why_not`): hooks or a replaced forward send it to torch; a tensor
-        replaced (`layer.weight = nn.Parameter(...)`) or changed in place since the step read it (the
-        step reads float32 copies of a bf16 model's norms) rebuilds the step, or sends it to torch when
-        the step cannot run the new tensors (why_not_compiled).
+        Look at the model again (`why_not`), given its `tensors_read` as the caller just read them: hooks
+        or a replaced forward send it to torch; a tensor replaced (`layer.weight = nn.Parameter(...)`) or
+        changed in place since the step read it (the step reads float32 copies of a bf16 model's norms)
+        rebuilds the step, or sends it to torch when the step cannot run the new tensors (why_not_compiled).
         """
         self.why_not = watched_or_wrapped(self.model)
-        if self.why_not is None and tensors_read(self.model) != self._tensors:
+        if self.why_not is None and tensors != self._tensors:
             self.why_not = why_not_compiled(self.model)
             if self.why_not is None:
                 self._build()

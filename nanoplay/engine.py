@@ -333,9 +333,10 @@ class ModelRunner:
             self._static = None
         elif self._static is not None and self._static.capture and watched_or_wrapped(self.loaded.model):
             self._static = None
-        for step in [self._compiled] + list(self._drafts.values()):
-            if step is not None:
-                step.look_again()
+        if self._compiled is not None:
+            self._compiled.look_again(weights)
+        for drafts in self._drafts.values():
+            drafts.look_again()
 
     def _pick_slot(self, ids: list[int]) -> int | None:
         """A free slot for a new sequence, pre-filled with the longest cached prefix of `ids` we have

@@ -79,7 +79,7 @@ class DraftCache:
             self._weights = weights
             self.cache.tokens = [[] for _ in self.cache.tokens]
         if self.compiled is not None:
-            self.compiled.look_again()
+            self.compiled.look_again(weights)
 
 
 def forward_tokens(model: "LoadedModel", cache: KVCache, compiled: KernelDecoder | None, slot: int, start: int,
