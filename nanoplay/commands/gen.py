@@ -154,11 +154,11 @@ def run(args) -> int:
 
     if args.n < 1:
         raise NanoplayError("--n must be at least 1")
-    if args.seed is not None and not 0 <= args.seed < 2**63:  # the later prompts' and samples' seeds wrap; this one not
-        raise NanoplayError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     check_top_logprobs(args.top_logprobs)
     prompts = read_prompts(args)
-    sampling_params(args, None)  # bad settings (a stop string's escape, say) fail before any model loads
+    # bad settings (a stop string's escape, a seed out of range: derive_seed wraps only the later
+    # prompts' and samples' seeds) fail before any model loads
+    sampling_params(args, args.seed)
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     engine = Engine()
