@@ -73,7 +73,7 @@ class DraftCache:
 
     def look_again(self) -> None:
         """The draft's weights replaced or changed since: its cached keys and values are stale (see
-        ModelRunner._look_at_models); its compiled step looks for itself."""
+        ModelRunner._look_at_models); its compiled step is handed the same reading (KernelDecoder.look_again)."""
         weights = tensors_read(self.draft.model)
         if weights != self._weights:
             self._weights = weights
