@@ -122,6 +122,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                     return None, why
             library = ctypes.CDLL(str(target))
             step, statistics, race = library.decode_step, library.distribution_stats, library.temperature_race
+            noise = library.uniform_noise
             break
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             try:
@@ -139,6 +140,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     race.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     race.restype = ctypes.c_int
+    noise.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
+    noise.restype = None
     return library, ""
 
 
@@ -174,9 +177,10 @@ def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tenso
 def temperature_race(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> tuple[int, float, float] | None:
     """
     sampling.choose's exponential race at `temperature` with no other filter, for one row of float64
-    logits (vocab,) on the CPU and its Exp(1) noise (vocab,) (kernels/distribution.c): (token, the
-    row's maximum, log_z), where token j's sampling log-probability is (logits[j] - max) / temperature
-    - log_z. None where the kernels do not load, for other tensors, and for a row with NaN or +-inf.
+    logits (vocab,) on the CPU and its uniform noise (vocab,) (sampling.draw_noise; kernels/distribution.c):
+    (token, the row's maximum, log_z), where token j's sampling log-probability is (logits[j] - max) /
+    temperature - log_z. None where the kernels do not load, for other tensors, and for a row with NaN
+    or +-inf.
     """
     library = _load()[0]
     if (library is None or logits.device.type != "cpu" or logits.dtype != torch.float64 or logits.dim() != 1
@@ -190,6 +194,17 @@ def temperature_race(logits: torch.Tensor, temperature: float, noise: torch.Tens
     if status < 0:
         raise MemoryError("the sampling kernel could not allocate its scratch memory")
     return None if status else (token.value, row_max.value, log_z.value)
+
+
+def uniform_noise(step_key: int, size: int) -> torch.Tensor | None:
+    """sampling.draw_noise's uniform numbers (size,) float64 for a step key in [0, 2**64), computed in C
+    (kernels/distribution.c: the same bits as the torch version); None where the kernels do not load."""
+    library = _load()[0]
+    if library is None:
+        return None
+    out = torch.empty(size, dtype=torch.float64)
+    library.uniform_noise(step_key, size, out.data_ptr())
+    return out
 
 
 def why_not_compiled(model: GPT) -> str | None:

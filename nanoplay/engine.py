@@ -102,10 +102,7 @@ class Request:
         self._held = ""  # decoded text held back because it may begin a stop string
         self._token_starts: list[int] = []  # offset of each token's text in the unstopped text
         self._text_length = 0
-        self._generator = None  # greedy draws no noise (and has no seed)
-        if self.seed is not None:
-            self._generator = torch.Generator(device=runner.loaded.device).manual_seed(self.seed)
-        self._noise_ahead: list[torch.Tensor] = []  # noise drawn for coming tokens, in order (speculative.py)
+        self._choices = 0  # tokens chosen so far: the next one's noise index (greedy draws no noise)
         self.draft: LoadedModel | None = None  # a draft model proposing tokens (speculative decoding)
         self.draft_tokens = 0  # tokens it proposes per step
         self.draft_proposed = 0  # draft tokens proposed so far
@@ -199,19 +196,16 @@ class Request:
 
     def _noise(self, ahead: int) -> torch.Tensor:
         """
-        The Exp(1) noise (vocab,) of the token `ahead` places after the next one to be chosen. Noise is
-        drawn from the request's generator once per token and in token order, whoever asks first (a draft
-        model looking ahead, or the model itself), so speculation never changes which noise a token gets.
+        The uniform noise (vocab,) of the token `ahead` places after the next one to be chosen: a
+        function of the seed and the token's index alone (sampling.draw_noise), so whoever asks (a draft
+        model looking ahead, or the model itself) gets the same, and speculation never changes it.
         """
-        while len(self._noise_ahead) <= ahead:
-            self._noise_ahead.append(draw_noise(self._generator, self.model.config.vocab_size, self.model.device))
-        return self._noise_ahead[ahead]
+        return draw_noise(self.seed, self._choices + ahead, self.model.config.vocab_size, self.model.device)
 
     def _take_noise(self) -> torch.Tensor:
         """The next token's noise, used up."""
-        noise = self._noise(0)
-        self._noise_ahead.pop(0)
-        return noise
+        self._choices += 1
+        return self._noise(-1)
 
     def _notify(self, new_tokens: list[TokenInfo], new_text: str) -> None:
         if self.on_update is not None:

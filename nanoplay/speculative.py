@@ -5,8 +5,8 @@ checks them all in one forward.
 It is exact in the strong sense: with the same seed a request gives the same tokens and the same
 per-token figures with and without a draft model. The model's token at every position is still chosen
 by its own sampling chain (sampling.py) from its own logits, with that position's exponential-race
-noise; the noise is drawn from the request's generator once per token, in token order
-(`Request._noise`), and the draft proposes with the very same noise. So the draft never changes a
+noise, a function of the seed and the token's index alone (`Request._noise`, sampling.draw_noise), and
+the draft proposes with the very same noise. So the draft never changes a
 token, only how many forwards of the model it takes, and common random numbers across panes survive.
 (The figures agree to float rounding: the model scores k+1 tokens in one forward instead of one at a
 time.)

@@ -201,7 +201,9 @@ def test_token_data_is_consistent_with_the_model():
     for i, t in enumerate(req.tokens):
         row = logprobs[len(ids) - len(req.tokens) - 1 + i]
         assert t.logprob == pytest.approx(float(row[t.id]), abs=1e-4)
-        assert t.rank == int((row > row[t.id]).sum()) + 1
+        # the engine ranks on its own (KV-cached) logits: tokens within float32 rounding of this full
+        # forward's may fall on either side
+        assert int((row > row[t.id] + 1e-5).sum()) + 1 <= t.rank <= int((row > row[t.id] - 1e-5).sum()) + 1
         assert t.entropy == pytest.approx(float(-(row.exp() * row).sum()), abs=1e-3)
         assert [a.id for a in t.top] == torch.topk(row, 3).indices.tolist()
         assert t.sampling_logprob == pytest.approx(t.logprob, abs=1e-4)  # temperature 1, no filters

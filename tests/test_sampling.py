@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanoplay.errors import NanoplayError
-from nanoplay.sampling import NOISE_SIZE, SamplingParams, apply_penalties, choose, draw_noise, filter_logits
+from nanoplay.sampling import SamplingParams, apply_penalties, choose, draw_noise, exponential, filter_logits
 
 V = 1000
 
@@ -98,7 +98,7 @@ def test_exponential_race_samples_the_distribution():
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(5)
     for _ in range(20000):
-        token, _ = choose(x, params, torch.empty(5).exponential_(generator=g))
+        token, _ = choose(x, params, torch.rand(5, generator=g, dtype=torch.float64))
         counts[token] += 1
     probs = x.softmax(-1)
     stderr = (probs * (1 - probs) / 20000).sqrt()
@@ -106,17 +106,41 @@ def test_exponential_race_samples_the_distribution():
 
 
 def test_noise_is_shared_across_vocab_sizes():
-    a = draw_noise(torch.Generator().manual_seed(1), 50257, "cpu")
-    b = draw_noise(torch.Generator().manual_seed(1), NOISE_SIZE, "cpu")
+    a = draw_noise(1, 0, 50257, "cpu")
+    b = draw_noise(1, 0, 50304, "cpu")
     assert torch.equal(a, b[:50257])
+
+
+# SplitMix64 seeded with 1234567: its first five outputs (Rosetta Code, "Pseudo-random numbers/Splitmix64")
+SPLITMIX64_1234567 = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                      16408922859458223821]
+
+
+def test_noise_is_splitmix64_in_torch_and_in_c():
+    """The torch version, the C one and plain Python integers give the published SplitMix64 outputs and
+    the same bits as each other, for keys and indices near the ends of their ranges."""
+    import nanoplay.cpu_kernel as cpu_kernel
+    from nanoplay.sampling import _mix, _uniforms, noise_key
+
+    expected = torch.tensor([(z >> 11) * 2.0**-53 for z in SPLITMIX64_1234567], dtype=torch.float64)
+    assert torch.equal(_uniforms(1234567, 5, "cpu"), expected)
+    keys = [noise_key(seed, index) for seed in (0, 1, 2**31, 2**63 - 1) for index in (0, 1, 10**6)]
+    assert len(set(keys)) == len(keys)
+    for key in keys + [0, 2**64 - 1]:
+        reference = _uniforms(key, 50304, "cpu")
+        assert float(reference[7]) == (_mix((key + 8 * 0x9E3779B97F4A7C15) % 2**64) >> 11) * 2.0**-53
+        assert bool(((reference >= 0) & (reference < 1)).all())
+        if not cpu_kernel.kernel_status():
+            assert torch.equal(cpu_kernel.uniform_noise(key, 50304), reference), key
+    if not cpu_kernel.kernel_status():
+        assert torch.equal(cpu_kernel.uniform_noise(1234567, 5), expected)
 
 
 def test_noise_is_exponential():
     """Exp(1): P(E > t) = e^-t, checked at several t over 20 draws of 50304 (4 standard errors), down to
     the tail that decides unlikely tokens (t = 12: 6e-6, which float32 uniforms, with 24 bits, would cut
     off at 16.6 altogether)."""
-    g = torch.Generator().manual_seed(2)
-    noise = torch.cat([draw_noise(g, NOISE_SIZE, "cpu") for _ in range(20)])
+    noise = torch.cat([exponential(draw_noise(2, index, 50304, "cpu")) for index in range(20)])
     n = noise.numel()
     assert noise.dtype == torch.float64 and bool((noise >= 0).all())
     for t in (0.1, 0.5, 1, 2, 4, 8, 12):
@@ -134,7 +158,8 @@ def test_invalid_settings_are_refused(bad):
 
 def test_the_largest_seed_works():
     params = SamplingParams(seed=2**63 - 1, max_new_tokens=1)
-    torch.Generator().manual_seed(params.seed)
+    noise = draw_noise(params.seed, 2**40, V, "cpu")
+    assert bool(((noise >= 0) & (noise < 1)).all()) and noise.unique().numel() == V
 
 
 # -- non-finite logits and extreme settings (issue 11, item 1) -------------------------------------------
@@ -142,9 +167,8 @@ def test_the_largest_seed_works():
 def test_a_tiny_temperature_is_greedy_not_token_0():
     # 1e-38 overflowed logits / temperature to +-inf: softmax NaN, argmax token 0, null log-probs
     x = logits(7)
-    g = torch.Generator().manual_seed(0)
-    for temperature in (1e-38, 1e-300, 5e-324):
-        token, sampling_lp = choose(x, SamplingParams(temperature=temperature), draw_noise(g, V, "cpu"))
+    for index, temperature in enumerate((1e-38, 1e-300, 5e-324)):
+        token, sampling_lp = choose(x, SamplingParams(temperature=temperature), draw_noise(0, index, V, "cpu"))
         assert token == int(x.argmax()) != 0
         assert sampling_lp[token] == 0.0 and not torch.isnan(sampling_lp).any()
 
@@ -156,8 +180,7 @@ def test_infinite_logits_take_all_the_mass_and_nan_is_named():
     x[[5, 9]] = float("inf")
     lp = Distribution.of(x.unsqueeze(0), 5).logprobs[0]
     assert lp[5] == lp[9] == pytest.approx(math.log(0.5)) and torch.isinf(lp).sum() == V - 2
-    g = torch.Generator().manual_seed(1)
-    picks = {choose(x, SamplingParams(temperature=0.7), draw_noise(g, V, "cpu"))[0] for _ in range(50)}
+    picks = {choose(x, SamplingParams(temperature=0.7), draw_noise(1, index, V, "cpu"))[0] for index in range(50)}
     assert picks == {5, 9}
     assert choose(x, SamplingParams(temperature=0), None)[0] == 5
     x[3] = float("nan")
@@ -201,7 +224,6 @@ def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
     from nanoplay.sampling import Distribution
 
     rng = random.Random(11)
-    g = torch.Generator().manual_seed(11)
     size = 40
     for case in range(400):
         row, params = random_row(rng, size), random_params(rng)
@@ -209,7 +231,7 @@ def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
         counts = torch.zeros(size)
         counts[seen[: len(seen) // 2]] = torch.tensor([float(rng.randrange(1, 4)) for _ in seen[: len(seen) // 2]])
         penalised = apply_penalties(row, params, seen, counts)
-        noise = draw_noise(g, size, "cpu")
+        noise = draw_noise(11, case, size, "cpu")
         token, sampling_lp = choose(penalised, params, noise)
         where = f"case {case}: {params}"
         assert not torch.isnan(sampling_lp).any(), where
@@ -228,8 +250,8 @@ def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
 
 def test_filtered_tokens_are_never_drawn_even_with_zero_noise():
     x = logits(10)
-    noise = torch.ones(V)
-    noise[int(x.argmin())] = 0.0  # E = 0 made -log E = +inf, and -inf + inf = NaN won the argmax
+    noise = torch.full((V,), 0.5, dtype=torch.float64)
+    noise[int(x.argmin())] = 0.0  # U = 0 gives E = 0, which made -log E = +inf, and -inf + inf = NaN won the argmax
     token, _ = choose(x, SamplingParams(top_k=3), noise)
     assert token in torch.topk(x, 3).indices.tolist()
 
@@ -271,8 +293,7 @@ def test_prompt_seeds_never_collide_with_sample_seeds():
     for base in (0, 1337, 2**31 - 1, 2**63 - 5):
         seeds = [derive_seed(base, k, i) for k in range(50) for i in range(20)]
         assert seeds[:3] == [base % 2**63, (base + 1) % 2**63, (base + 2) % 2**63]  # prompt 0: seed, seed+1, ...
-        # distinct as torch's CPU generator sees them (it keeps only the low 32 bits of a seed)
-        assert len({s % 2**32 for s in seeds}) == len(seeds)
+        assert len({s % 2**32 for s in seeds}) == len(seeds)  # distinct even in their low 32 bits
 
 
 @pytest.fixture(params=["compiled", "torch"])
@@ -398,7 +419,6 @@ def test_the_compiled_race_draws_what_the_torch_chain_draws(monkeypatch):
     if cpu_kernel.kernel_status():
         pytest.skip(cpu_kernel.kernel_status())
     rng = random.Random(12)
-    g = torch.Generator().manual_seed(12)
     compiled_race = cpu_kernel.temperature_race
     used = 0
     for case in range(300):
@@ -408,7 +428,7 @@ def test_the_compiled_race_draws_what_the_torch_chain_draws(monkeypatch):
         if rng.random() < 0.2:
             row[: size // 2] = row.max()  # ties for first place
         params = SamplingParams(temperature=rng.choice([5e-324, 1e-38, 1e-6, 0.7, 1.0, 100.0, 1e300]), seed=1)
-        noise = draw_noise(g, size, "cpu")
+        noise = draw_noise(12, case, size, "cpu")
         if rng.random() < 0.1:
             noise[rng.randrange(size)] = 0.0  # E = 0 wins
         logits = row.double()

@@ -5,7 +5,8 @@
  *    next-token distribution (sampling.py's Distribution), for rows of float32 logits: each row's
  *    maximum, log Z = log sum_j e^(x_j - max) and entropy in float64, and its most likely ids;
  *  - temperature_race: a token drawn at a temperature with no other setting (the playground's and
- *    gen's default), by sampling.choose's exponential race over float64 logits and noise.
+ *    gen's default), by sampling.choose's exponential race over float64 logits and noise;
+ *  - uniform_noise: that noise, sampling.draw_noise's counter-based uniform numbers.
  *
  * Why C: in torch each is several passes over the vocabulary in float64 (log_softmax, exp, a
  * product, a sum, topk; a division, log_softmax, a log, a comparison, argmax), 0.4-0.8 ms a row on a
@@ -194,16 +195,46 @@ int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t
 }
 
 /*
+ * sampling.draw_noise's uniform numbers for one token's choice: out[i] = the top 53 bits of
+ * mix(step_key + (i + 1) * golden) as a double in [0, 1), SplitMix64's output at position i + 1 of the
+ * stream that starts at step_key (Steele, Lea and Flood 2014; Vigna's constants). Integer arithmetic and
+ * an exact scaling: the same bits as sampling.py's torch version, on any machine.
+ */
+static inline uint64_t splitmix64_mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return z ^ (z >> 31);
+}
+
+void uniform_noise(uint64_t step_key, int64_t n, double *out) {
+    const uint64_t golden = 0x9E3779B97F4A7C15u;
+    for (int64_t i = 0; i < n; i++) out[i] = (double)(splitmix64_mix(step_key + (uint64_t)(i + 1) * golden) >> 11) * 0x1p-53;
+}
+
+/*
  * The exponential race at a temperature, sampling.choose's for a row of finite float64 logits (vocab,)
  * with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
- * noise E_j >= 0 (an E_j of 0 wins, the first such, unless (x_j - max) / T is -inf; equal keys go to the
- * lower id, as torch.argmax's).
+ * E_j = -log1p(-U_j) for uniform noise U_j in [0, 1) (an E_j of 0 wins, the first such, unless
+ * (x_j - max) / T is -inf; equal keys go to the lower id, as torch.argmax's).
  * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
- * up to float64 rounding of a near tie. Writes the token, the row's maximum and log Z at temperature T
+ * up to float64 rounding of a near tie. E_j >= U_j, so a token whose p_j / U_j is below the best key so
+ * far cannot win: its logarithm is skipped (with a margin far above the rounding of either side), which
+ * leaves a few dozen of them per row. Writes the token, the row's maximum and log Z at temperature T
  * (log_z: the sampling log-probability of j is (x_j - max) / T - log_z). Returns 0; 1 if the row holds
  * NaN or +-inf (nothing written: the caller's torch chain handles it); -1 if out of memory.
  */
-int temperature_race(const double *logits, int64_t vocab, double temperature, const double *noise, int threads,
+/* Can p / E beat the best key so far, with E = -log1p(-u) >= u? Not when p / u is below it by a margin
+ * (1e-12, relative) that covers the rounding of log1p, of the division and of both products here. */
+static inline int could_win(double p, double u, double best) { return !(p * (1.0 + 1e-12) < best * u); }
+
+/* A token's key p / E in the race: E = 0 (u = 0) wins where the token can be drawn at all, not where
+ * d = (x - max) / T is -inf. */
+static inline double race_key(double p, double d, double u) {
+    double e = -log1p(-u);
+    return e == 0.0 ? (d > -INFINITY ? INFINITY : 0.0) : p / e;
+}
+
+int temperature_race(const double *logits, int64_t vocab, double temperature, const double *uniforms, int threads,
                      int64_t *token, double *max, double *log_z) {
     const int64_t chunks = (vocab + CHUNK - 1) / CHUNK;
     double *chunk_max = malloc(sizeof(double) * chunks), *below = malloc(sizeof(double) * chunks);
@@ -240,25 +271,28 @@ int temperature_race(const double *logits, int64_t vocab, double temperature, co
                     double key = -1.0; /* every key is >= 0 */
                     int64_t id = -1, i = start;
                     for (; i + 4 <= start + n; i += 4) {
-                        f64x4 x, e;
-                        memcpy(&x, logits + i, sizeof x), memcpy(&e, noise + i, sizeof e);
+                        f64x4 x;
+                        memcpy(&x, logits + i, sizeof x);
                         f64x4 d = (x - row_max) / temperature; /* (x - max) / T, as filter_logits scales */
                         i64x4 normal = d >= -708.0;
                         f64x4 q = select4d(normal, exp4d(select4d(normal, d, (f64x4){0} - 708.0)), (f64x4){0});
                         ties -= d == 0.0;
                         z += select4d(d < 0.0, q, (f64x4){0});
-                        /* E = 0 wins where the token can be drawn at all: not where (x - max) / T is -inf */
-                        f64x4 k = select4d(e == 0.0, select4d(d > -INFINITY, (f64x4){0} + INFINITY, (f64x4){0}), q / e);
                         for (int l = 0; l < 4; l++)
-                            if (k[l] > key) key = k[l], id = i + l;
+                            if (could_win(q[l], uniforms[i + l], key)) {
+                                double k = race_key(q[l], d[l], uniforms[i + l]);
+                                if (k > key) key = k, id = i + l;
+                            }
                     }
                     double zt = (z[0] + z[2]) + (z[1] + z[3]);
                     int64_t tied = ties[0] + ties[1] + ties[2] + ties[3];
                     for (; i < start + n; i++) {
                         double d = (logits[i] - row_max) / temperature, q = d < -708.0 ? 0.0 : exp(d);
-                        double k = noise[i] == 0.0 ? (d > -INFINITY ? INFINITY : 0.0) : q / noise[i];
                         zt += d < 0.0 ? q : 0.0, tied += d == 0.0;
-                        if (k > key) key = k, id = i;
+                        if (could_win(q, uniforms[i], key)) {
+                            double k = race_key(q, d, uniforms[i]);
+                            if (k > key) key = k, id = i;
+                        }
                     }
                     below[c] = zt, at_max[c] = tied, best_key[c] = key, best_id[c] = id;
                 }
