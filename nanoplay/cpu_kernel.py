@@ -135,7 +135,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     step.restype = ctypes.c_int
     statistics.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     statistics.restype = ctypes.c_int
     race.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -153,8 +153,9 @@ def kernel_status() -> str:
 def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, ...] | None:
     """
     For rows of logits (N, vocab), float32 on the CPU: each row's maximum (N,), log_z = log sum
-    exp(logits - max) (N,) and entropy (N,) in nats, all float64, and its `top` most likely ids (N, top),
-    most likely first and the lower id first among equal logits (kernels/distribution.c), with the
+    exp(logits - max) (N,) and entropy (N,) in nats, all float64, its `top` most likely ids (N, top),
+    most likely first and the lower id first among equal logits, and their log-probabilities (N, top)
+    float64 (kernels/distribution.c), with the
     threads a decode step uses. None where the kernels do not load, for other tensors, and for rows
     with NaN or +-inf: the caller computes those in torch.
     """
@@ -167,11 +168,13 @@ def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tenso
     row_max = torch.empty(rows)
     log_z, entropy = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     top_ids = torch.empty(rows, top, dtype=torch.int64)
+    top_logprobs = torch.empty(rows, top, dtype=torch.float64)
     status = library.distribution_stats(logits.data_ptr(), rows, vocab, top, decode_thread_count(),
-                                        row_max.data_ptr(), log_z.data_ptr(), entropy.data_ptr(), top_ids.data_ptr())
+                                        row_max.data_ptr(), log_z.data_ptr(), entropy.data_ptr(), top_ids.data_ptr(),
+                                        top_logprobs.data_ptr())
     if status < 0:
         raise MemoryError("the distribution kernel could not allocate its scratch memory")
-    return None if status else (row_max.double(), log_z, entropy, top_ids)
+    return None if status else (row_max.double(), log_z, entropy, top_ids, top_logprobs)
 
 
 def temperature_race(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> tuple[int, float, float] | None:

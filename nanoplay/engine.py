@@ -392,18 +392,19 @@ class ModelRunner:
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Choose each request's next token from its row of logits (B, vocab) and record it."""
         tokenizer = get_tokenizer()
-        faults = logits_fault(logits)
+        raw = logits.float()
+        k = max(r.params.top_logprobs for r in batch)
+        distribution = Distribution.of(raw, k)
+        faults = [None] * len(batch) if distribution.finite_checked else logits_fault(logits)
         if any(faults):  # such a row has no distribution to sample: its request fails, the others go on
             for r, fault in zip(batch, faults):
                 if fault is not None:
                     self._complete(r, "error", f"{self.loaded.name}: {fault}")
             keep = [i for i, fault in enumerate(faults) if fault is None]
-            batch, logits = [batch[i] for i in keep], logits[keep]
-            if not batch:
+            if not keep:
                 return
-        raw = logits.float()
-        k = max(r.params.top_logprobs for r in batch)
-        distribution = Distribution.of(raw, k)
+            batch, raw = [batch[i] for i in keep], raw[keep]
+            distribution = Distribution.of(raw, k)
         tokens, sampling = self._choose(batch, raw, distribution)  # B ids; (B, vocab), or None for plain greedy
         chosen_lp, rank, top_ids, top_lp = distribution.figures(tokens, k)
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax

@@ -37,6 +37,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import NanoplayError
@@ -223,10 +224,12 @@ class Distribution:
     entropy: torch.Tensor  # (N,) nats
     top_ids: torch.Tensor  # (N, m): the m most likely ids, most likely first, m >= min(2, vocab)
     top_logprobs: torch.Tensor  # (N, m)
+    finite_checked: bool  # every row was found finite (the C pass checks; the torch one does not)
 
     @classmethod
     def of(cls, logits: torch.Tensor, top: int) -> "Distribution":
-        """logits (N, vocab), each row with a distribution (`logits_fault`); `top`: alternatives wanted."""
+        """logits (N, vocab); `top`: alternatives wanted. A row with no distribution (`logits_fault`) gets
+        figures that mean nothing: where finite_checked is False the caller asks logits_fault."""
         from .cpu_kernel import distribution_statistics
 
         m = min(max(top, 2), logits.size(-1))
@@ -246,9 +249,9 @@ class Distribution:
             # equal logits in id order, as the kernel and argmax give them (topk's order among ties is
             # its own: the listed alternatives would differ at the cut-off)
             top_ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :m]
-        else:
-            row_max, log_z, entropy, top_ids = figures
-        return cls(logits, row_max, log_z, entropy, top_ids, _logprobs(logits.gather(1, top_ids), row_max, log_z))
+            return cls(logits, row_max, log_z, entropy, top_ids, _logprobs(logits.gather(1, top_ids), row_max, log_z),
+                       finite_checked=False)
+        return cls(logits, *figures, finite_checked=True)
 
     @functools.cached_property
     def logprobs(self) -> torch.Tensor:
@@ -282,10 +285,18 @@ class Distribution:
             if x >= top[-1]:  # every token more likely than the chosen one is among the top
                 higher = sum(v > x for v in top)
             else:
-                higher = int((self.logits[i] > x).sum())
+                higher = _count_above(self.logits[i], x)
             logprobs.append((x - row_max) - log_z)
             ranks.append(higher + 1)
         return logprobs, ranks, [ids[:k] for ids in self._top[0]], self.top_logprobs[:, :k].tolist()
+
+
+def _count_above(row: torch.Tensor, x: float) -> int:
+    """How many entries of a row (vocab,) exceed x: by numpy on a CPU, where it takes 7 us for 50304
+    entries and torch's comparison and sum 55-80 us."""
+    if row.device.type == "cpu":
+        return int(np.count_nonzero(row.numpy() > x))
+    return int((row > x).sum())
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

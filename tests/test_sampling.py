@@ -335,7 +335,8 @@ def test_distribution_figures_match_a_full_pass_over_the_vocabulary(figures_path
         # every token, the likely and the unlikely: rank = 1 + how many are strictly more likely
         tokens = list(range(size))
         many = Distribution(d.logits.expand(size, -1), d.max.expand(size), d.log_z.expand(size),
-                            d.entropy.expand(size), d.top_ids.expand(size, -1), d.top_logprobs.expand(size, -1))
+                            d.entropy.expand(size), d.top_ids.expand(size, -1), d.top_logprobs.expand(size, -1),
+                                d.finite_checked)
         chosen, rank, top_ids, top_lp = many.figures(tokens, 3)
         torch.testing.assert_close(torch.tensor(chosen, dtype=torch.float64), reference, rtol=1e-15, atol=1e-13,
                                    msg=str(i))
@@ -391,8 +392,12 @@ def test_compiled_figures_agree_with_torch_and_not_with_the_thread_count(monkeyp
     assert all(torch.equal(a, b) for a, b in zip(*results))
     monkeypatch.setattr(cpu_kernel, "distribution_statistics", lambda logits, top: None)
     reference = Distribution.of(batch, 20)
-    row_max, log_z, entropy, top_ids = results[0]
+    row_max, log_z, entropy, top_ids, top_logprobs = results[0]
     assert torch.equal(row_max, reference.max) and torch.equal(top_ids, reference.top_ids)
+    # the top log-probabilities by the torch path's arithmetic, on its own log Z
+    expected = (batch.double().gather(1, top_ids) - row_max.unsqueeze(1)) - log_z.unsqueeze(1)
+    assert torch.equal(top_logprobs, expected)
+    torch.testing.assert_close(top_logprobs, reference.top_logprobs, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(log_z, reference.log_z, rtol=1e-15, atol=0)
     torch.testing.assert_close(entropy, reference.entropy, rtol=1e-13, atol=0)
 

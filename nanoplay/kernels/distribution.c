@@ -124,12 +124,13 @@ static void chunk_part(const float *x, int64_t n, int64_t offset, float max, int
 }
 
 /*
- * logits (rows, vocab) float32 -> max (rows,) float32, log_z and entropy (rows,) float64, in nats, and
- * top_ids (rows, top) int64, with 1 <= top <= vocab. Returns 0; 1 if a row holds NaN or +-inf (the
+ * logits (rows, vocab) float32 -> max (rows,) float32, log_z and entropy (rows,) float64, in nats,
+ * top_ids (rows, top) int64, with 1 <= top <= vocab, and their log-probabilities top_logprobs (rows, top)
+ * float64, (x - max) - log_z as sampling.py's _logprobs computes them. Returns 0; 1 if a row holds NaN or +-inf (the
  * caller's exact path handles those: nothing is written); -1 if out of memory.
  */
 int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t top, int threads, float *max,
-                       double *log_z, double *entropy, int64_t *top_ids) {
+                       double *log_z, double *entropy, int64_t *top_ids, double *top_logprobs) {
     const int64_t chunks = (vocab + CHUNK - 1) / CHUNK;
     Part *parts = malloc(sizeof(Part) * rows * chunks);
     float *chunk_max = malloc(sizeof(float) * rows * chunks), *vals = malloc(sizeof(float) * rows * chunks * top);
@@ -188,6 +189,7 @@ int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t
             max[row] = best;
             log_z[row] = log1p(rest);
             entropy[row] = log1p(rest) - s / (1.0 + rest); /* -sum p log p, p = e^(x - max) / z; both terms >= 0 */
+            for (int64_t i = 0; i < top; i++) top_logprobs[row * top + i] = ((double)merged[i] - (double)best) - log_z[row];
         }
     }
     free(parts), free(chunk_max), free(vals), free(merged), free(ids);
