@@ -169,7 +169,9 @@ class Request:
             emitted, self._held = text[:cut], ""
             self.text += emitted
             stop_at = len(self.text)  # offset of the stop string in the unstopped text
-            while self.tokens and self._token_starts[-1] >= stop_at:  # tokens wholly inside it
+            # tokens that begin at or after it: none of their text is in self.text (one that the stop
+            # string begins partway through stays, so the tokens always spell out at least the text)
+            while self.tokens and self._token_starts[-1] >= stop_at:
                 self.tokens.pop()
                 self._token_starts.pop()
             self._finish("stop")

@@ -42,14 +42,20 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 DEFAULT_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 16  # the most tokens a draft may propose per step (gen --draft-tokens, bench)
 MAX_COMPILED_TOKENS = 16  # longer feeds (a draft catching up on a new prompt) take torch's forward
 GPT2_VOCAB = 50257  # tokens of GPT-2's BPE; larger vocabularies are padding beyond them
 
 
+def check_draft_tokens(draft_tokens: int) -> None:
+    """Refuse a number of draft tokens per step outside 1..MAX_DRAFT_TOKENS (raises NanoplayError)."""
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise NanoplayError(f"draft tokens per step must be between 1 and {MAX_DRAFT_TOKENS}, not {draft_tokens}")
+
+
 def check_draft(model: "LoadedModel", draft: "LoadedModel", draft_tokens: int) -> None:
     """Refuse a draft model that cannot propose the model's tokens (raises NanoplayError)."""
-    if not 1 <= draft_tokens <= 16:
-        raise NanoplayError(f"draft tokens per step must be between 1 and 16, not {draft_tokens}")
+    check_draft_tokens(draft_tokens)
     v, vd = model.config.vocab_size, draft.config.vocab_size
     if v != vd and min(v, vd) < GPT2_VOCAB:
         raise NanoplayError(f"draft model {draft.name} (vocabulary {vd}) does not share {model.name}'s "

@@ -26,7 +26,8 @@ from nanoplay.model import GPT, GPTConfig
     (["--draft-layers", "0"], "--draft-layers must be at least 1, not 0"),  # was a plain bench, exit 0
     (["--draft-layers", "99", "--repeats", "1", "--new-tokens", "2"],
      "--draft-layers 99: a truncated draft keeps 1 to 1 of the model's layers (tiny@200)"),  # was a traceback
-    (["--draft-layers", "1", "--draft-tokens", "0"], "--draft-tokens must be at least 1, not 0"),
+    (["--draft-layers", "1", "--draft-tokens", "0"], "draft tokens per step must be between 1 and 16, not 0"),
+    (["--draft-layers", "1", "--draft-tokens", "17"], "draft tokens per step must be between 1 and 16, not 17"),
     (["--scoring", "--dtype", "int8"], "--scoring runs the same weights through transformers, which has no int8 "
                                         "weights here: give --dtype fp32 or bf16"),
     (["--prompt-tokens", "63"], "--prompt-tokens 63 does not fit tiny@200's context of 64 tokens: give at most 62"),

@@ -300,6 +300,16 @@ def test_stop_string_across_token_boundaries():
     assert req.finish_reason == "stop"
     assert req.text == free.text[:starts[i] + 1]
     assert [t.id for t in req.tokens] == [t.id for t in free.tokens[:i + 1]]
+    # a stop string that begins exactly where token j begins: none of token j's text is kept, nor token j
+    for j in range(1, len(free.tokens)):
+        stop = free.tokens[j].text[:2]
+        if len(stop) == 2 and free.text.find(stop) == starts[j]:
+            break
+    else:
+        pytest.fail("no suitable token in the sample")
+    req = Engine().generate(model, "Hello", SamplingParams(**params, stop=[stop]))
+    assert req.finish_reason == "stop" and req.text == free.text[:starts[j]]
+    assert [t.id for t in req.tokens] == [t.id for t in free.tokens[:j]]
 
 
 def test_streamed_text_never_splits_utf8():

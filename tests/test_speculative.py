@@ -137,6 +137,9 @@ def test_gen_draft_gives_the_same_json_and_reports_acceptance(tiny_run, capsys):
     assert f"draft tiny@100: {accepted} of {proposed} proposed tokens accepted" in err
     assert main(argv + ["--draft", "tiny@100", "--draft-tokens", "0"]) == 2
     assert "draft tokens per step must be between 1 and 16" in capsys.readouterr().err
+    for bad in ("0", "17"):  # refused without --draft too (it ran, ignoring it), before any model loads
+        assert main(argv[:1] + ["-m", "no-such-model"] + argv[3:] + ["--draft-tokens", bad]) == 2
+        assert capsys.readouterr().err == f"nanoplay: error: draft tokens per step must be between 1 and 16, not {bad}\n"
 
 
 def test_bench_draft_reports_speed_and_acceptance(tiny_run, capsys):

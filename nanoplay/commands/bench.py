@@ -48,17 +48,19 @@ def run(args) -> int:
     from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
+    from ..speculative import check_draft_tokens
 
     if not args.model and not args.shape:
         raise NanoplayError("nothing to benchmark: give --model SPEC or --shape owt-30m / gpt2-124m")
     checks = (("--batch", args.batch or [1], 1), ("--threads", [1 if args.threads is None else args.threads], 1),
               ("--repeats", [args.repeats], 1), ("--prompt-tokens", [args.prompt_tokens or 0] * (args.prompt_tokens is not None), 1),
               ("--new-tokens", [args.new_tokens or 0] * (args.new_tokens is not None), 2),  # decode speed is measured from the second token on
-              ("--draft-layers", [] if args.draft_layers is None else [args.draft_layers], 1),
-              ("--draft-tokens", args.draft_tokens or [], 1))
+              ("--draft-layers", [] if args.draft_layers is None else [args.draft_layers], 1))
     for flag, values, least in checks:
         if values and min(values) < least:
             raise NanoplayError(f"{flag} must be at least {least}, not {min(values)}")
+    for k in args.draft_tokens or []:
+        check_draft_tokens(k)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     vs = set(args.vs or [])
@@ -176,6 +178,7 @@ def run_draft(args, engine, sources, device, console) -> int:
 
     from ..bench import SHAPES, bench_draft, random_model, truncated_draft
     from ..errors import NanoplayError
+    from ..speculative import check_draft_tokens
 
     draft = None
     if args.draft in SHAPES:

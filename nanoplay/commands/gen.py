@@ -151,10 +151,12 @@ def run(args) -> int:
 
     from ..engine import Engine
     from ..sampling import derive_seed
+    from ..speculative import check_draft_tokens
 
     if args.n < 1:
         raise NanoplayError("--n must be at least 1")
     check_top_logprobs(args.top_logprobs)
+    check_draft_tokens(args.draft_tokens)  # with or without --draft: a bad value is refused either way
     prompts = read_prompts(args)
     # bad settings (a stop string's escape, a seed out of range: derive_seed wraps only the later
     # prompts' and samples' seeds) fail before any model loads
