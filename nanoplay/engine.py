@@ -407,15 +407,13 @@ class ModelRunner:
                 return
             batch, raw = [batch[i] for i in keep], raw[keep]
             distribution = Distribution.of(raw, k)
-        tokens, sampling = self._choose(batch, raw, distribution)  # B ids; (B, vocab), or None for plain greedy
+        tokens, sampling = self._choose(batch, raw, distribution)  # B ids; (B, 1 + m) or None for plain greedy
         chosen_lp, rank, top_ids, top_lp = distribution.figures(tokens, k)
         if sampling is None:  # greedy: the sampling distribution is a point mass on the argmax
             chosen_slp = [0.0] * len(batch)
             top_slp = [[0.0 if i == token else float("-inf") for i in ids] for ids, token in zip(top_ids, tokens)]
         else:
-            index = torch.tensor([[token] + ids for token, ids in zip(tokens, top_ids)], device=sampling.device)
-            gathered = sampling.gather(1, index).tolist()  # (B, 1 + k)
-            chosen_slp, top_slp = [row[0] for row in gathered], [row[1:] for row in gathered]
+            chosen_slp, top_slp = [row[0] for row in sampling], [row[1:1 + k] for row in sampling]
         columns = (tokens, chosen_lp, chosen_slp, rank, distribution.entropy.tolist(), top_ids, top_lp, top_slp)
         for r, (token, lp, slp, rank, entropy, alt_ids, alt_lp, alt_slp) in zip(batch, zip(*columns)):
             p = r.params
@@ -439,20 +437,24 @@ class ModelRunner:
 
     @staticmethod
     def _choose(batch: list[Request], raw: torch.Tensor,
-                distribution: Distribution) -> tuple[list[int], torch.Tensor | None]:
-        """Next tokens (B) and the sampling log-probabilities (B, vocab); None when all are plain greedy."""
+                distribution: Distribution) -> tuple[list[int], list[list[float]] | None]:
+        """
+        Next tokens (B), and for each row the sampling log-probabilities of its token and of the
+        distribution's top ids (B, 1 + m), picked from the row's (vocab,) ones, which are not kept (4
+        rows of 50304 float64 stacked took 0.2 ms a step); None when all are plain greedy.
+        """
         if all(r.params.is_plain_greedy for r in batch):
             return distribution.greedy(), None  # +inf logits win, as in the sampler
-        tokens, rows = [], []
-        for i, r in enumerate(batch):
+        tokens, picked = [], []
+        for i, (r, top_ids) in enumerate(zip(batch, distribution.top_ids.tolist())):
             p = r.params
             noise = None if p.temperature == 0 else r._take_noise()
             seen = (torch.tensor(r._ids[r._prefix_len:], device=raw.device, dtype=torch.long)
                     if p.repetition_penalty != 1.0 else None)  # prompt + output, not text_context's prefix
             token, sampling_lp = choose(apply_penalties(raw[i], p, seen, r._counts), p, noise)
             tokens.append(token)
-            rows.append(sampling_lp)
-        return tokens, torch.stack(rows)
+            picked.append(sampling_lp[[token] + top_ids].tolist())
+        return tokens, picked
 
     def _complete(self, r: Request, reason: str, error: str | None = None) -> None:
         tail = r._finish(reason, error)

@@ -426,7 +426,7 @@ def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | N
         raced = temperature_race(logits, params.temperature, noise)  # None: no compiler, or not finite
         if raced is not None:
             token, row_max, log_z = raced
-            return token, (logits - row_max) / params.temperature - log_z
+            return token, torch.sub(logits, row_max).div_(params.temperature).sub_(log_z)  # one new tensor
     sampling_logprobs = filter_logits(logits, params).log_softmax(-1)
     # exponential race: argmax p / E  ==  argmax log p - log E; a removed token stays out even if E is 0
     race = torch.where(sampling_logprobs > float("-inf"), sampling_logprobs - exponential(noise).log(), float("-inf"))
