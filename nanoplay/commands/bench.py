@@ -178,7 +178,6 @@ def run_draft(args, engine, sources, device, console) -> int:
 
     from ..bench import SHAPES, bench_draft, random_model, truncated_draft
     from ..errors import NanoplayError
-    from ..speculative import check_draft_tokens
 
     draft = None
     if args.draft in SHAPES:

@@ -213,18 +213,6 @@ void uniform_noise(uint64_t step_key, int64_t n, double *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (double)(splitmix64_mix(step_key + (uint64_t)(i + 1) * golden) >> 11) * 0x1p-53;
 }
 
-/*
- * The exponential race at a temperature, sampling.choose's for a row of finite float64 logits (vocab,)
- * with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
- * E_j = -log1p(-U_j) for uniform noise U_j in [0, 1) (an E_j of 0 wins, the first such, unless
- * (x_j - max) / T is -inf; equal keys go to the lower id, as torch.argmax's).
- * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
- * up to float64 rounding of a near tie. E_j >= U_j, so a token whose p_j / U_j is below the best key so
- * far cannot win: its logarithm is skipped (with a margin far above the rounding of either side), which
- * leaves a few dozen of them per row. Writes the token, the row's maximum and log Z at temperature T
- * (log_z: the sampling log-probability of j is (x_j - max) / T - log_z). Returns 0; 1 if the row holds
- * NaN or +-inf (nothing written: the caller's torch chain handles it); -1 if out of memory.
- */
 /* Can p / E beat the best key so far, with E = -log1p(-u) >= u? Not when p / u is below it by a margin
  * (1e-12, relative) that covers the rounding of log1p, of the division and of both products here. */
 static inline int could_win(double p, double u, double best) { return !(p * (1.0 + 1e-12) < best * u); }
@@ -236,6 +224,19 @@ static inline double race_key(double p, double d, double u) {
     return e == 0.0 ? (d > -INFINITY ? INFINITY : 0.0) : p / e;
 }
 
+/*
+ * The exponential race at a temperature, sampling.choose's for a row of finite float64 logits (vocab,)
+ * with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
+ * E_j = -log1p(-U_j) for uniform noise U_j in [0, 1) (an E_j of 0 wins, the first such, unless
+ * (x_j - max) / T is -inf; equal keys go to the lower id, as torch.argmax's).
+ * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
+ * up to float64 rounding of a near tie. E_j >= U_j, so a token whose p_j / U_j is below the best key so
+ * far cannot win: its logarithm is skipped (with a margin far above the rounding of either side), which
+ * leaves about 120 logarithms in a row of 50304 (random rows, 4096-entry chunks). Writes the token,
+ * the row's maximum and log Z at temperature T (log_z: the sampling log-probability of j is
+ * (x_j - max) / T - log_z). Returns 0; 1 if the row holds
+ * NaN or +-inf (nothing written: the caller's torch chain handles it); -1 if out of memory.
+ */
 int temperature_race(const double *logits, int64_t vocab, double temperature, const double *uniforms, int threads,
                      int64_t *token, double *max, double *log_z) {
     const int64_t chunks = (vocab + CHUNK - 1) / CHUNK;
