@@ -127,9 +127,10 @@ static inline f32x8 exp8(f32x8 x) {
  * for all weight rows. Every dot product is CH chains of 8-wide multiply-adds, chain h taking the
  * vectors h, h + CH, h + 2 CH, ... (the vectors after the last whole round go to chain 0), then the
  * chains added in order, the 8 lanes summed, and the n % 8 tail added one by one: the same order in
- * every block shape, so a sequence's logits do not depend on its batch. bf16 takes 2 chains: widening
- * makes one chain of dependent multiply-adds its bound (measured on a 2-core AMD EPYC, alternating A/B:
- * decode steps 8-10% faster at the 30M shape, batch 1 and 4); float32 and int8 gained nothing from them.
+ * every block shape, so a sequence's logits do not depend on its batch. bf16 and float32 take 2 chains:
+ * one chain of dependent multiply-adds bounds them (measured on a 2-core AMD EPYC, alternating A/B:
+ * bf16 decode steps 8-10% faster at the 30M shape, batch 1 and 4; float32 ones 5-7% at the 30M and 124M
+ * shapes, batch 1 and 4, though 4 chains gained nothing); int8's 4-row batches ran 19% slower with 2.
  * float32 weights are prefetched 1 KB ahead with the non-temporal hint: measured on the same machine,
  * decode steps 5-11% faster than without (30M, 124M shapes) and 9% faster than 512 bytes ahead; no
  * gain for bf16 or int8, which read fewer bytes per multiply-add. Prefetching past a matrix's end is
@@ -196,7 +197,7 @@ static inline f32x8 exp8(f32x8 x) {
         }                                                                                         \
     }
 
-DOT_BLOCKS(f32, float, load_f32, SCALAR_F32, 1)
+DOT_BLOCKS(f32, float, load_f32, SCALAR_F32, 2)
 DOT_BLOCKS(bf16, uint16_t, load_bf16, SCALAR_BF16, 2)
 DOT_BLOCKS(int8, int8_t, load_int8, SCALAR_INT8, 1)
 
