@@ -129,7 +129,7 @@ static inline f32x8 exp8(f32x8 x) {
  * chains added in order, the 8 lanes summed, and the n % 8 tail added one by one: the same order in
  * every block shape, so a sequence's logits do not depend on its batch. bf16 and float32 take 2 chains:
  * one chain of dependent multiply-adds bounds them (measured on a 2-core AMD EPYC, alternating A/B:
- * bf16 decode steps 8-10% faster at the 30M shape, batch 1 and 4; float32 ones 5-7% at the 30M and 124M
+ * bf16 decode steps 8-10% faster at the 30M shape, batch 1 and 4; float32 ones 5-11% at the 30M and 124M
  * shapes, batch 1 and 4, though 4 chains gained nothing); int8's 4-row batches ran 19% slower with 2.
  * float32 weights are prefetched 1 KB ahead with the non-temporal hint: measured on the same machine,
  * decode steps 5-11% faster than without (30M, 124M shapes) and 9% faster than 512 bytes ahead; no
