@@ -206,8 +206,9 @@ class Request:
 
     def _take_noise(self) -> torch.Tensor:
         """The next token's noise, used up."""
+        noise = self._noise(0)
         self._choices += 1
-        return self._noise(-1)
+        return noise
 
     def _notify(self, new_tokens: list[TokenInfo], new_text: str) -> None:
         if self.on_update is not None:

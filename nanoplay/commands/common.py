@@ -24,15 +24,13 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dt
     parser.add_argument("--model", "-m", action="append", required=required, metavar="SPEC",
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
+    auto = "default auto: bfloat16 on CPUs with native bf16 products, else float32; int8: 8-bit weights, CPU only"
     if dtypes:
         parser.add_argument("--dtype", choices=sorted(DTYPES), action="append",
-                            help="weights and compute precision, repeatable (default auto: bfloat16 on CPUs with "
-                                 "native bf16 products, else float32; int8: 8-bit weights, CPU only)")
+                            help=f"weights and compute precision, repeatable ({auto})")
     else:
         parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32" if measures else "auto",
-                            help=MEASURED_DTYPE_HELP if measures else
-                            "weights and compute precision (default auto: bfloat16 on CPUs with native bf16 "
-                            "products, else float32; int8: 8-bit weights, CPU only)")
+                            help=MEASURED_DTYPE_HELP if measures else f"weights and compute precision ({auto})")
 
 
 def read_stdin() -> str:
