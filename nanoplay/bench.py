@@ -128,11 +128,15 @@ class LlamaCpp:
     or one of LLAMA_CPP_QUANTIZED, which llama.cpp's quantizer then makes from the (F32) file first.
     """
 
+    @staticmethod
+    def label_of(file_type: str) -> str:
+        return f"llama.cpp {file_type.upper()}"
+
     def __init__(self, path: Path, file_type: str, threads: int, n_ctx: int):
         import llama_cpp
 
         llama_cpp.llama_log_set(_quiet_llama_log(), None)  # its loader and quantizer print pages to stderr
-        self.label = f"llama.cpp {file_type.upper()}"
+        self.label = self.label_of(file_type)
         if file_type in LLAMA_CPP_QUANTIZED:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_QUANTIZED[file_type]}")
@@ -192,6 +196,10 @@ class CTranslate2:
     padded vocabulary's placeholder tokens are saved into the directory's tokenizer.
     """
 
+    @staticmethod
+    def label_of(compute_type: str) -> str:
+        return f"CTranslate2 {compute_type}"
+
     def __init__(self, hf_dir: Path, compute_type: str, threads: int):
         import ctranslate2
         from ctranslate2.converters import TransformersConverter
@@ -199,7 +207,7 @@ class CTranslate2:
 
         from .export import transformers_quiet
 
-        self.label = f"CTranslate2 {compute_type}"
+        self.label = self.label_of(compute_type)
         ct2_dir = hf_dir.with_name(f"{hf_dir.name}-ctranslate2-{compute_type}")
         with transformers_quiet():
             # CTranslate2 wants one vocabulary entry per embedding row: a padded vocabulary (50304 rows
@@ -238,34 +246,60 @@ class Isolated:
     Why: in one process they slow each other down. Once CTranslate2 had generated, llama.cpp in the same
     process decoded at less than half its speed for the rest of the process (30M shape, F32, 2 threads:
     179 tok/s, then 78), so a table from one process would be unfair to whoever runs after it.
+
+    An engine that fails, raising or taking its process down (llama.cpp's AMX products died by SIGILL
+    in a virtual machine whose CPU lists AMX), never stops the benchmark: from then on `bench` gives
+    None, and `failure` says what happened in one line.
     """
 
-    def __init__(self, engine_class, *args):
+    def __init__(self, label: str, engine_class, *args):
         import multiprocessing
 
+        self.label = label
+        self.failure: str | None = None
+        self._rebuild = getattr(engine_class, "REBUILD", "")  # how to build the engine for this CPU
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no library state is inherited
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(child, engine_class, args), daemon=True)
         self._process.start()
         child.close()
-        self.label = self._receive()
+        self._receive()  # built, or failed
 
     def _receive(self):
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise NanoplayError(f"the benchmark process exited with code {self._process.exitcode}") from None
+            self._process.join()
+            status, value = "error", self._death()
         if status == "error":
-            raise NanoplayError(value)
+            self.failure = f"{self.label}: {value}"
+            return None
         return value
 
+    def _death(self) -> str:
+        """Why the process ended without a word: the signal that killed it, or its exit code."""
+        import signal
+
+        code = self._process.exitcode
+        if code is None or code >= 0:
+            return f"its process exited with code {code}"
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        why = f"its process was killed by {name}"
+        if -code == signal.SIGILL:
+            why += (" (an instruction this CPU does not run: a build for another CPU, or one using AMX where a "
+                    f"virtual machine lists it but does not enable it): reinstall it built for this machine{self._rebuild}")
+        return why
+
     def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result | None":
+        if self.failure:
+            return None
         self._conn.send((batch, prompt_tokens, new_tokens))
         return self._receive()
 
     def close(self) -> None:
         if self._process.is_alive():
-            self._conn.send(None)
+            if not self.failure:  # a failed engine's process is ending of its own accord
+                self._conn.send(None)
             self._process.join(timeout=10)
             if self._process.is_alive():  # still inside a bench (the parent was interrupted): stop it
                 self._process.kill()
@@ -277,12 +311,12 @@ def _serve(conn, engine_class, args) -> None:
     """The child process of Isolated: build the engine, then answer bench requests until None."""
     try:
         engine = engine_class(*args)
-        conn.send(("ok", engine.label))
+        conn.send(("ok", None))
         while (request := conn.recv()) is not None:
             conn.send(("ok", engine.bench(*request)))
         engine.close()
-    except Exception as e:  # the parent raises it: the message, and the engine it came from
-        conn.send(("error", f"{engine_class.__name__}: {type(e).__name__}: {e}"))
+    except Exception as e:  # the parent reports it, with the engine's label
+        conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
@@ -395,9 +429,11 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
     files = tempfile.TemporaryDirectory()
     folder = Path(files.name)
     others = []
+    isolated: dict[torch.dtype | None, list[Isolated]] = {}  # others by the dtype whose table shows them
 
-    def other(engine_class, *args):
-        others.append(Isolated(engine_class, *args))
+    def other(dtype: torch.dtype | None, label: str, engine_class, *args):
+        others.append(Isolated(label, engine_class, *args))
+        isolated.setdefault(dtype, []).append(others[-1])
         return lambda b, n, engine=others[-1]: engine.bench(b, prompt_tokens, n)
 
     def gguf(file_type: str) -> Path:
@@ -424,14 +460,17 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
                 runs.append(lambda b, n, hf=hf, m=model: bench_transformers(hf, b, prompt_tokens, n, m.device))
             if vs_llama_cpp:
                 file_type = LLAMA_CPP_TYPES[dtype]
-                runs.append(other(LlamaCpp, gguf(file_type), file_type, threads, model.config.block_size))
+                runs.append(other(dtype, LlamaCpp.label_of(file_type), LlamaCpp, gguf(file_type), file_type,
+                                  threads, model.config.block_size))
             if vs_ctranslate2 and dtype in CTRANSLATE2_TYPES:
                 compute_type = CTRANSLATE2_TYPES[dtype]
-                runs.append(other(CTranslate2, hf_export(), compute_type, threads))
+                runs.append(other(dtype, CTranslate2.label_of(compute_type), CTranslate2, hf_export(),
+                                  compute_type, threads))
             contenders[dtype] = runs
         for file_type in llama_cpp_types:  # quantized from the F32 file
             contenders.setdefault(None, []).append(
-                other(LlamaCpp, gguf("f32"), file_type, threads, source.config.block_size))
+                other(None, LlamaCpp.label_of(file_type), LlamaCpp, gguf("f32"), file_type, threads,
+                      source.config.block_size))
         for runs in contenders.values():  # warm up: allocate the caches, touch the weights, capture graphs
             for run in runs:
                 for b in batches:
@@ -457,7 +496,8 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
             "weight_bytes": weight_bytes(model), "threads": threads, "bandwidth_reads": repeats * 5,
             "precision": PRECISIONS[dtype], "params": source.num_params,
             "llama_cpp": f"llama.cpp {LLAMA_CPP_TYPES[dtype].upper()}" if vs_llama_cpp else None,
-            "other_precisions": {label for label, _ in best.get(None, {})}, "decode": decode_path(model)}
+            "other_precisions": {label for label, _ in best.get(None, {})}, "decode": decode_path(model),
+            "failures": [e.failure for e in isolated.get(dtype, []) + isolated.get(None, []) if e.failure]}
         if reference is not None and dtype != torch.float32:
             report["quality"] = quality(reference, model, quality_text_ids())
     return reports

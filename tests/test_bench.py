@@ -3,12 +3,14 @@
 import importlib.util
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 
+import nanoplay.bench
 from nanoplay.bench import CTranslate2, Isolated, LlamaCpp, Result
 from nanoplay.cli import main
 from nanoplay.errors import NanoplayError
@@ -83,31 +85,68 @@ def test_bench_vs_llama_cpp_times_the_same_weights(tiny_run, capsys):
 
 
 class ProcessId:
-    """A stand-in engine for Isolated: it reports the process it runs in, or fails as asked."""
+    """A stand-in engine for Isolated: it reports the process it runs in, or fails as asked: raising when
+    built, or killing its own process by a signal when it benches (as llama.cpp's AMX products did)."""
 
-    label = "process id"
+    REBUILD = " (rebuild hint)"
 
-    def __init__(self, fail: bool = False):
-        if fail:
+    def __init__(self, fail: str = ""):
+        self.fail = fail
+        if fail == "raise":
             raise ValueError("no such model")
 
+    @staticmethod
+    def label_of(file_type: str) -> str:  # as LlamaCpp's, for run_bench
+        return f"stand-in {file_type}"
+
     def bench(self, batch, prompt_tokens, new_tokens):
+        if self.fail == "SIGILL":
+            os.kill(os.getpid(), signal.SIGILL)
         return Result(str(os.getpid()), batch, prompt_tokens, new_tokens)
 
     def close(self):
         pass
 
 
+class IllegalInstruction(ProcessId):
+    """A stand-in for LlamaCpp (path, file_type, threads, n_ctx) whose process dies by SIGILL as it benches."""
+
+    def __init__(self, path, file_type, threads, n_ctx):
+        super().__init__("SIGILL")
+
+
 def test_bench_runs_other_engines_in_a_process_of_their_own():
-    engine = Isolated(ProcessId)
+    engine = Isolated("process id", ProcessId)
     try:
         result = engine.bench(4, 8, 16)
-        assert engine.label == "process id" and int(result.label) != os.getpid()
+        assert engine.failure is None and int(result.label) != os.getpid()
         assert (result.batch, result.prefill_tok_s, result.decode_tok_s) == (4, 8, 16)
     finally:
         engine.close()
-    with pytest.raises(NanoplayError, match="^ProcessId: ValueError: no such model$"):
-        Isolated(ProcessId, True)
+    failed = Isolated("process id", ProcessId, "raise")
+    assert failed.failure == "process id: ValueError: no such model"
+    assert failed.bench(1, 8, 16) is None
+    failed.close()
+
+
+def test_an_engine_that_dies_is_reported_and_the_others_go_on():
+    engine = Isolated("process id", ProcessId, "SIGILL")  # built: it dies when it benches
+    assert engine.failure is None
+    assert engine.bench(1, 8, 16) is None  # was a NanoplayError that ended the whole bench
+    assert engine.failure.startswith("process id: its process was killed by SIGILL (an instruction this CPU does not run")
+    assert engine.failure.endswith("reinstall it built for this machine (rebuild hint)")
+    assert engine.bench(1, 8, 16) is None
+    engine.close()
+
+
+def test_bench_goes_on_without_an_engine_that_died(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(nanoplay.bench, "LlamaCpp", IllegalInstruction)
+    monkeypatch.setattr(nanoplay.bench, "available", lambda module: True)
+    assert main(["bench", "-m", "tiny", "--dtype", "fp32", "--vs", "llama.cpp", "--prompt-tokens", "8",
+                 "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table's lines, joined
+    assert "│ 1 │ nanoplay │" in out
+    assert "not measured: stand-in f32: its process was killed by SIGILL" in out
 
 
 def in_a_child_process(function, *args):

@@ -133,13 +133,14 @@ def render(model, report):
     if bandwidth:
         title += (f"; streaming read {bandwidth / 1e9:.1f} GB/s (best of {report['bandwidth_reads']}, "
                   f"{report['threads']} threads) -> batch-1 bound {bound:.1f} tok/s")
-    caption = None
+    notes = []  # under the table: what a lower precision costs, and every engine that failed
     if "quality" in report:
         q = report["quality"]
-        caption = (f"quality vs fp32 on {q['tokens']} tokens of the bundled corpus: loss {q['loss']:.4f} vs "
-                   f"{q['reference_loss']:.4f} nats/token ({q['loss'] - q['reference_loss']:+.4f}), "
-                   f"most likely next token the same as fp32's {q['argmax_agreement']:.1%}")
-    table = Table(title=Text(title), caption=Text(caption) if caption else None)
+        notes.append(f"quality vs fp32 on {q['tokens']} tokens of the bundled corpus: loss {q['loss']:.4f} vs "
+                     f"{q['reference_loss']:.4f} nats/token ({q['loss'] - q['reference_loss']:+.4f}), "
+                     f"most likely next token the same as fp32's {q['argmax_agreement']:.1%}")
+    notes += [f"not measured: {failure}" for failure in report["failures"]]
+    table = Table(title=Text(title), caption=Text("\n".join(notes)) if notes else None)
     llama = report["llama_cpp"]  # the llama.cpp type matching this precision, or None
     for col in ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs llama.cpp",
                 "vs batch 1", "of bound"):
