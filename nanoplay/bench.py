@@ -128,6 +128,11 @@ class LlamaCpp:
     or one of LLAMA_CPP_QUANTIZED, which llama.cpp's quantizer then makes from the (F32) file first.
     """
 
+    # how Isolated tells to rebuild it when it dies by SIGILL: for this CPU, without AMX (seen in a VM)
+    REBUILD = (""": CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' """
+               """-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" pip install --force-reinstall """
+               "--no-deps --no-cache-dir llama-cpp-python")
+
     @staticmethod
     def label_of(file_type: str) -> str:
         return f"llama.cpp {file_type.upper()}"
