@@ -57,6 +57,12 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return preferred_dtype(torch.device(device).type, cpu_flags())
 
 
+# torch 2.13's int8 kernel reads past the end of rows of other widths: on a CPU with AVX-512 (an Intel
+# Xeon here), widths of 8 times an odd number gave NaN or wrong products for 1 to 3 rows and a
+# segmentation fault for 4 or more; on AVX2 ones, widths that are not multiples of 8 crashed
+INT8_WIDTH_MULTIPLE = 16
+
+
 class Int8Linear(nn.Module):
     """
     nn.Linear with int8 weights (out, in) and one scale per output row (out,): y = (x @ q.T) * scale + b.
@@ -107,10 +113,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """
     if next(model.parameters()).device.type != "cpu":
         raise NanoplayError("int8 weights run on the CPU only (torch's int8 kernel): give --device cpu")
-    widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % 8})
-    if widths:  # torch 2.13's kernel reads past such rows: a segmentation fault, not an error
-        raise NanoplayError(f"int8 weights need matrix input widths that are multiples of 8 (torch's int8 kernel); "
-                            f"this model has {', '.join(map(str, widths))}: give --dtype fp32 or bf16")
+    widths = sorted({m.in_features for m in model.modules()
+                     if isinstance(m, nn.Linear) and m.in_features % INT8_WIDTH_MULTIPLE})
+    if widths:
+        raise NanoplayError(f"int8 weights need matrix input widths that are multiples of {INT8_WIDTH_MULTIPLE} "
+                            f"(torch's int8 kernel); this model has {', '.join(map(str, widths))}: give --dtype fp32 or bf16")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

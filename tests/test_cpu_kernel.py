@@ -15,7 +15,7 @@ from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
-from nanoplay.precision import Int8Linear, quantize_int8
+from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, quantize_int8
 from nanoplay.sampling import SamplingParams
 from tests.conftest import tiny_model
 
@@ -84,9 +84,11 @@ def test_step_writes_the_keys_and_values_torchs_step_writes():
 @torch.no_grad()
 def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
     """Bit for bit: the same summation order alone and batched, so a request decodes the same either way."""
-    # 72: whole 32-wide blocks and an 8-wide tail; an MLP 100 wide (not int8's: torch's int8 kernel needs
-    # multiples of 8) ends its rows with values the vector activation leaves to the one-by-one one
-    model = tiny_model(n_embd=72, n_head=2, n_inner=None if dtype == torch.int8 else 100)
+    # 92: whole rounds of chains, a vector after them and a tail of 4 one by one, with 8 lanes (80 + 8 + 4)
+    # as with 16 (64 + 16 + 12); int8's 80 (torch's int8 kernel needs multiples of 16) has no tail. An MLP
+    # 100 wide (not int8's) ends its rows with values the vector activation leaves to the one-by-one one
+    model = tiny_model(n_embd=80 if dtype == torch.int8 else 92, n_head=2,
+                       n_inner=None if dtype == torch.int8 else 100)
     if dtype == torch.int8:
         quantize_int8(model)
     else:
@@ -109,7 +111,7 @@ def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
 def test_int8_step_computes_what_torchs_int8_product_does():
     """bf16 inputs and bf16 results around float32 sums, as torch's int8 kernel (precision.py): so gen,
     score and a machine without a compiler give the same int8 numbers, up to a rare bf16 rounding flip."""
-    model = tiny_model(n_embd=40, n_head=2)  # 40: a whole-vector tail after the 32-wide blocks
+    model = tiny_model(n_embd=48, n_head=2)  # 48: a whole vector after the rounds of chains (16 lanes)
     quantize_int8(model)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.float32)
@@ -119,16 +121,33 @@ def test_int8_step_computes_what_torchs_int8_product_does():
     torch.testing.assert_close(logits, expected, atol=5e-3, rtol=0)
     assert ((logits - expected).abs() > 1e-5).float().mean() < 1e-3
     # against float32 activations, the dequantized weights give logits visibly apart: the rounding is there
-    reference = tiny_model(n_embd=40, n_head=2)
+    reference = tiny_model(n_embd=48, n_head=2)
     for module, ref in zip(model.modules(), reference.modules()):
         if isinstance(module, Int8Linear):
             ref.weight = torch.nn.Parameter(module.dequantized())
     assert (logits - full_forward(reference, [ids])).abs().max() > 1e-4
 
 
-def test_int8_refuses_widths_torchs_kernel_cannot_read():
-    with pytest.raises(NanoplayError, match="multiples of 8 .* 36: give --dtype fp32 or bf16"):
-        quantize_int8(tiny_model(n_embd=36, n_head=3))
+@pytest.mark.parametrize("n_embd", [36, 72])  # 72: a multiple of 8 that torch's kernel misread on an AVX-512 Xeon
+def test_int8_refuses_widths_torchs_kernel_cannot_read(n_embd):
+    with pytest.raises(NanoplayError, match=f"multiples of 16 .* {n_embd}: give --dtype fp32 or bf16"):
+        quantize_int8(tiny_model(n_embd=n_embd, n_head=3))
+
+
+@pytest.mark.parametrize("rows", [1, 3])  # 4 rows or more crashed where 1 to 3 gave NaN: never asked here
+def test_torchs_int8_kernel_reads_every_width_int8_admits(rows):
+    """torch's int8 product against float32 maths at every width quantize_int8 admits up to 400 (on an
+    AVX-512 CPU, widths of 8 times an odd number gave NaN or products off by orders of magnitude)."""
+    torch.manual_seed(0)
+    for width in range(8, 401, 8):
+        if width % INT8_WIDTH_MULTIPLE:
+            continue
+        x = torch.randn(rows, width).bfloat16()
+        weight = torch.randint(-127, 128, (24, width), dtype=torch.int8)
+        scales = torch.rand(24).bfloat16()
+        expected = (x.float() @ weight.float().T) * scales.float()
+        torch.testing.assert_close(torch._weight_int8pack_mm(x, weight, scales).float(), expected,
+                                   rtol=2e-2, atol=2e-2 * expected.abs().max().item(), msg=f"width {width}")
 
 
 @torch.no_grad()
