@@ -199,3 +199,23 @@ def test_bench_ctranslate2_runs_the_same_model_with_a_padded_vocabulary(tmp_path
         for _ in range(6):
             ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
     assert in_a_child_process(ctranslate2_greedy, export_hf(model, tmp_path / "hf"), prompt, 6) == ours[len(prompt):]
+
+
+def test_the_bound_reads_as_many_bytes_as_the_weights(tiny_run, capsys, monkeypatch):
+    """A model that fits in the last-level cache is bounded by the cache's rate: bench reads each
+    precision's own weights' size (a fixed 256 MB read put a 30M model at 124-144% of its bound)."""
+    sizes = []
+
+    def recorded(device, size_bytes, repeats=5):
+        sizes.append(size_bytes)
+        return 1e9
+
+    monkeypatch.setattr(nanoplay.bench, "measure_bandwidth", recorded)
+    assert main(["bench", "-m", "tiny", "--dtype", "fp32", "--dtype", "bf16", "--prompt-tokens", "8",
+                 "--new-tokens", "2", "--batch", "1", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    fp32, bf16 = sorted(set(sizes), reverse=True)
+    assert len(sizes) == 4 and 1.9 < fp32 / bf16 <= 2  # each precision, every round; bf16's norms stay float32
+    for size in (fp32, bf16):
+        assert f"{size / 1e6:.0f} MB of weights read per token" in out
+        assert f"batch-1 bound {1e9 / size:.1f} tok/s" in " ".join(out.split())

@@ -131,7 +131,7 @@ def render(model, report):
     title = (f"{model.name}, {report['precision']}: {report['params'] / 1e6:.1f}M params, "
              f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per token; decode: {report['decode']}")
     if bandwidth:
-        title += (f"; streaming read {bandwidth / 1e9:.1f} GB/s (best of {report['bandwidth_reads']}, "
+        title += (f"; streaming read of as many bytes {bandwidth / 1e9:.1f} GB/s (best of {report['bandwidth_reads']}, "
                   f"{report['threads']} threads) -> batch-1 bound {bound:.1f} tok/s")
     notes = []  # under the table: what a lower precision costs, and every engine that failed
     if "quality" in report:
