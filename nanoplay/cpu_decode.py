@@ -1,7 +1,9 @@
 """
 How a model decodes fast on a CPU: its weights laid out for the product a decode step runs, float32
 products through numpy's BLAS, and one thread pool working at a time. (Where a C compiler is at hand,
-the decode step itself is compiled: cpu_kernel.py; BLAS then takes prefill's products.)
+the decode step itself is compiled: cpu_kernel.py; every product outside it, a prefill's, a score's,
+then stays torch's, so that the step's OpenMP threads share the cores with no other pool: see
+use_decode_layout.)
 
 A decode step multiplies one activation row per sequence by every weight matrix, so its speed is the
 rate at which the products stream the weights from memory. torch's CPU products run on MKL, which
@@ -85,28 +87,35 @@ def use_decode_layout(model: nn.Module, compiled: bool) -> None:
     models it loads itself.
 
     With `compiled`, the compiled decode step (cpu_kernel.py) will decode it: every weight matrix keeps
-    nn.Linear's (out, in) layout, which that step streams row by row, and moves into memory backed by
-    huge pages (use_huge_pages). Otherwise a float32 model's matrices are stored transposed in memory
-    (the values and shapes stay the same), which BLAS's products with few rows read fastest.
+    nn.Linear's (out, in) layout, which that step streams row by row, moves into memory backed by huge
+    pages (use_huge_pages), and stays an nn.Linear: the products of many rows (a prefill, scoring) run
+    in torch, whose OpenMP threads are the step's own (Linux's wheels bring libgomp). Why not numpy's
+    BLAS for those: OpenBLAS's threads spin for about 0.1 s after each product, on the cores the step's
+    threads need. Measured on a 2-core Intel Xeon (30M shape, float32, alternating processes): the
+    first ~20 steps after every prefill ran at half speed (a step right after a BLAS product 12.2-12.5
+    ms, 6.3-7.5 ms later), so 32 new tokens decoded at 130-155 tok/s with BLAS prefills against 220-250
+    without them; the prefills themselves ran 1.2-1.35x faster in torch (MKL) there too.
 
-    Either way a float32 model's nn.Linear products go to numpy's BLAS (BlasLinear), which with
-    `compiled` takes only the products of many rows (prefill, scoring). bf16 and fp16 models keep
-    nn.Linear, in its own layout: torch's reduced-precision matrix-vector kernels read it 4.7x faster
-    than the transposed one (30M shape, bf16, 2 threads, AVX2); int8 models keep their Int8Linear.
+    Otherwise a float32 model's matrices are stored transposed in memory (the values and shapes stay
+    the same), which BLAS's products with few rows read fastest, and its nn.Linear products go to
+    numpy's BLAS (BlasLinear). bf16 and fp16 models keep nn.Linear, in its own layout: torch's
+    reduced-precision matrix-vector kernels read it 4.7x faster than the transposed one (30M shape,
+    bf16, 2 threads, AVX2); int8 models keep their Int8Linear.
     """
     if compiled:
         use_huge_pages(model)
+        return
     if model.transformer.wte.weight.dtype != torch.float32:
         return
     tied = model.config.tie_word_embeddings and type(model.lm_head) is nn.Linear
-    if tied and not compiled:  # one tensor for both, as before
+    if tied:  # one tensor for both, as before
         wte = nn.Parameter(model.transformer.wte.weight.t().contiguous().t(), requires_grad=False)
         model.transformer.wte.weight = wte
         model.lm_head.weight = wte
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                if not compiled and not (tied and child is model.lm_head):
+                if not (tied and child is model.lm_head):
                     child.weight = nn.Parameter(child.weight.t().contiguous().t(), requires_grad=False)
                 setattr(module, name, BlasLinear(child))
 

@@ -15,7 +15,8 @@ a hash of the source, the compiler and the CPU, so a new version or another mach
 Where there is no compiler (or `NANOPLAY_DECODE_KERNEL=0`), decoding stays in torch, and
 `kernel_status()` says why. A few tokens of one sequence can go in one call too (speculative
 decoding's check and its draft, speculative.py). Prompts, scoring and training run in torch: their
-products have many rows, where BLAS is at its best.
+products have many rows, where BLAS is at its best (torch's, whose threads are the step's: see
+cpu_decode.use_decode_layout).
 """
 
 from __future__ import annotations

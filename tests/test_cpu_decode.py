@@ -77,6 +77,17 @@ def test_decode_layout_uses_blas_for_float32_only():
     assert not uses_blas(half) and w.is_contiguous()  # nn.Linear's own layout: torch's bf16 kernels read it best
 
 
+def test_a_model_the_compiled_step_decodes_keeps_torchs_products():
+    """No BLAS beside the compiled step: OpenBLAS's threads spin after each product (a prefill's) on the
+    cores the step's OpenMP threads need, which halved the speed of the ~20 steps after every prompt."""
+    model = tiny_model()
+    use_decode_layout(model, compiled=True)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not uses_blas(model) and not any(isinstance(m, BlasLinear) for m in model.modules())
+    assert len(linears) == 4 * model.config.n_layer + 1 and all(m.weight.is_contiguous() for m in linears)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
 def test_engine_steps_with_one_torch_thread_and_the_blas_threads_torch_had():
     """While a BLAS model steps torch has one thread and BLAS the caller's count (two spinning pools on the
     same cores ran 7x slower), and the caller's setting comes back after every step."""
