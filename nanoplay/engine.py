@@ -553,7 +553,10 @@ class Engine:
             loaded = load_model(spec, device=device, dtype=torch.float32 if int8 else dtype, progress=progress,
                                 gelu=gelu)
             if int8:
-                quantize_int8(loaded.model)
+                try:
+                    quantize_int8(loaded.model)
+                except NanoplayError as e:  # which of several models cannot be int8
+                    raise NanoplayError(f"{loaded.name}: {e}") from None
                 loaded.name += " (int8)"
             if loaded.device.type == "cpu":
                 use_decode_layout(loaded.model, compiled=self.compiles(loaded.model))

@@ -11,7 +11,8 @@ from nanoplay.engine import Engine
 from nanoplay.loading import LoadedModel
 from nanoplay.precision import Int8Linear, preferred_dtype, quantize_int8
 from nanoplay.sampling import SamplingParams
-from tests.conftest import tiny_model
+from nanoplay.errors import NanoplayError
+from tests.conftest import tiny_model, write_nanogpt_ckpt
 
 
 def loaded(model, name="tiny"):
@@ -88,6 +89,18 @@ def test_engine_loads_int8_weights(tiny_run):
     assert engine.load("tiny", dtype=torch.int8) is model and engine.load("tiny") is not model
     req = engine.generate(model, "Hello", SamplingParams(max_new_tokens=5, temperature=0, stop_on_eot=False))
     assert len(req.tokens) == 5
+
+
+def test_int8_refusal_names_the_model(tmp_path):
+    """Of several models on a command line, the line says which one int8 cannot take."""
+    path = tmp_path / "e72" / "ckpt.pt"
+    path.parent.mkdir()
+    write_nanogpt_ckpt(path, tiny_model(n_embd=72, n_head=2), with_optimizer=False)
+    with pytest.raises(NanoplayError) as refused:
+        Engine().load(str(path), dtype=torch.int8)
+    name = Engine().load(str(path)).name  # the model's name as every other line gives it
+    assert "e72" in name
+    assert str(refused.value).startswith(f"{name}: int8 weights need matrix input widths that are multiples of 16")
 
 
 @torch.no_grad()
