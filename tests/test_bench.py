@@ -33,6 +33,8 @@ from nanoplay.model import GPT, GPTConfig
     (["--scoring", "--dtype", "int8"], "--scoring runs the same weights through transformers, which has no int8 "
                                         "weights here: give --dtype fp32 or bf16"),
     (["--prompt-tokens", "63"], "--prompt-tokens 63 does not fit tiny@200's context of 64 tokens: give at most 62"),
+    (["--prompt-tokens", "60", "--new-tokens", "8"], "--prompt-tokens 60 and --new-tokens 8 do not fit tiny@200's "
+                                                       "context of 64 tokens together: give at most 64 in all"),
 ])
 def test_bench_flags_are_checked(tiny_run, capsys, flags, message):
     assert main(["bench", "-m", "tiny", *flags]) == 2
@@ -44,6 +46,9 @@ def test_bench_prompt_that_fits_runs(tiny_run, capsys):
     assert main(["bench", "-m", "tiny", "--prompt-tokens", "62", "--new-tokens", "2", "--batch", "1",
                  "--repeats", "1"]) == 0
     assert "tiny@200" in capsys.readouterr().out
+    # a long prompt alone: the default new tokens take what the context has left (was 32: window slides)
+    assert main(["bench", "-m", "tiny", "--prompt-tokens", "60", "--batch", "1", "--repeats", "1"]) == 0
+    assert "60-token prompts, 4 new tokens" in capsys.readouterr().out
 
 
 def test_bench_says_how_each_model_decodes(tiny_run, capsys, monkeypatch):

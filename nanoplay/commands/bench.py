@@ -91,16 +91,23 @@ def run(args) -> int:
         reference.model.to(device)
         sources.append((reference, {d: at_precision(reference, d) for d in dtypes}))
     # defaults that fit every model benchmarked: prompt and new tokens together within the smallest context
-    half = min(reference.config.block_size for reference, _ in sources) // 2
+    smallest = min(reference.config.block_size for reference, _ in sources)
     if args.prompt_tokens is None:
-        args.prompt_tokens = min(DEFAULT_BENCH_TOKENS, half)
+        args.prompt_tokens = min(DEFAULT_BENCH_TOKENS, smallest // 2)
     if args.new_tokens is None:
-        args.new_tokens = max(2, min(DEFAULT_BENCH_TOKENS, half))
+        args.new_tokens = max(2, min(DEFAULT_BENCH_TOKENS, smallest // 2, smallest - args.prompt_tokens))
     for reference, _ in sources:
         config = reference.config
         if not args.scoring and args.prompt_tokens + 1 >= config.block_size:
             raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} does not fit {reference.name}'s context of "
                                 f"{config.block_size} tokens: give at most {config.block_size - 2}")
+        # past the context the engine slides its window (re-prefilling half of it) and llama.cpp stops:
+        # neither is decoding speed
+        plain = not (args.scoring or args.draft or args.draft_layers)
+        if plain and args.prompt_tokens + args.new_tokens > config.block_size:
+            raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} do not fit "
+                                f"{reference.name}'s context of {config.block_size} tokens together: give at most "
+                                f"{config.block_size} in all")
     console = stdout_console()
     if args.draft or args.draft_layers:
         return run_draft(args, engine, sources, device, console)
