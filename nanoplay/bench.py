@@ -294,7 +294,8 @@ class Isolated:
         why = f"its process was killed by {name}"
         if -code == signal.SIGILL:
             why += (" (an instruction this CPU does not run: a build for another CPU, or one using AMX where a "
-                    f"virtual machine lists it but does not enable it): reinstall it built for this machine{self._rebuild}")
+                    "virtual machine lists it but does not enable it): reinstall it built for this machine"
+                    + self._rebuild)
         return why
 
     def bench(self, batch: int, prompt_tokens: int, new_tokens: int) -> "Result | None":

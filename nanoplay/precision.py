@@ -117,7 +117,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                      if isinstance(m, nn.Linear) and m.in_features % INT8_WIDTH_MULTIPLE})
     if widths:
         raise NanoplayError(f"int8 weights need matrix input widths that are multiples of {INT8_WIDTH_MULTIPLE} "
-                            f"(torch's int8 kernel); this model has {', '.join(map(str, widths))}: give --dtype fp32 or bf16")
+                            f"(torch's int8 kernel); this model has {', '.join(map(str, widths))}: "
+                            "give --dtype fp32 or bf16")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
