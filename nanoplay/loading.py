@@ -90,6 +90,15 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return self.model.transformer.wte.weight.dtype
 
+    @property
+    def precision(self) -> str:
+        """Its weight matrices' precision as --dtype names it: "fp32", "bf16", "fp16" or "int8"."""
+        from .precision import Int8Linear
+
+        if isinstance(self.model.lm_head, Int8Linear):
+            return "int8"
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+
 
 def checkpoints_root() -> Path:
     """Where trained checkpoints live and are discovered: $NANOPLAY_CHECKPOINTS or ./checkpoints."""

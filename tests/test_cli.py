@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoplay.cli import main
+from nanoplay import precision
 from nanoplay.tokenizer import get_tokenizer
 
 
@@ -50,6 +51,19 @@ def test_gen_json(tiny_run, capsys):
     # same seed, same tokens: a second run reproduces the first
     _, again, _ = run_cli(capsys, *argv)
     assert [json.loads(line)["text"] for line in again.splitlines()] == [r["text"] for r in records]
+
+
+@pytest.mark.parametrize("dtype, recorded", [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("auto", "bf16")])
+def test_gen_and_score_json_say_the_weights_precision(tiny_run, capsys, monkeypatch, dtype, recorded):
+    """bf16's figures are not fp32's (gen's compiled step and score's torch products differ by ~1e-2 in
+    bf16): every record says which precision made it, the one --dtype auto chose included."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # a CPU where auto is bf16
+    code, out, _ = run_cli(capsys, "gen", "-m", "tiny", "--prompt", "The", "--max-new-tokens", "2", "--json",
+                           "--device", "cpu", "--dtype", dtype)
+    assert code == 0 and json.loads(out)["dtype"] == recorded
+    code, out, _ = run_cli(capsys, "score", "-m", "tiny", "--text", "The cat", "--json", "--device", "cpu",
+                           "--dtype", dtype)
+    assert code == 0 and json.loads(out)["dtype"] == recorded
 
 
 def test_gen_json_is_strict_with_null_for_filtered_alternatives(tiny_run, capsys):

@@ -122,6 +122,7 @@ def completion_record(request, prompt: str, index: int) -> dict:
 
     return {
         "model": request.model.name,
+        "dtype": request.model.precision,  # what --dtype auto chose: bf16's figures are not fp32's
         "prompt": prompt,
         "index": index,
         "seed": request.seed,

@@ -56,7 +56,7 @@ def summarize(tokens) -> dict:
     }
 
 
-def score_record(model_name: str, totals: dict, tokens, top_logprobs: int) -> dict:
+def score_record(model_name: str, precision: str, totals: dict, tokens, top_logprobs: int) -> dict:
     def entry(t) -> dict:
         e = {"token": t.text, "id": t.id, "bytes": list(t.bytes), "logprob": t.logprob,
              "surprisal_bits": -t.logprob / math.log(2), "rank": t.rank, "entropy": t.entropy}
@@ -64,7 +64,7 @@ def score_record(model_name: str, totals: dict, tokens, top_logprobs: int) -> di
             e["top_logprobs"] = [alternative_record(a) for a in t.top[:top_logprobs]]
         return e
 
-    return {"model": model_name, **totals, "per_token": [entry(t) for t in tokens]}
+    return {"model": model_name, "dtype": precision, **totals, "per_token": [entry(t) for t in tokens]}
 
 
 def run(args) -> int:
@@ -85,7 +85,7 @@ def run(args) -> int:
         tokens = engine.score(model, text, top_logprobs=max(args.top_logprobs, 1), eot_prefix=not args.no_eot_prefix)
         totals = summarize(tokens)
         if args.json:
-            print(json_line(score_record(model.name, totals, tokens, args.top_logprobs)))
+            print(json_line(score_record(model.name, model.precision, totals, tokens, args.top_logprobs)))
             continue
         worst = sorted(tokens, key=lambda t: t.logprob)[:3]
         table.add_row(model.name, str(totals["tokens"]), f"{totals['loss']:.4f}", f"{totals['perplexity']:.2f}",
