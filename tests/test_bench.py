@@ -224,3 +224,12 @@ def test_the_bound_reads_as_many_bytes_as_the_weights(tiny_run, capsys, monkeypa
     for size in (fp32, bf16):
         assert f"{size / 1e6:.0f} MB of weights read per token" in out
         assert f"batch-1 bound {1e9 / size:.1f} tok/s" in " ".join(out.split())
+
+
+def test_bench_shows_only_the_ratios_it_measured(tiny_run, capsys):
+    """No "vs transformers" or "vs llama.cpp" column without those engines; one thread is "1 CPU thread"."""
+    assert main(["bench", "-m", "tiny", "--prompt-tokens", "8", "--new-tokens", "2", "--batch", "1", "--batch", "2",
+                 "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 CPU thread," in out and "vs batch 1" in out
+    assert "vs transformers" not in out and "vs llama.cpp" not in out

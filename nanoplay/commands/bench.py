@@ -111,7 +111,8 @@ def run(args) -> int:
     console = stdout_console()
     if args.draft or args.draft_layers:
         return run_draft(args, engine, sources, device, console)
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, "
+    threads = torch.get_num_threads()
+    console.print(f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}, device {device}, "
                   f"{', '.join(PRECISIONS[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
                   f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
     for reference, variants in sources:
@@ -147,23 +148,30 @@ def render(model, report):
                      f"{q['reference_loss']:.4f} nats/token ({q['loss'] - q['reference_loss']:+.4f}), "
                      f"most likely next token the same as fp32's {q['argmax_agreement']:.1%}")
     notes += [f"not measured: {failure}" for failure in report["failures"]]
-    table = Table(title=Text(title), caption=Text("\n".join(notes)) if notes else None)
     llama = report["llama_cpp"]  # the llama.cpp type matching this precision, or None
-    for col in ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs llama.cpp",
-                "vs batch 1", "of bound"):
-        table.add_column(col, justify="right")
+    if llama and any(batch > 1 for _, batch in results):
+        notes.append("llama.cpp: batch 1 only (llama-cpp-python's Llama holds one sequence)")
+    columns = ("batch", "engine", "prefill tok/s", "decode tok/s", "vs transformers", "vs llama.cpp",
+               "vs batch 1", "of bound")
+    rows = []
     for (label, batch), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "nanoplay")):
         theirs = results.get(("transformers", batch))
         llamas = results.get((llama, batch))
         single = results.get((label, 1))
-        table.add_row(
+        rows.append((
             str(batch), Text(label), f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
             f"{r.decode_tok_s / theirs.decode_tok_s:.2f}x" if theirs and label != "transformers" else "",
             f"{r.decode_tok_s / llamas.decode_tok_s:.2f}x" if llamas and not label.startswith("llama.cpp") else "",
             f"{r.decode_tok_s / single.decode_tok_s:.2f}x" if single and batch != 1 else "",
             # the bound is this precision's: another's weights are another size
             f"{r.decode_tok_s / bound:.0%}" if bound and batch == 1 and label not in report["other_precisions"] else "",
-        )
+        ))
+    shown = [i for i in range(len(columns)) if i < 4 or any(row[i] for row in rows)]  # ratios only where there are
+    table = Table(title=Text(title), caption=Text("\n".join(notes)) if notes else None)
+    for i in shown:
+        table.add_column(columns[i], justify="right")
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
     return table
 
 
