@@ -14,6 +14,7 @@ import os
 import re
 import sys
 
+from .commands.common import AUTO_DTYPE_HELP, DTYPES
 from .errors import NanoplayError
 
 # errors of a write that the command cannot mend: they end it with one line, not a traceback
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="open in chat mode")
     parser.add_argument("--session", metavar="NAME", help="reopen a saved session")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help=f"the panes' weights and compute precision ({AUTO_DTYPE_HELP})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)

@@ -99,6 +99,20 @@ async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
         assert f"seed {app.settings.seed}" in str(app.main.query_one("#statusbar").render())
 
 
+@pytest.mark.parametrize("dtype, shown", [("int8", "cpu/float32"), ("bf16", "cpu/bfloat16"), ("auto", "cpu/bfloat16")])
+async def test_the_playground_loads_its_panes_at_dtype(models, monkeypatch, dtype, shown):
+    """--dtype reaches every pane, and auto is the machine's choice, as gen's is (the playground loaded
+    float32 on CPUs with native bf16 products, where the README said auto)."""
+    from nanoplay import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # a CPU where auto is bf16
+    app = NanoplayApp(models=["alpha"], dtype=dtype)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        (pane,) = panes(app)
+        assert pane.lm.precision == ("int8" if dtype == "int8" else "bf16") and shown in str(pane.header_text())
+
+
 async def test_same_seed_regenerates_identically_and_new_seed_changes(models):
     app = NanoplayApp(models=["alpha"])
     async with app.run_test(size=SIZE) as pilot:

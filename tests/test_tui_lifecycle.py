@@ -215,6 +215,6 @@ def test_the_exit_line_names_the_saved_session(monkeypatch, capsys, return_code,
             pass
 
     monkeypatch.setattr(tui_app, "NanoplayApp", Closed)
-    args = argparse.Namespace(model=None, chat=False, session=None, device=None)
+    args = argparse.Namespace(model=None, chat=False, session=None, device=None, dtype="auto")
     assert tui_app.run_app(args) == return_code
     assert capsys.readouterr().err == line

@@ -49,11 +49,12 @@ class NanoplayApp(App):
     BINDINGS = [Binding("ctrl+c", "quit", "Quit", priority=True, show=False)]
 
     def __init__(self, models: list[str] | None = None, chat: bool = False, session: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, dtype: str = "float32"):
         super().__init__()
         self.requested_models = models
         self.requested_session = session
         self.device = device  # None: the GPU when there is one, else the CPU
+        self.dtype = dtype  # every pane's weights, as --dtype names them ("auto": the machine's choice)
         self.mode = "chat" if chat else "compare"
         self.settings = Settings()
         self.colour_mode = "off"
@@ -266,7 +267,7 @@ class NanoplayApp(App):
 
 
 def run_app(args) -> int:
-    app = NanoplayApp(models=args.model, chat=args.chat, session=args.session, device=args.device)
+    app = NanoplayApp(models=args.model, chat=args.chat, session=args.session, device=args.device, dtype=args.dtype)
     app.run()
     if app.return_code and app.saved_at_exit:
         print(f"nanoplay: the playground stopped on an error; the session was saved first: "

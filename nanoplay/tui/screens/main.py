@@ -20,6 +20,7 @@ from textual.containers import Container
 from textual.screen import Screen
 from textual.widgets import Header, Static
 
+from ...commands.common import resolve_device, torch_dtype
 from ..colors import MODES, legend
 from ..cross_score import cross_score
 from ..modes.base import Mode, one_line
@@ -133,7 +134,9 @@ class MainScreen(Screen):
             engine = self.app.get_engine()
             pane.status = f"loading {pane.state.spec}…"
             pane.dirty = True
-            pane.lm = engine.load(pane.state.spec, device=self.app.device, progress=progress_class(pane))
+            device = resolve_device(self.app.device)
+            pane.lm = engine.load(pane.state.spec, device=device, dtype=torch_dtype(self.app.dtype, device),
+                                  progress=progress_class(pane))
             pane.status = "loaded"
         except Exception as e:  # any failure belongs to this pane only
             pane.error = one_line(e)
