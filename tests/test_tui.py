@@ -99,7 +99,7 @@ async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
         assert f"seed {app.settings.seed}" in str(app.main.query_one("#statusbar").render())
 
 
-@pytest.mark.parametrize("dtype, shown", [("int8", "cpu/float32"), ("bf16", "cpu/bfloat16"), ("auto", "cpu/bfloat16")])
+@pytest.mark.parametrize("dtype, shown", [("int8", "cpu/int8"), ("bf16", "cpu/bfloat16"), ("auto", "cpu/bfloat16")])
 async def test_the_playground_loads_its_panes_at_dtype(models, monkeypatch, dtype, shown):
     """--dtype reaches every pane, and auto is the machine's choice, as gen's is (the playground loaded
     float32 on CPUs with native bf16 products, where the README said auto)."""
