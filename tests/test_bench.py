@@ -233,3 +233,14 @@ def test_bench_shows_only_the_ratios_it_measured(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "vs batch 1" in out
     assert "vs transformers" not in out and "vs llama.cpp" not in out
+
+
+def test_bench_says_when_threads_outnumber_the_cpus(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # --threads 2 then outnumbers them (and is this machine's usual count)
+    before = torch.get_num_threads()
+    try:
+        assert main(["bench", "-m", "tiny", "--prompt-tokens", "8", "--new-tokens", "2", "--batch", "1",
+                     "--repeats", "1", "--threads", "2", "--scoring", "--dtype", "fp32"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert "note: --threads 2 is more than the CPUs here (1): expect slower numbers\n" in capsys.readouterr().err

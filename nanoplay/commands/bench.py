@@ -3,6 +3,9 @@ against the bandwidth bound."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .common import add_model_options, load_models, resolve_device, stdout_console, torch_dtype
 
 
@@ -62,6 +65,10 @@ def run(args) -> int:
     for k in args.draft_tokens or []:
         check_draft_tokens(k)
     if args.threads is not None:
+        cpus = os.cpu_count() or args.threads
+        if args.threads > cpus:  # threads beyond the CPUs wait on each other: every number would be lower
+            print(f"note: --threads {args.threads} is more than the CPUs here ({cpus}): expect slower numbers",
+                  file=sys.stderr)
         torch.set_num_threads(args.threads)
     vs = set(args.vs or [])
     llama_types = tuple(name.partition(":")[2] for name in VS_LLAMA_CPP_QUANTIZED if name in vs)
