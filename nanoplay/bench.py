@@ -28,7 +28,7 @@ from .engine import Engine
 from .errors import NanoplayError
 from .loading import LoadedModel
 from .model import GPT, GPTConfig
-from .precision import quantize_int8
+from .precision import PRECISION_NAMES, quantize_int8
 from .sampling import SamplingParams
 
 SHAPES = {
@@ -37,7 +37,6 @@ SHAPES = {
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
 }
-PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
 # llama.cpp's type for each of ours: F16 is its 16-bit type (the writer has no BF16), Q8_0 its 8-bit one
 LLAMA_CPP_TYPES = {torch.float32: "f32", torch.bfloat16: "f16", torch.float16: "f16", torch.int8: "q8_0"}
 QUALITY_TOKENS = 1000
@@ -436,13 +435,12 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
     # llama.cpp and CTranslate2, each in a process of its own (Isolated) reading files written here
     files = tempfile.TemporaryDirectory()
     folder = Path(files.name)
-    others = []
-    isolated: dict[torch.dtype | None, list[Isolated]] = {}  # others by the dtype whose table shows them
+    isolated: dict[torch.dtype | None, list[Isolated]] = {}  # by the dtype whose table shows them (None: all)
 
     def other(dtype: torch.dtype | None, label: str, engine_class, *args):
-        others.append(Isolated(label, engine_class, *args))
-        isolated.setdefault(dtype, []).append(others[-1])
-        return lambda b, n, engine=others[-1]: engine.bench(b, prompt_tokens, n)
+        engine = Isolated(label, engine_class, *args)
+        isolated.setdefault(dtype, []).append(engine)
+        return lambda b, n: engine.bench(b, prompt_tokens, n)
 
     def gguf(file_type: str) -> Path:
         from .gguf_format import write_gguf
@@ -495,7 +493,7 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
             for dtype, model in variants.items():
                 bandwidth[dtype] = max(bandwidth.get(dtype, 0.0), measure_bandwidth(model.device, weight_bytes(model)))
     finally:
-        for engine in others:
+        for engine in (e for engines in isolated.values() for e in engines):
             engine.close()
         files.cleanup()
     reports = {}
@@ -503,7 +501,7 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
         report = reports[dtype] = {
             "results": {**best[dtype], **best.get(None, {})}, "bandwidth": bandwidth.get(dtype, 0.0),
             "weight_bytes": weight_bytes(model), "threads": threads, "bandwidth_reads": repeats * 5,
-            "precision": PRECISIONS[dtype], "params": source.num_params,
+            "precision": PRECISION_NAMES[dtype], "params": source.num_params,
             "llama_cpp": f"llama.cpp {LLAMA_CPP_TYPES[dtype].upper()}" if vs_llama_cpp else None,
             "other_precisions": {label for label, _ in best.get(None, {})}, "decode": decode_path(model),
             "failures": [e.failure for e in isolated.get(dtype, []) + isolated.get(None, []) if e.failure]}

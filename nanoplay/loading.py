@@ -93,11 +93,9 @@ class LoadedModel:
     @property
     def precision(self) -> str:
         """Its weight matrices' precision as --dtype names it: "fp32", "bf16", "fp16" or "int8"."""
-        from .precision import Int8Linear
+        from .precision import PRECISION_NAMES, Int8Linear
 
-        if isinstance(self.model.lm_head, Int8Linear):
-            return "int8"
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+        return PRECISION_NAMES[torch.int8 if isinstance(self.model.lm_head, Int8Linear) else self.dtype]
 
 
 def checkpoints_root() -> Path:

@@ -57,6 +57,9 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return preferred_dtype(torch.device(device).type, cpu_flags())
 
 
+# each precision as --dtype names it (torch.int8: int8 weight matrices, float32 elsewhere)
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+
 # torch 2.13's int8 kernel reads past the end of rows of other widths: on a CPU with AVX-512 (an Intel
 # Xeon here), widths of 8 times an odd number gave NaN or wrong products for 1 to 3 rows and a
 # segmentation fault for 4 or more; on AVX2 ones, widths that are not multiples of 8 crashed

@@ -47,10 +47,11 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from ..bench import PRECISIONS, at_precision, available, random_model, run_bench
+    from ..bench import at_precision, available, random_model, run_bench
     from ..evaluation import bench_scoring
     from ..engine import Engine
     from ..errors import NanoplayError
+    from ..precision import PRECISION_NAMES
     from ..speculative import check_draft_tokens
 
     if not args.model and not args.shape:
@@ -103,6 +104,7 @@ def run(args) -> int:
         args.prompt_tokens = min(DEFAULT_BENCH_TOKENS, smallest // 2)
     if args.new_tokens is None:
         args.new_tokens = max(2, min(DEFAULT_BENCH_TOKENS, smallest // 2, smallest - args.prompt_tokens))
+    plain = not (args.scoring or args.draft or args.draft_layers)  # decoding args.prompt_tokens + new tokens
     for reference, _ in sources:
         config = reference.config
         if not args.scoring and args.prompt_tokens + 1 >= config.block_size:
@@ -110,7 +112,6 @@ def run(args) -> int:
                                 f"{config.block_size} tokens: give at most {config.block_size - 2}")
         # past the context the engine slides its window (re-prefilling half of it) and llama.cpp stops:
         # neither is decoding speed
-        plain = not (args.scoring or args.draft or args.draft_layers)
         if plain and args.prompt_tokens + args.new_tokens > config.block_size:
             raise NanoplayError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} do not fit "
                                 f"{reference.name}'s context of {config.block_size} tokens together: give at most "
@@ -120,7 +121,7 @@ def run(args) -> int:
         return run_draft(args, engine, sources, device, console)
     threads = torch.get_num_threads()
     console.print(f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}, device {device}, "
-                  f"{', '.join(PRECISIONS[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
+                  f"{', '.join(PRECISION_NAMES[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
                   f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
     for reference, variants in sources:
         if args.scoring:

@@ -14,8 +14,6 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 MEASURED_DTYPE_HELP = "weights and compute precision (default float32, as the published figures)"
-
-
 AUTO_DTYPE_HELP = "default auto: bfloat16 on CPUs with native bf16 products, else float32; int8: 8-bit weights, CPU only"
 
 
@@ -27,13 +25,12 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True, dt
     parser.add_argument("--model", "-m", action="append", required=required, metavar="SPEC",
                         help="model spec (repeatable): checkpoint name[@step], path, or Hub id like gpt2")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when there is a GPU, else cpu)")
-    auto = AUTO_DTYPE_HELP
     if dtypes:
         parser.add_argument("--dtype", choices=sorted(DTYPES), action="append",
-                            help=f"weights and compute precision, repeatable ({auto})")
+                            help=f"weights and compute precision, repeatable ({AUTO_DTYPE_HELP})")
     else:
         parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32" if measures else "auto",
-                            help=MEASURED_DTYPE_HELP if measures else f"weights and compute precision ({auto})")
+                            help=MEASURED_DTYPE_HELP if measures else f"weights and compute precision ({AUTO_DTYPE_HELP})")
 
 
 def read_stdin() -> str:

@@ -176,24 +176,24 @@ static inline f32x8 exp8(f32x8 x) {
             for (int c = 0; c < NX; c++)                                                            \
                 for (int h = 0; h < CH; h++) acc[r][c][h] = (f32xL){0};                             \
         int64_t i = 0;                                                                              \
-        for (; i + LANES * CH <= n; i += LANES * CH)                                                        \
+        for (; i + LANES * CH <= n; i += LANES * CH)                                                \
             for (int h = 0; h < CH; h++) {                                                          \
                 f32xL xv[NX];                                                                       \
-                for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i + LANES * h);               \
+                for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i + LANES * h);         \
                 for (int r = 0; r < NW; r++) {                                                      \
-                    if (h == 0) /* 4 KB ahead, to every cache level, each line (see above) */      \
+                    if (h == 0) /* 4 KB ahead, to every cache level, each line (see above) */       \
                         for (size_t line = 0; line < LANES * CH * sizeof(W_TYPE); line += 64)       \
                             __builtin_prefetch((const char *)(w + r * n + i) + 4096 + line, 0, 3);  \
-                    f32xL wv = W_LOAD(w + r * n + i + LANES * h);                                       \
-                    for (int c = 0; c < NX; c++) acc[r][c][h] = fmaL(wv, xv[c], acc[r][c][h]);     \
+                    f32xL wv = W_LOAD(w + r * n + i + LANES * h);                                   \
+                    for (int c = 0; c < NX; c++) acc[r][c][h] = fmaL(wv, xv[c], acc[r][c][h]);      \
                 }                                                                                   \
             }                                                                                       \
-        for (; i + LANES <= n; i += LANES) {                                                                \
+        for (; i + LANES <= n; i += LANES) {                                                        \
             f32xL xv[NX];                                                                           \
-            for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i);                           \
+            for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i);                         \
             for (int r = 0; r < NW; r++) {                                                          \
                 f32xL wv = W_LOAD(w + r * n + i);                                                   \
-                for (int c = 0; c < NX; c++) acc[r][c][0] = fmaL(wv, xv[c], acc[r][c][0]);         \
+                for (int c = 0; c < NX; c++) acc[r][c][0] = fmaL(wv, xv[c], acc[r][c][0]);          \
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < NW; r++)                                                                \
