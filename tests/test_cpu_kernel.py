@@ -15,7 +15,7 @@ from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
-from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, quantize_int8
+from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, cpu_flags, quantize_int8
 from nanoplay.sampling import SamplingParams
 from tests.conftest import tiny_model
 
@@ -152,7 +152,7 @@ def test_torchs_int8_kernel_reads_every_width_int8_admits(rows):
 
 @torch.no_grad()
 def test_bf16_step_reads_bf16_weights_and_cache():
-    """bf16 weights widened exactly, float32 arithmetic, keys and values rounded to bf16 as torch stores them."""
+    """bf16 weights read exactly, float32 sums, keys and values rounded to bf16 as torch stores them."""
     model = tiny_model().to(torch.bfloat16)
     reference = copy.deepcopy(model).float()  # the same (bf16) values, computed in float32
     ids = list(range(200, 210))
@@ -163,6 +163,27 @@ def test_bf16_step_reads_bf16_weights_and_cache():
     # the cached keys and values were rounded to bf16 (by torch's bf16 prefill): a few bf16 ulps of the logits
     torch.testing.assert_close(logits, expected, atol=0.05, rtol=0.02)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@torch.no_grad()
+def test_bf16_step_rounds_the_products_inputs_where_the_cpu_multiplies_bf16_pairs():
+    """With avx512_bf16 the step multiplies bf16 weights by inputs rounded to bf16 (as torch's bf16
+    products do); elsewhere it widens the weights and keeps float32 inputs. Against float64 forwards of
+    the same bf16 values with and without that rounding, one token at position 0 in a float32 cache
+    (so nothing else is rounded), the step is far closer to the one its CPU should compute."""
+    model = tiny_model(n_embd=92, n_head=2).to(torch.bfloat16)  # 92: whole pairs of 32 and a tail of 28
+    plain = copy.deepcopy(model).double()
+    rounding = copy.deepcopy(plain)
+    for module in rounding.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, inputs: (inputs[0].bfloat16().double(),))
+    cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.float32)
+    logits = KernelDecoder(model, cache).decode([0], [1234], [0], threads=2)[0].double()
+    error = {name: (logits - reference(torch.tensor([[1234]]))[0, -1]).abs().mean().item()
+             for name, reference in (("rounded", rounding), ("float32", plain))}
+    expected = "rounded" if "avx512_bf16" in cpu_flags() else "float32"
+    other = "float32" if expected == "rounded" else "rounded"
+    assert error[expected] < error[other] / 5, error
 
 
 def test_models_it_cannot_run_say_why_and_decode_in_torch():

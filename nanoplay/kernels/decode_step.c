@@ -7,7 +7,8 @@
  * as the products of a small model; and for a few rows, no well-kept CPU library here reads each weight
  * once for all of them (see cpu_decode.py and `nanoplay bench`). So this file runs the whole step in
  * one parallel region: every matrix product streams its weights once for all B rows, whatever their
- * dtype (float32, bfloat16, or int8 with a scale per output row), with float32 arithmetic throughout.
+ * dtype (float32, bfloat16, or int8 with a scale per output row), with float32 sums throughout (bf16
+ * and int8 products round their inputs to bf16 first: BF16_PAIRS, matmul).
  *
  * The maths is model.py's, in the same order: x = wte[token] + wpe[position]; for each block
  * x += attn(ln_1(x)), x += mlp(ln_2(x)); logits = lm_head(ln_f(x)). Sums run in float32 in another
@@ -106,7 +107,9 @@ static inline f32xL load_bf16xL(const uint16_t *p) {
 static inline f32xL load_int8xL(const int8_t *p) {
     return (f32xL)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline f32xL fmaL(f32xL a, f32xL b, f32xL c) { return (f32xL)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static inline f32xL fmaL(f32xL a, f32xL b, f32xL c) {
+    return (f32xL)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
 static inline float sumL(f32xL v) {  /* the two halves added lane by lane, then as sum8 */
     f32x8 low, high;
     memcpy(&low, &v, sizeof low), memcpy(&high, (const char *)&v + sizeof low, sizeof high);
@@ -122,6 +125,24 @@ typedef f32x8 f32xL;
 #define sumL sum8
 #endif
 
+/* bf16 weights times bf16 activations, 32 at a time in pairs, where the CPU multiplies bf16 (AVX512_BF16:
+ * Zen 4, Cooper Lake, Sapphire Rapids and later): lane i adds w[2i + 1] x[2i + 1], then w[2i] x[2i], to
+ * its float32 sum, each product exact and each sum rounded (vdpbf16ps). Half the instructions of
+ * widening each bf16 weight to float32, for activations rounded to bf16 first, as torch's bf16 products
+ * round them. Measured on a 2-core Intel Xeon (Emerald Rapids), 30M shape, alternating: decode steps
+ * 11% faster at batch 1, 10% at batch 4. AMX's tiles, tried there too, made batch 4's products as fast
+ * as batch 1's but batch 1 15% slower (their loads read 16 weight rows at once, slower than streaming
+ * them); an engine that must give a row the same logits alone and in a batch takes one path for both. */
+#if defined(__AVX512BF16__)
+#define BF16_PAIRS 1
+typedef __m512bh bf16x32;
+static inline bf16x32 load_bf16x32(const uint16_t *p) { return (bf16x32)_mm512_loadu_si512(p); }
+static inline f32xL dot_pairs(bf16x32 w, bf16x32 x, f32xL sum) {
+    return (f32xL)_mm512_dpbf16_ps((__m512)sum, w, x);
+}
+#else
+#define BF16_PAIRS 0
+#endif
 
 /* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within 2 ulp
  * of libm's expf), times 2^n built in the exponent bits. x below -87.3 gives 0 (no subnormals), above log(FLT_MAX)
@@ -155,10 +176,11 @@ static inline f32x8 exp8(f32x8 x) {
 
 /* out[r * NX + c] = w_r . x_c for NW weight rows w_r = w + r * n and NX activation rows x_c = x + c * n:
  * each weight vector is loaded (and widened) once for all activation rows, each activation vector once
- * for all weight rows. Every dot product is CH chains of LANES-wide multiply-adds, chain h taking the
- * vectors h, h + CH, h + 2 CH, ... (the vectors after the last whole round go to chain 0), then the
- * chains added in order, the lanes summed (sumL), and the n % LANES tail added one by one: the same
- * order in every block shape, so a sequence's logits do not depend on its batch. bf16 and float32 take 2 chains:
+ * for all weight rows. Every dot product is CH chains of multiply-adds (MAC) of STEP values (LANES
+ * floats, or 32 bf16 pairs), chain h taking the vectors h, h + CH, h + 2 CH, ... (the vectors after the
+ * last whole round go to chain 0), then the chains added in order, the lanes summed (sumL), and the
+ * n % STEP tail added one by one: the same order in every block shape, so a sequence's logits do not
+ * depend on its batch. bf16 and float32 take 2 chains:
  * one chain of dependent multiply-adds bounds them (measured on a 2-core AMD EPYC, alternating A/B:
  * bf16 decode steps 8-10% faster at the 30M shape, batch 1 and 4; float32 ones 5-11% at the 30M and 124M
  * shapes, batch 1 and 4, though 4 chains gained nothing); int8's 4-row batches ran 19% slower with 2.
@@ -169,31 +191,31 @@ static inline f32x8 exp8(f32x8 x) {
  * between steps; 2.5x faster than no prefetch, 10-15% faster than 512 bytes or 2 KB ahead; bf16 steps
  * 10-18% faster than without; and float32 steps 9-13% faster (30M, 124M) than prefetching only the
  * first of the two lines a round spans with 16 lanes. A prefetch past a matrix's end never faults. */
-#define DOT_BLOCK(NAME, W_TYPE, W_LOAD, W_SCALAR, NW, NX, CH)                                       \
-    static void NAME(const W_TYPE *w, const float *x, int64_t n, float *out) {                     \
+#define DOT_BLOCK(NAME, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, NW, NX, CH)         \
+    static void NAME(const W_TYPE *w, const X_TYPE *x, int64_t n, float *out) {                     \
         f32xL acc[NW][NX][CH];                                                                      \
         for (int r = 0; r < NW; r++)                                                                \
             for (int c = 0; c < NX; c++)                                                            \
                 for (int h = 0; h < CH; h++) acc[r][c][h] = (f32xL){0};                             \
         int64_t i = 0;                                                                              \
-        for (; i + LANES * CH <= n; i += LANES * CH)                                                \
+        for (; i + STEP * CH <= n; i += STEP * CH)                                                  \
             for (int h = 0; h < CH; h++) {                                                          \
-                f32xL xv[NX];                                                                       \
-                for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i + LANES * h);         \
+                __typeof__(X_LOAD(x)) xv[NX];                                                       \
+                for (int c = 0; c < NX; c++) xv[c] = X_LOAD(x + c * n + i + STEP * h);              \
                 for (int r = 0; r < NW; r++) {                                                      \
                     if (h == 0) /* 4 KB ahead, to every cache level, each line (see above) */       \
-                        for (size_t line = 0; line < LANES * CH * sizeof(W_TYPE); line += 64)       \
+                        for (size_t line = 0; line < STEP * CH * sizeof(W_TYPE); line += 64)        \
                             __builtin_prefetch((const char *)(w + r * n + i) + 4096 + line, 0, 3);  \
-                    f32xL wv = W_LOAD(w + r * n + i + LANES * h);                                   \
-                    for (int c = 0; c < NX; c++) acc[r][c][h] = fmaL(wv, xv[c], acc[r][c][h]);      \
+                    __typeof__(W_LOAD(w)) wv = W_LOAD(w + r * n + i + STEP * h);                    \
+                    for (int c = 0; c < NX; c++) acc[r][c][h] = MAC(wv, xv[c], acc[r][c][h]);       \
                 }                                                                                   \
             }                                                                                       \
-        for (; i + LANES <= n; i += LANES) {                                                        \
-            f32xL xv[NX];                                                                           \
-            for (int c = 0; c < NX; c++) xv[c] = load_f32xL(x + c * n + i);                         \
+        for (; i + STEP <= n; i += STEP) {                                                          \
+            __typeof__(X_LOAD(x)) xv[NX];                                                           \
+            for (int c = 0; c < NX; c++) xv[c] = X_LOAD(x + c * n + i);                             \
             for (int r = 0; r < NW; r++) {                                                          \
-                f32xL wv = W_LOAD(w + r * n + i);                                                   \
-                for (int c = 0; c < NX; c++) acc[r][c][0] = fmaL(wv, xv[c], acc[r][c][0]);          \
+                __typeof__(W_LOAD(w)) wv = W_LOAD(w + r * n + i);                                   \
+                for (int c = 0; c < NX; c++) acc[r][c][0] = MAC(wv, xv[c], acc[r][c][0]);           \
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < NW; r++)                                                                \
@@ -201,24 +223,25 @@ static inline f32x8 exp8(f32x8 x) {
                 f32xL sum = acc[r][c][0];                                                           \
                 for (int h = 1; h < CH; h++) sum += acc[r][c][h];                                   \
                 float total = sumL(sum);                                                            \
-                for (int64_t j = i; j < n; j++) total += W_SCALAR(w[r * n + j]) * x[c * n + j];    \
+                for (int64_t j = i; j < n; j++) total += W_SCALAR(w[r * n + j]) * X_SCALAR(x[c * n + j]); \
                 out[r * NX + c] = total;                                                            \
             }                                                                                       \
     }
 
 /* one sequence: 1, 2 or 4 weight rows at a time; a batch: 1 or 2 weight rows for up to 4 activation rows */
-#define DOT_BLOCKS(TYPE, W_TYPE, W_LOAD, W_SCALAR, CH)        \
-    DOT_BLOCK(dot_##TYPE##_1x1, W_TYPE, W_LOAD, W_SCALAR, 1, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x1, W_TYPE, W_LOAD, W_SCALAR, 2, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_4x1, W_TYPE, W_LOAD, W_SCALAR, 4, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x2, W_TYPE, W_LOAD, W_SCALAR, 1, 2, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x3, W_TYPE, W_LOAD, W_SCALAR, 1, 3, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x4, W_TYPE, W_LOAD, W_SCALAR, 1, 4, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x2, W_TYPE, W_LOAD, W_SCALAR, 2, 2, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x3, W_TYPE, W_LOAD, W_SCALAR, 2, 3, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x4, W_TYPE, W_LOAD, W_SCALAR, 2, 4, CH) \
-    static void dot_##TYPE(const void *weight, const float *x, int64_t n, int nw, int nx, float *out) { \
+#define DOT_BLOCKS(TYPE, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, CH)                 \
+    DOT_BLOCK(dot_##TYPE##_1x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 1, CH) \
+    DOT_BLOCK(dot_##TYPE##_2x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 1, CH) \
+    DOT_BLOCK(dot_##TYPE##_4x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 4, 1, CH) \
+    DOT_BLOCK(dot_##TYPE##_1x2, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 2, CH) \
+    DOT_BLOCK(dot_##TYPE##_1x3, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 3, CH) \
+    DOT_BLOCK(dot_##TYPE##_1x4, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 4, CH) \
+    DOT_BLOCK(dot_##TYPE##_2x2, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 2, CH) \
+    DOT_BLOCK(dot_##TYPE##_2x3, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 3, CH) \
+    DOT_BLOCK(dot_##TYPE##_2x4, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 4, CH) \
+    static void dot_##TYPE(const void *weight, const void *input, int64_t n, int nw, int nx, float *out) { \
         const W_TYPE *w = (const W_TYPE *)weight;                                                \
+        const X_TYPE *x = (const X_TYPE *)input;                                                 \
         switch (nw * 10 + nx) {                                                                   \
         case 41: dot_##TYPE##_4x1(w, x, n, out); break;                                          \
         case 21: dot_##TYPE##_2x1(w, x, n, out); break;                                          \
@@ -232,9 +255,13 @@ static inline f32x8 exp8(f32x8 x) {
         }                                                                                         \
     }
 
-DOT_BLOCKS(f32, float, load_f32xL, SCALAR_F32, 2)
-DOT_BLOCKS(bf16, uint16_t, load_bf16xL, SCALAR_BF16, 2)
-DOT_BLOCKS(int8, int8_t, load_int8xL, SCALAR_INT8, 1)
+DOT_BLOCKS(f32, float, load_f32xL, SCALAR_F32, float, load_f32xL, SCALAR_F32, fmaL, LANES, 2)
+#if BF16_PAIRS  /* one chain: two were 3-5% slower (Emerald Rapids, batch 1 and 4) */
+DOT_BLOCKS(bf16, uint16_t, load_bf16x32, SCALAR_BF16, uint16_t, load_bf16x32, SCALAR_BF16, dot_pairs, 32, 1)
+#else
+DOT_BLOCKS(bf16, uint16_t, load_bf16xL, SCALAR_BF16, float, load_f32xL, SCALAR_F32, fmaL, LANES, 2)
+#endif
+DOT_BLOCKS(int8, int8_t, load_int8xL, SCALAR_INT8, float, load_f32xL, SCALAR_F32, fmaL, LANES, 1)
 
 static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float v, int accumulate) {
     if (w->scales) v = bf16_to_float(float_to_bf16(v * w->scales[o]));  /* int8: a bf16 result, as torch's */
@@ -244,7 +271,8 @@ static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float 
 }
 
 /* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream); int8 rounds
- * x to bf16 in place first and each result to bf16 before the bias (torch's int8 product, precision.py).
+ * x to bf16 in place first and each result to bf16 before the bias (torch's int8 product, precision.py);
+ * bf16 with BF16_PAIRS multiplies x rounded to bf16 in x_bf16 (B, in), scratch of the step's.
  * Called inside the parallel region: the output rows are shared among the threads, and each thread
  * streams its share of the matrix in order. A batch takes one weight row for up to 4 activation rows
  * at a time, one sequence one weight row; int8, and bf16 with AVX-512's 16 lanes (and 32 registers),
@@ -252,7 +280,8 @@ static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float 
  * Measured against one row: with AVX2 on an AMD EPYC, 15% faster for int8 but 1.4x slower for bf16
  * and float32; with AVX-512 on an Intel Xeon (30M shape, alternating), bf16 steps 12% faster for one
  * sequence and 9% for 4, float32 ones 9-10% slower. */
-static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *y, int accumulate) {
+static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *y, int accumulate,
+                   uint16_t *x_bf16) {
     const int64_t in = w->in, out = w->out;
     if (m->weight_type == WEIGHT_INT8) {
         /* int8 products take bf16 inputs, as torch's int8 kernel does (precision.py): the same numbers
@@ -260,8 +289,15 @@ static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * in; i++) x[i] = bf16_to_float(float_to_bf16(x[i]));
     }
+    const char *input = (const char *)x;
+    size_t input_width = sizeof(float);
+    if (BF16_PAIRS && m->weight_type == WEIGHT_BF16) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * in; i++) x_bf16[i] = float_to_bf16(x[i]);
+        input = (const char *)x_bf16, input_width = sizeof(uint16_t);
+    }
     const size_t width = m->weight_type == WEIGHT_F32 ? 4 : m->weight_type == WEIGHT_BF16 ? 2 : 1;
-    void (*dot)(const void *, const float *, int64_t, int, int, float *) =
+    void (*dot)(const void *, const void *, int64_t, int, int, float *) =
         m->weight_type == WEIGHT_F32 ? dot_f32 : m->weight_type == WEIGHT_BF16 ? dot_bf16 : dot_int8;
     const char *weight = (const char *)w->weight;
     const int several = m->weight_type == WEIGHT_INT8 || (m->weight_type == WEIGHT_BF16 && LANES == 16);
@@ -273,7 +309,7 @@ static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *
             int nw = out - r >= rows ? (int)rows : out - r >= 2 ? 2 : 1;
             for (int64_t b = 0; b < B; b += 4) {
                 int nx = B - b < 4 ? (int)(B - b) : 4;
-                dot(weight + r * in * width, x + b * in, in, nw, nx, block);
+                dot(weight + r * in * width, input + b * in * input_width, in, nw, nx, block);
                 for (int i = 0; i < nw; i++)
                     for (int c = 0; c < nx; c++) store(w, y, b + c, r + i, block[i * nx + c], accumulate);
             }
@@ -345,28 +381,46 @@ static inline void store_as(int type, void *p, int64_t i, float v) {
     else ((float *)p)[i] = v;
 }
 
-/* q . row for a cached key row of n values (float32 or bf16) */
-static float dot_cached(int type, const void *cache, int64_t row, const float *q, int64_t n) {
-    f32x8 s = {0};
-    int64_t i = 0;
-    if (type == WEIGHT_BF16)
-        for (const uint16_t *r = (const uint16_t *)cache + row; i + 8 <= n; i += 8) s += load_bf16(r + i) * load_f32(q + i);
-    else
-        for (const float *r = (const float *)cache + row; i + 8 <= n; i += 8) s += load_f32(r + i) * load_f32(q + i);
-    float total = sum8(s);
-    for (; i < n; i++) total += load_as(type, cache, row + i) * q[i];
-    return total;
+static inline f32xL load_cached(int type, const void *cache, int64_t i) {  /* LANES values from element i */
+    return type == WEIGHT_BF16 ? load_bf16xL((const uint16_t *)cache + i) : load_f32xL((const float *)cache + i);
 }
 
-/* y += p * row for a cached value row of n values */
-static void add_cached(int type, const void *cache, int64_t row, float p, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        f32x8 v = type == WEIGHT_BF16 ? load_bf16((const uint16_t *)cache + row + i) : load_f32((const float *)cache + row + i);
-        v = load_f32(y + i) + p * v;
-        memcpy(y + i, &v, sizeof v);
+/* s[t] = q . key t * scale for the count cached key rows of n values (float32 or bf16) from element base */
+static void score_keys(int type, const void *cache, int64_t base, const float *q, int64_t n, int64_t count,
+                       float scale, float *s) {
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t row = base + t * n;
+        f32xL sum = {0};
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) sum += load_cached(type, cache, row + i) * load_f32xL(q + i);
+        float total = sumL(sum);
+        for (; i < n; i++) total += load_as(type, cache, row + i) * q[i];
+        s[t] = total * scale;
     }
-    for (; i < n; i++) y[i] += p * load_as(type, cache, row + i);
+}
+
+/* y[0..n) = the sum over t of p[t] * value t, for the count cached value rows of n values from element
+ * base, t in order; 4 vectors of y at a time stay in registers through all the rows (the cache is read
+ * once per 4 vectors, and 4 chains of additions overlap), the rest one vector, then one value, at a time */
+static void weigh_values(int type, const void *cache, int64_t base, const float *p, int64_t n, int64_t count,
+                         float *y) {
+    int64_t i = 0;
+    for (; i + 4 * LANES <= n; i += 4 * LANES) {
+        f32xL sum[4] = {{0}};
+        for (int64_t t = 0; t < count; t++)
+            for (int j = 0; j < 4; j++) sum[j] += p[t] * load_cached(type, cache, base + t * n + i + j * LANES);
+        memcpy(y + i, sum, sizeof sum);
+    }
+    for (; i + LANES <= n; i += LANES) {
+        f32xL sum = {0};
+        for (int64_t t = 0; t < count; t++) sum += p[t] * load_cached(type, cache, base + t * n + i);
+        memcpy(y + i, &sum, sizeof sum);
+    }
+    for (; i < n; i++) {
+        float sum = 0;
+        for (int64_t t = 0; t < count; t++) sum += p[t] * load_as(type, cache, base + t * n + i);
+        y[i] = sum;
+    }
 }
 
 /* s[0..n) = e^(s - max s) / sum, as torch's softmax */
@@ -408,11 +462,9 @@ static void attention(const Model *m, const Layer *layer, const float *qkv, int6
             const float *q = qkv + b * 3 * C + h * hs;
             const int64_t base = (slots[b] * H + h) * T * hs, pos = positions[b];  /* (slot, head) of the cache */
             float *s = scores + (b * H + h) * T;
-            for (int64_t t = 0; t <= pos; t++) s[t] = dot_cached(type, layer->k_cache, base + t * hs, q, hs) * layer->attn_scale;
+            score_keys(type, layer->k_cache, base, q, hs, pos + 1, layer->attn_scale, s);
             softmax(s, pos + 1);
-            float *yh = y + b * C + h * hs;
-            memset(yh, 0, sizeof(float) * hs);
-            for (int64_t t = 0; t <= pos; t++) add_cached(type, layer->v_cache, base + t * hs, s[t], yh, hs);
+            weigh_values(type, layer->v_cache, base, s, hs, pos + 1, y + b * C + h * hs);
         }
     }
 }
@@ -424,7 +476,8 @@ int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t 
     float *x = malloc(sizeof(float) * B * C), *xn = malloc(sizeof(float) * B * C);
     float *hidden = malloc(sizeof(float) * B * wide), *att = malloc(sizeof(float) * B * C);
     float *scores = malloc(sizeof(float) * B * m->n_head * m->cache_len);
-    int ok = x && xn && hidden && att && scores;
+    uint16_t *x_bf16 = malloc(sizeof(uint16_t) * B * wide);  /* the products' inputs for BF16_PAIRS */
+    int ok = x && xn && hidden && att && scores && x_bf16;
     if (ok) {
 #pragma omp parallel num_threads(threads)
         {
@@ -435,18 +488,18 @@ int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t 
             for (int64_t l = 0; l < m->n_layer; l++) {
                 const Layer *layer = &m->layers[l];
                 layer_norm(x, layer->ln_1_weight, layer->ln_1_bias, B, C, m->layer_norm_epsilon, xn);
-                matmul(m, &layer->c_attn, xn, B, hidden, 0);
+                matmul(m, &layer->c_attn, xn, B, hidden, 0, x_bf16);
                 attention(m, layer, hidden, B, slots, positions, scores, att);
-                matmul(m, &layer->attn_proj, att, B, x, 1);
+                matmul(m, &layer->attn_proj, att, B, x, 1, x_bf16);
                 layer_norm(x, layer->ln_2_weight, layer->ln_2_bias, B, C, m->layer_norm_epsilon, xn);
-                matmul(m, &layer->c_fc, xn, B, hidden, 0);
+                matmul(m, &layer->c_fc, xn, B, hidden, 0, x_bf16);
                 activate_rows(m->activation, hidden, B, m->mlp_width);
-                matmul(m, &layer->mlp_proj, hidden, B, x, 1);
+                matmul(m, &layer->mlp_proj, hidden, B, x, 1, x_bf16);
             }
             layer_norm(x, m->ln_f_weight, m->ln_f_bias, B, C, m->layer_norm_epsilon, xn);
-            matmul(m, &m->lm_head, xn, B, logits, 0);
+            matmul(m, &m->lm_head, xn, B, logits, 0, x_bf16);
         }
     }
-    free(x), free(xn), free(hidden), free(att), free(scores);
+    free(x), free(xn), free(hidden), free(att), free(scores), free(x_bf16);
     return ok ? 0 : -1;
 }
