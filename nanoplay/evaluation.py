@@ -502,7 +502,7 @@ def bench_scoring(loaded, batch_size: int = 8, seq_len: int | None = None, repea
         plain_s.append(timed(plain, device))
     ours_tps = n / statistics.median(ours_s)
     plain_tps = n / statistics.median(plain_s)
-    return dict(model=loaded.name, device=str(device), dtype=str(loaded.dtype).removeprefix("torch."),
+    return dict(model=loaded.name, device=str(device), dtype=str(loaded.weights_dtype).removeprefix("torch."),
                 batch_size=batch_size, seq_len=seq_len, stride=stride, repeats=repeats,
                 ours_tokens_per_s=ours_tps, ours_scored_tokens_per_s=scored / statistics.median(ours_s),
                 transformers_tokens_per_s=plain_tps, ratio=ours_tps / plain_tps, max_logit_diff=diff)

@@ -91,11 +91,20 @@ class LoadedModel:
         return self.model.transformer.wte.weight.dtype
 
     @property
+    def weights_dtype(self) -> torch.dtype:
+        """Its weight matrices' dtype as Engine.load takes it: torch.int8 for int8 weights (whose
+        embeddings and norms stay float32, so `dtype` says float32), else `dtype`. A model loaded beside
+        this one at its precision (a draft) is loaded at this."""
+        from .precision import Int8Linear
+
+        return torch.int8 if isinstance(self.model.lm_head, Int8Linear) else self.dtype
+
+    @property
     def precision(self) -> str:
         """Its weight matrices' precision as --dtype names it: "fp32", "bf16", "fp16" or "int8"."""
-        from .precision import PRECISION_NAMES, Int8Linear
+        from .precision import PRECISION_NAMES
 
-        return PRECISION_NAMES[torch.int8 if isinstance(self.model.lm_head, Int8Linear) else self.dtype]
+        return PRECISION_NAMES[self.weights_dtype]
 
 
 def checkpoints_root() -> Path:

@@ -44,6 +44,21 @@ async def test_a_pane_with_a_draft_model_gives_the_same_tokens(models):
         assert panes(app)[0].state.run.error is None
 
 
+async def test_an_int8_panes_draft_model_is_int8_too(models):
+    """A draft loads at its pane's precision: int8 (whose embeddings stay float32), not float32."""
+    app = NanoplayApp(models=["alpha"], dtype="int8")
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.settings.max_new_tokens = 4
+        panes(app)[0].state.overrides = {"draft": "beta@100"}
+        await send(pilot, "Once upon")
+        await until(pilot, lambda: idle(app))
+        assert panes(app)[0].state.run.error is None and len(panes(app)[0].state.run.toks) == 4
+        precisions = {m.name: m.precision for m in app.engine._loaded.values()}
+        assert precisions == {"alpha@200 (int8)": "int8", "beta@100 (int8)": "int8"}
+        assert "cpu/int8" in str(panes(app)[0].query_one("#pane-header").render())
+
+
 async def test_the_picker_refuses_control_characters_in_a_spec(models):
     from nanoplay.tui.screens.picker import ModelPicker
 

@@ -144,7 +144,7 @@ def submit(get_engine, pane: ModelPane, run: Run, settings, stop_ids=(), stop_st
         draft = None
         if settings.draft:  # loaded once by the engine, then shared; an error shows in the pane
             try:
-                draft = engine.load(settings.draft, device=pane.lm.device, dtype=pane.lm.dtype)
+                draft = engine.load(settings.draft, device=pane.lm.device, dtype=pane.lm.weights_dtype)
             except Exception as e:
                 raise NanoplayError(f"draft model {settings.draft}: {one_line(e)}") from e
         req = engine.submit(pane.lm, ids, params, on_update=on_update, draft=draft)
