@@ -76,7 +76,16 @@ class LoadedModel:
 
     @property
     def num_params(self) -> int:
-        return self.model.num_params()
+        """Its parameters, counted once despite tying, whatever their precision: int8 weight matrices
+        and biases are buffers (precision.Int8Linear), and a tied head's int8 copy is the embedding table's."""
+        from .precision import Int8Linear
+
+        count = self.model.num_params()
+        for module in self.model.modules():
+            if isinstance(module, Int8Linear):
+                tied_copy = module is self.model.lm_head and self.config.tie_word_embeddings
+                count += (0 if tied_copy else module.qweight.numel()) + (0 if module.bias is None else module.bias.numel())
+        return count
 
     @property
     def chat_template(self) -> str | None:

@@ -91,6 +91,21 @@ def test_engine_loads_int8_weights(tiny_run):
     assert len(req.tokens) == 5
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int8_model_counts_the_parameters_it_had(tied):
+    """int8 matrices and biases are buffers, not parameters; the count (pane headers, eval's table) is the
+    model's own, by hand: each matrix and vector once, a tied head's int8 copy not again."""
+    model = tiny_model(tie_word_embeddings=tied)
+    cfg = model.config
+    C, V, L, T = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.block_size
+    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    by_hand = V * C + T * C + L * per_block + 2 * C + (0 if tied else V * C)
+    loaded = LoadedModel(name="t", model=model, source="test", location="memory")
+    assert loaded.num_params == by_hand
+    quantize_int8(model)
+    assert loaded.num_params == by_hand
+
+
 def test_int8_refusal_names_the_model(tmp_path):
     """Of several models on a command line, the line says which one int8 cannot take."""
     path = tmp_path / "e72" / "ckpt.pt"
