@@ -153,6 +153,26 @@ def test_bench_draft_reports_speed_and_acceptance(tiny_run, capsys):
     assert "first 1 layers" in capsys.readouterr().out
 
 
+def test_bench_draft_runs_the_draft_at_each_precision(tiny_run, capsys, monkeypatch):
+    """A draft at the model's precision (it was float32 beside an int8 or bf16 model), a row per precision
+    that says which, under the same header line as every bench."""
+    import nanoplay.bench as bench
+    from nanoplay.cli import main
+
+    pairs = []  # (model, draft) precisions as bench_draft got them
+    real = bench.bench_draft
+    monkeypatch.setattr(bench, "bench_draft", lambda model, draft, **kw: pairs.append(
+        (model.precision, draft.precision)) or real(model, draft, **kw))
+    argv = ["bench", "-m", "tiny@200", "--new-tokens", "4", "--prompt-tokens", "4", "--repeats", "1",
+            "--dtype", "fp32", "--dtype", "bf16", "--dtype", "int8"]
+    assert main(argv + ["--draft", "tiny@100"]) == 0
+    assert pairs == [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8")]
+    out = capsys.readouterr().out
+    assert out.startswith("torch ") and "fp32, bf16, int8;" in out.splitlines()[0]
+    rows = [line for line in out.splitlines() if "tiny@200" in line]
+    assert [next(p for p in ("fp32", "bf16", "int8") if p in row) for row in rows] == ["fp32", "bf16", "int8"]
+
+
 def test_truncated_draft_leaves_the_model_whole():
     target = loaded(tiny_model(seed=1, n_layer=3), "target")
     before = target.model(torch.tensor([[1, 2, 3]]))

@@ -117,12 +117,12 @@ def run(args) -> int:
                                 f"{reference.name}'s context of {config.block_size} tokens together: give at most "
                                 f"{config.block_size} in all")
     console = stdout_console()
-    if args.draft or args.draft_layers:
-        return run_draft(args, engine, sources, device, console)
     threads = torch.get_num_threads()
     console.print(f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}, device {device}, "
                   f"{', '.join(PRECISION_NAMES[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
                   f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
+    if args.draft or args.draft_layers:
+        return run_draft(args, engine, sources, device, console)
     for reference, variants in sources:
         if args.scoring:
             for model in variants.values():
@@ -196,32 +196,41 @@ def render_scoring(r: dict):
 
 
 def run_draft(args, engine, sources, device, console) -> int:
-    """bench --draft / --draft-layers: each model's decode speed alone and with a draft model."""
+    """bench --draft / --draft-layers: each model's decode speed alone and with a draft model, the draft
+    at the model's precision (a truncated draft shares the model's own weights)."""
     from rich.table import Table
     from rich.text import Text
 
-    from ..bench import SHAPES, bench_draft, random_model, truncated_draft
+    from ..bench import SHAPES, at_precision, bench_draft, random_model, truncated_draft
     from ..errors import NanoplayError
+    from ..precision import PRECISION_NAMES
 
-    draft = None
-    if args.draft in SHAPES:
-        draft = random_model(args.draft, seed=1)
-        draft.model.to(device)
-    elif args.draft:
-        draft = load_models(engine, [args.draft], device, sources[0][0].dtype)[0]
+    drafts = {}  # dtype -> the draft model at that precision
+
+    def draft_at(dtype):
+        if dtype not in drafts:
+            if args.draft in SHAPES:
+                reference = random_model(args.draft, seed=1)
+                reference.model.to(device)
+                drafts[dtype] = at_precision(reference, dtype)
+            else:
+                drafts[dtype] = load_models(engine, [args.draft], device, dtype)[0]
+        return drafts[dtype]
+
     table = Table(title="speculative decoding: greedy, the same tokens with and without the draft "
                         f"(checked), best of {args.repeats} alternating rounds of {args.new_tokens} tokens")
-    for col in ("model", "draft", "k", "alone tok/s", "with draft tok/s", "speed-up", "accepted"):
+    for col in ("model", "precision", "draft", "k", "alone tok/s", "with draft tok/s", "speed-up", "accepted"):
         table.add_column(col, justify="right")
     for reference, variants in sources:
-        for model in variants.values():
+        for dtype, model in variants.items():
             try:
-                this_draft = draft or truncated_draft(model, args.draft_layers)
+                this_draft = draft_at(dtype) if args.draft else truncated_draft(model, args.draft_layers)
             except ValueError as e:  # more layers than the model has
                 raise NanoplayError(f"--draft-layers {args.draft_layers}: {e} ({model.name})") from e
             for k in args.draft_tokens or [4]:
                 r = bench_draft(model, this_draft, new_tokens=args.new_tokens, draft_tokens=k, repeats=args.repeats)
-                table.add_row(Text(r["model"]), Text(r["draft"]), str(k), f"{r['plain_tok_s']:.1f}",
-                              f"{r['draft_tok_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['acceptance']:.0%}")
+                table.add_row(Text(r["model"]), PRECISION_NAMES[dtype], Text(r["draft"]), str(k),
+                              f"{r['plain_tok_s']:.1f}", f"{r['draft_tok_s']:.1f}", f"{r['speedup']:.2f}x",
+                              f"{r['acceptance']:.0%}")
     console.print(table)
     return 0
