@@ -118,11 +118,12 @@ def run(args) -> int:
                                 f"{config.block_size} in all")
     console = stdout_console()
     threads = torch.get_num_threads()
-    console.print(f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}, device {device}, "
-                  f"{', '.join(PRECISION_NAMES[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
-                  f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
+    header = (f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}, device {device}, "
+              f"{', '.join(PRECISION_NAMES[d] for d in dtypes)}; {args.prompt_tokens}-token prompts, "
+              f"{args.new_tokens} new tokens, greedy, best of {args.repeats} alternating rounds")
     if args.draft or args.draft_layers:
-        return run_draft(args, engine, sources, device, console)
+        return run_draft(args, engine, sources, device, console, header)
+    console.print(header)
     for reference, variants in sources:
         if args.scoring:
             for model in variants.values():
@@ -195,9 +196,10 @@ def render_scoring(r: dict):
     return table
 
 
-def run_draft(args, engine, sources, device, console) -> int:
+def run_draft(args, engine, sources, device, console, header: str) -> int:
     """bench --draft / --draft-layers: each model's decode speed alone and with a draft model, the draft
-    at the model's precision (a truncated draft shares the model's own weights)."""
+    at the model's precision (a truncated draft shares the model's own weights). Every draft is made
+    before anything is printed: one that cannot be is the command's only line."""
     from rich.table import Table
     from rich.text import Text
 
@@ -217,20 +219,23 @@ def run_draft(args, engine, sources, device, console) -> int:
                 drafts[dtype] = load_models(engine, [args.draft], device, dtype)[0]
         return drafts[dtype]
 
+    pairs = []  # (precision, the model, its draft)
+    for reference, variants in sources:
+        for dtype, model in variants.items():
+            try:
+                pairs.append((dtype, model, draft_at(dtype) if args.draft else truncated_draft(model, args.draft_layers)))
+            except ValueError as e:  # more layers than the model has
+                raise NanoplayError(f"--draft-layers {args.draft_layers}: {e} ({model.name})") from e
+    console.print(header)
     table = Table(title="speculative decoding: greedy, the same tokens with and without the draft "
                         f"(checked), best of {args.repeats} alternating rounds of {args.new_tokens} tokens")
     for col in ("model", "precision", "draft", "k", "alone tok/s", "with draft tok/s", "speed-up", "accepted"):
         table.add_column(col, justify="right")
-    for reference, variants in sources:
-        for dtype, model in variants.items():
-            try:
-                this_draft = draft_at(dtype) if args.draft else truncated_draft(model, args.draft_layers)
-            except ValueError as e:  # more layers than the model has
-                raise NanoplayError(f"--draft-layers {args.draft_layers}: {e} ({model.name})") from e
-            for k in args.draft_tokens or [4]:
-                r = bench_draft(model, this_draft, new_tokens=args.new_tokens, draft_tokens=k, repeats=args.repeats)
-                table.add_row(Text(r["model"]), PRECISION_NAMES[dtype], Text(r["draft"]), str(k),
-                              f"{r['plain_tok_s']:.1f}", f"{r['draft_tok_s']:.1f}", f"{r['speedup']:.2f}x",
-                              f"{r['acceptance']:.0%}")
+    for dtype, model, draft in pairs:
+        for k in args.draft_tokens or [4]:
+            r = bench_draft(model, draft, new_tokens=args.new_tokens, draft_tokens=k, repeats=args.repeats)
+            table.add_row(Text(r["model"]), PRECISION_NAMES[dtype], Text(r["draft"]), str(k),
+                          f"{r['plain_tok_s']:.1f}", f"{r['draft_tok_s']:.1f}", f"{r['speedup']:.2f}x",
+                          f"{r['acceptance']:.0%}")
     console.print(table)
     return 0
