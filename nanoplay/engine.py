@@ -557,7 +557,6 @@ class Engine:
                     quantize_int8(loaded.model)
                 except NanoplayError as e:  # which of several models cannot be int8
                     raise NanoplayError(f"{loaded.name}: {e}") from None
-                loaded.name += " (int8)"
             if loaded.device.type == "cpu":
                 use_decode_layout(loaded.model, compiled=self.compiles(loaded.model))
             self._loaded[key] = loaded

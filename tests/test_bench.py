@@ -67,7 +67,7 @@ def test_bench_int8_reports_its_quality_cost(tiny_run, capsys):
     assert main(["bench", "-m", "tiny", "--dtype", "fp32", "--dtype", "int8", "--prompt-tokens", "8",
                  "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "tiny@200, fp32" in out and "tiny@200 (int8), int8" in out
+    assert "tiny@200, fp32" in out and "tiny@200, int8" in out
     assert out.count("quality vs fp32 on 1000 tokens") == 1  # the int8 table's, not fp32's own
 
 

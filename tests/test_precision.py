@@ -84,7 +84,7 @@ def test_int8_model_stays_close_to_float32_and_decodes_the_same():
 def test_engine_loads_int8_weights(tiny_run):
     engine = Engine()
     model = engine.load("tiny", dtype=torch.int8)
-    assert model.name == "tiny@200 (int8)" and model.dtype == torch.float32
+    assert model.name == "tiny@200" and model.precision == "int8" and model.dtype == torch.float32
     assert isinstance(model.model.lm_head, Int8Linear)
     assert engine.load("tiny", dtype=torch.int8) is model and engine.load("tiny") is not model
     req = engine.generate(model, "Hello", SamplingParams(max_new_tokens=5, temperature=0, stop_on_eot=False))

@@ -610,10 +610,10 @@ async def test_markdown_export_fences_model_text_and_lists_failed_panes(models):
         alpha, bad = panes(app)
         await pilot.press("ctrl+b")
         markdown = (models.parent / f"nanoplay-{app.session_name}.md").read_text()
-    body = markdown.split("## alpha\n\n", 1)[1]
+    body = markdown.split("## alpha (fp32)\n\n", 1)[1]
     assert body.startswith("### main\n\n```text\nSaved prompt" + alpha.state.run.text + "\n```\n")
-    assert "```bash\nnanoplay gen --model alpha@200 " in body
-    assert f"## no-such-model\n\nFailed to load:\n\n```text\n{bad.error}\n```\n" in markdown
+    assert "```bash\nnanoplay gen --model alpha@200 --dtype fp32 " in body
+    assert f"## no-such-model (float32)\n\nFailed to load:\n\n```text\n{bad.error}\n```\n" in markdown
 
 
 def test_markdown_fences_are_longer_than_any_backtick_run_in_the_text():
@@ -624,12 +624,12 @@ def test_markdown_fences_are_longer_than_any_backtick_run_in_the_text():
     assert fenced("a ```` b ` c") == ["`````text", "a ```` b ` c", "`````"]
     table = "|---|---|\n* item\n# heading"
     run = Run(prompt="P", toks=[Tok(1, "```" + table)], finish_reason="length")
-    compare = to_markdown("s", "compare", "P", Settings(), [(PaneState("m", runs=[run], current=0), "m@5", None)])
+    compare = to_markdown("s", "compare", "P", Settings(), [(PaneState("m", runs=[run], current=0), "m@5", "fp32", None)])
     assert "### main\n\n````text\nP```" + table + "\n````\n" in compare
     assert "```bash\nnanoplay gen --model m@5 " in compare
     chat = PaneState("m", chat=[Message("user", "hi"), Message("assistant", table)])
     assert "**user:**\n\n```text\nhi\n```\n\n**assistant:**\n\n```text\n" + table + "\n```\n" in \
-        to_markdown("s", "chat", "", Settings(), [(chat, "m", None)])
+        to_markdown("s", "chat", "", Settings(), [(chat, "m", "bf16", None)])
 
 
 async def test_pane_headers_break_between_items_and_lose_nothing_at_six_panes(models):

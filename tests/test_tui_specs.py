@@ -44,19 +44,36 @@ async def test_a_pane_with_a_draft_model_gives_the_same_tokens(models):
         assert panes(app)[0].state.run.error is None
 
 
-async def test_an_int8_panes_draft_model_is_int8_too(models):
-    """A draft loads at its pane's precision: int8 (whose embeddings stay float32), not float32."""
+async def test_an_int8_pane_its_draft_and_its_gen_command_are_int8(models, capsys):
+    """A draft loads at its pane's precision: int8 (whose embeddings stay float32), not float32; the
+    copied gen command and the Markdown export say int8, and the command gives the pane's text."""
+    import shlex
+
+    from nanoplay.cli import main
+
     app = NanoplayApp(models=["alpha"], dtype="int8")
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot)
         app.settings.max_new_tokens = 4
-        panes(app)[0].state.overrides = {"draft": "beta@100"}
+        app.settings.temperature = 0
+        pane = panes(app)[0]
+        pane.state.overrides = {"draft": "beta@100"}
         await send(pilot, "Once upon")
         await until(pilot, lambda: idle(app))
-        assert panes(app)[0].state.run.error is None and len(panes(app)[0].state.run.toks) == 4
+        assert pane.state.run.error is None and len(pane.state.run.toks) == 4
         precisions = {m.name: m.precision for m in app.engine._loaded.values()}
-        assert precisions == {"alpha@200 (int8)": "int8", "beta@100 (int8)": "int8"}
-        assert "cpu/int8" in str(panes(app)[0].query_one("#pane-header").render())
+        assert precisions == {"alpha@200": "int8", "beta@100": "int8"}
+        assert "cpu/int8" in str(pane.query_one("#pane-header").render())
+        pane.focus()
+        await pilot.press("enter", "g")
+        command = app.clipboard
+        await pilot.press("ctrl+b")
+        markdown = (models.parent / f"nanoplay-{app.session_name}.md").read_text()
+        text = pane.state.run.text
+    assert "--model alpha@200 --dtype int8 " in command and "## alpha (int8)" in markdown
+    assert command in markdown
+    assert main(shlex.split(command)[1:]) == 0
+    assert text in capsys.readouterr().out
 
 
 async def test_the_picker_refuses_control_characters_in_a_spec(models):

@@ -182,7 +182,7 @@ class NanoplayApp(App):
         from .sessions import to_markdown
 
         text = to_markdown(self.session_name, self.mode, self.prompt, self.settings,
-                           [(p.state, p.exact_spec, p.error) for p in self.main.panes])
+                           [(p.state, p.exact_spec, p.precision, p.error) for p in self.main.panes])
         return write_file_atomically(Path(f"nanoplay-{self.session_name}.md").resolve(), text)
 
     # ---- palette, help, quitting

@@ -133,9 +133,10 @@ def age(now: float, then: float) -> str:
     return "just now"
 
 
-def gen_command(spec: str, prompt: str, settings: Settings, chat: bool = False) -> str:
-    """The `nanoplay gen` command line that reproduces a pane's generation (same seed, same settings)."""
-    argv = ["nanoplay", "gen", "--model", spec, "--temperature", f"{settings.temperature:g}",
+def gen_command(spec: str, prompt: str, settings: Settings, precision: str, chat: bool = False) -> str:
+    """The `nanoplay gen` command line that reproduces a pane's generation (same seed, same settings, the
+    same precision as --dtype names it: auto would pick the machine's, which may not be the pane's)."""
+    argv = ["nanoplay", "gen", "--model", spec, "--dtype", precision, "--temperature", f"{settings.temperature:g}",
             "--max-new-tokens", str(settings.max_new_tokens)]
     for name in ("top_k", "top_p", "min_p"):
         if getattr(settings, name) is not None:
@@ -163,19 +164,20 @@ def fenced(text: str, info: str = "text") -> list[str]:
 
 
 def to_markdown(name: str, mode: str, prompt: str, settings: Settings,
-                panes: list[tuple[PaneState, str, str | None]]) -> str:
+                panes: list[tuple[PaneState, str, str, str | None]]) -> str:
     """
     A readable record of a session: settings, then every pane's output (or chat) with its stats.
-    `panes` are (state, the spec that reloads its model, its load error or None). Model and user text
+    `panes` are (state, the spec that reloads its model, its precision as --dtype names it, its load
+    error or None). Model and user text
     go in code blocks: a model's `|---`, `*` or `#` would otherwise render as tables, lists, headings.
     """
     lines = [f"# nanoplay session {name}", "", f"- mode: {mode}", f"- settings: {settings.summary()}",
              f"- seed: {settings.seed}", ""]
     if mode == "compare":
         lines += ["## Prompt", "", *fenced(prompt), ""]
-    for pane, spec, error in panes:
+    for pane, spec, precision, error in panes:
         eff = settings.merged(pane.overrides)
-        lines += [f"## {pane.spec}", ""]
+        lines += [f"## {pane.spec} ({precision})", ""]
         if error is not None:
             lines += ["Failed to load:", "", *fenced(error), ""]
         if pane.overrides:
@@ -198,6 +200,6 @@ def to_markdown(name: str, mode: str, prompt: str, settings: Settings,
             stats.append(f"finish: {run.finish_reason}")
             lines += [f"### {label}", "", *fenced(run.prompt + run.text), "", ", ".join(stats), ""]
             if run.parent is None:
-                command = gen_command(spec, run.prompt, Settings.from_dict(run.settings or eff.to_dict()))
+                command = gen_command(spec, run.prompt, Settings.from_dict(run.settings or eff.to_dict()), precision)
                 lines += [*fenced(command, "bash"), ""]
     return "\n".join(lines)

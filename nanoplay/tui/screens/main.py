@@ -308,7 +308,7 @@ class MainScreen(Screen):
 
         run = pane.state.run
         settings = Settings.from_dict(run.settings) if run else self.app.settings.merged(pane.state.overrides)
-        command = gen_command(pane.exact_spec, run.prompt if run else self.app.prompt, settings,
+        command = gen_command(pane.exact_spec, run.prompt if run else self.app.prompt, settings, pane.precision,
                               chat=self.app.mode == "chat")
         self.app.copy_to_clipboard(command)
         self.notify(command, title="copied the gen command line", timeout=8)

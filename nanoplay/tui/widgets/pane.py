@@ -185,6 +185,12 @@ class ModelPane(Vertical, can_focus=True):
             return self.lm.name
         return self.state.spec
 
+    @property
+    def precision(self) -> str:
+        """Its model's precision as --dtype names it ("fp32", "bf16", "int8"), or before it loads the
+        app's --dtype ("auto" too)."""
+        return self.lm.precision if self.lm is not None else self.app.dtype
+
     def display_toks(self) -> list[Tok]:
         """The tokens the cursor moves over: prompt and completion, or in chat mode every answer."""
         if self.chat_mode:
