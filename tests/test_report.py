@@ -204,6 +204,7 @@ def test_second_report_scores_only_the_new_step(tiny_run, tmp_path, capsys, monk
         assert row in out
     assert "validation loss on notes.txt against step" in out and "against training tokens" in out  # plotext
     assert "trend (an extrapolation, not a promise)" in out and "10x the iterations (step 4,000" in out
+    assert ", 1 row, " in " ".join(out.split())  # the text file is one line (it said "1 rows", eval "1 row")
     second = json.loads((tmp_path / "out" / "report.json").read_text())
     assert scored == [("tiny@400", str(text))]
     assert [c["scored"] for c in second["columns"]] == [[], [], [], [str(text)]]

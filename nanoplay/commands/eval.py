@@ -222,10 +222,15 @@ def human_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 100e6 else f"{n / 1e6:.0f}M"
 
 
+def data_lines(report: dict) -> list[str]:
+    """A line for each data set a report scored: its key, what it is, its rows and tokens."""
+    return [f"{d['key']}: {d['description']}, {plural(d['rows'], 'row')}"
+            + (f", {plural(d['tokens'], 'token')}" if "tokens" in d else "") for d in report["data"]]
+
+
 def notes(report: dict) -> list[str]:
     method = report["method"]
-    lines = [f"{d['key']}: {d['description']}, {plural(d['rows'], 'row')}"
-             + (f", {plural(d['tokens'], 'token')}" if "tokens" in d else "") for d in report["data"]]
+    lines = data_lines(report)
     if method.get("rule", "strided") == "strided":
         lines.append(f"context: {method['context']}; stride: {method['stride']} (sliding window, each token scored "
                      f"once with at least context - stride tokens of history)")

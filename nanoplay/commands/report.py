@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import NanoplayError
 from .common import DTYPES, MEASURED_DTYPE_HELP, resolve_device, stdout_console, torch_dtype
-from .eval import check_scoring_options, human_params, load_data_sets
+from .eval import check_scoring_options, data_lines, human_params, load_data_sets
 
 DEFAULT_DATA = ["openwebtext", "lambada"]
 
@@ -248,8 +248,7 @@ def render_table(report: dict, console) -> None:
 def summary(report: dict) -> list[str]:
     """The lines under the table: the data, how it was scored, the trend, and where the files went."""
     method = report["method"]
-    lines = [f"{d['key']}: {d['description']}, {d['rows']:,} rows" + (f", {d['tokens']:,} tokens" if "tokens" in d else "")
-             for d in report["data"]]
+    lines = data_lines(report)
     if method["rule"] == "strided":
         lines.append(f"every column scored alike: each model's own context, stride {method['stride']} (sliding window)")
     else:
