@@ -40,7 +40,7 @@ async def test_a_pane_with_a_draft_model_gives_the_same_tokens(models):
         second.state.overrides = {"draft": "no-such-model"}
         await send(pilot, "Again")
         await until(pilot, lambda: idle(app))
-        assert "draft model no-such-model" in (second.state.run.error or "")
+        assert (second.state.run.error or "").startswith("draft model: unknown model 'no-such-model'")
         assert panes(app)[0].state.run.error is None
 
 

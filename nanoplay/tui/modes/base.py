@@ -146,7 +146,7 @@ def submit(get_engine, pane: ModelPane, run: Run, settings, stop_ids=(), stop_st
             try:
                 draft = engine.load(settings.draft, device=pane.lm.device, dtype=pane.lm.weights_dtype)
             except Exception as e:
-                raise NanoplayError(f"draft model {settings.draft}: {one_line(e)}") from e
+                raise NanoplayError(f"draft model: {one_line(e)}") from e  # the message names the model
         req = engine.submit(pane.lm, ids, params, on_update=on_update, draft=draft)
         with pane.lock:
             pane.active.append((run, req))
