@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import functools
 import importlib
+import mmap
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_decode import use_decode_layout
+from .cpu_decode import huge_page_memory, use_decode_layout
 from .cpu_kernel import why_not_compiled
 from .engine import Engine
 from .errors import NanoplayError
@@ -78,9 +79,14 @@ def measure_bandwidth(device: torch.device, size_bytes: int, repeats: int = 5) -
     threads -- the threads that decode. bench reads as many bytes as a decode step's weights, again and
     again as decoding does, so a model that fits in the last-level cache gets that cache's rate (a 30M
     model's 120 MB float32 weights fit in an Intel Xeon's 300 MB L3, and decoded at 1.2-1.4x a 256 MB
-    read's rate); it calls it in every round and keeps the best.
+    read's rate); it calls it in every round and keeps the best. On a CPU the bytes lie in huge pages,
+    as the weights do (cpu_decode.huge_page_memory).
     """
-    x = torch.ones(max(1, size_bytes // 4), device=device)
+    count = max(1, size_bytes // 4)
+    if torch.device(device).type == "cpu" and hasattr(mmap, "MAP_PRIVATE"):  # the weights' pages (use_huge_pages)
+        x = huge_page_memory(count * 4).view(torch.float32).fill_(1.0)
+    else:
+        x = torch.ones(count, device=device)
     x.sum()  # fault the pages in before timing
     return size_bytes / min(timed(x.sum, device) for _ in range(repeats))
 
