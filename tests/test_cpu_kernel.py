@@ -85,7 +85,8 @@ def test_step_writes_the_keys_and_values_torchs_step_writes():
 def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
     """Bit for bit: the same summation order alone and batched, so a request decodes the same either way."""
     # 92: whole rounds of chains, a vector after them and a tail of 4 one by one, with 8 lanes (80 + 8 + 4)
-    # as with 16 (64 + 16 + 12); int8's 80 (torch's int8 kernel needs multiples of 16) has no tail. An MLP
+    # as with 16 (64 + 16 + 12), and bf16 pairs' 2 steps of 32 and a tail of 28; int8's 80 (torch's int8
+    # kernel needs multiples of 16) has no tail. An MLP
     # 100 wide (not int8's) ends its rows with values the vector activation leaves to the one-by-one one
     model = tiny_model(n_embd=80 if dtype == torch.int8 else 92, n_head=2,
                        n_inner=None if dtype == torch.int8 else 100)
