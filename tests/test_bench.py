@@ -257,3 +257,15 @@ def test_the_bound_reads_memory_laid_out_as_the_weights(monkeypatch):
     rate = nanoplay.bench.measure_bandwidth(torch.device("cpu"), 3 * HUGE_PAGE + 64, repeats=2)
     assert [b.numel() for b in blocks] == [3 * HUGE_PAGE + 64] and blocks[0].data_ptr() % HUGE_PAGE == 0
     assert rate > 0
+
+
+def test_a_models_loading_note_is_printed_once(tmp_path, capsys):
+    """bench loads a model once per precision (and a float32 reference): what loading assumed is one line."""
+    from tests.conftest import tiny_model, write_nanogpt_ckpt
+
+    path = tmp_path / "out" / "ckpt.pt"
+    path.parent.mkdir()
+    write_nanogpt_ckpt(path, tiny_model(), with_optimizer=False)
+    assert main(["bench", "-m", str(path), "--dtype", "bf16", "--dtype", "int8", "--prompt-tokens", "4",
+                 "--new-tokens", "2", "--batch", "1", "--repeats", "1"]) == 0
+    assert capsys.readouterr().err.count("note: out/ckpt.pt: GELU assumed exact") == 1

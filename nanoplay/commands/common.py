@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import weakref
 
 from ..errors import NanoplayError
 
@@ -94,14 +95,23 @@ def load_models(engine, specs: list[str], device: str, dtype) -> list:
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise NanoplayError(f"cannot load model {spec!r}: {type(e).__name__}: {reason}") from e
-        print_notes(models[-1])
+        print_notes(models[-1], _notes_shown.setdefault(engine, set()))
     return models
 
 
-def print_notes(loaded) -> None:
-    """What loading assumed because the file could not prove it (a nanoGPT checkpoint's GELU), on stderr."""
+# the notes each engine's command has printed: bench loads a model at every precision it measures
+_notes_shown: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def print_notes(loaded, shown: set | None = None) -> None:
+    """What loading assumed because the file could not prove it (a nanoGPT checkpoint's GELU), on
+    stderr; each line once, where `shown` holds the lines already printed."""
     for note in loaded.notes:
-        print(f"note: {loaded.name}: {note}", file=sys.stderr)
+        line = f"note: {loaded.name}: {note}"
+        if shown is None or line not in shown:
+            print(line, file=sys.stderr)
+        if shown is not None:
+            shown.add(line)
 
 
 def alternative_record(alternative) -> dict:
