@@ -93,13 +93,13 @@ async def test_compare_streams_every_pane_and_errors_stay_in_their_pane(models):
             assert f"ctx {1 + len(ref.prompt_ids) + len(ref.tokens) - 1}/64" in header
             # the prompt is scored by the pane's own model
             assert [t.id for t in run.prompt_toks] == ref.prompt_ids
-            assert "tok/s" in header and "1.6M params" in header and "cpu/float32" in header
+            assert "tok/s" in header and "1.6M params" in header and "cpu/fp32" in header
         assert bad.state.run is None  # the broken pane did nothing, and crashed nothing
         # the seed is shown in the status bar
         assert f"seed {app.settings.seed}" in str(app.main.query_one("#statusbar").render())
 
 
-@pytest.mark.parametrize("dtype, shown", [("int8", "cpu/int8"), ("bf16", "cpu/bfloat16"), ("auto", "cpu/bfloat16")])
+@pytest.mark.parametrize("dtype, shown", [("int8", "cpu/int8"), ("bf16", "cpu/bf16"), ("auto", "cpu/bf16")])
 async def test_the_playground_loads_its_panes_at_dtype(models, monkeypatch, dtype, shown):
     """--dtype reaches every pane, and auto is the machine's choice, as gen's is (the playground loaded
     float32 on CPUs with native bf16 products, where the README said auto)."""
@@ -645,7 +645,7 @@ async def test_pane_headers_break_between_items_and_lose_nothing_at_six_panes(mo
             shown = str(header.render()).split("\n")
             assert header.size.height == len(shown) >= 3  # every line is on screen
             assert all(len(line) <= header.content_size.width for line in shown)
-            items = [f"{pane.lm.name}", "1.6M params", "cpu/float32", "70 tok",
+            items = [f"{pane.lm.name}", "1.6M params", "cpu/fp32", "70 tok",
                      f"ppl {format_perplexity(run.perplexity)}", f"(prompt {format_perplexity(run.prompt_perplexity)})",
                      f"ctx {run.context_used}/64", "⟲slid"]
             if pane.diverge_at is not None:

@@ -233,7 +233,7 @@ class ModelPane(Vertical, can_focus=True):
         lm, run = self.lm, self.state.run
         model = [Text(self.state.spec if lm is None else lm.name, "bold")]
         if lm is not None:
-            dtype = str(lm.weights_dtype).removeprefix("torch.")  # an int8 model's embeddings are float32
+            dtype = lm.precision  # as --dtype, gen's JSON and the copied gen command name it
             model += [Text(f"  {human_count(lm.num_params)} params", "dim"), Text(f" · {lm.device.type}/{dtype}", "dim")]
         if lm is not None:  # what loading assumed (a nanoGPT checkpoint's GELU, say)
             model += [Text(f"  {note}", "italic yellow") for note in lm.notes]
