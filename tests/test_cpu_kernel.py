@@ -187,6 +187,39 @@ def test_bf16_step_rounds_the_products_inputs_where_the_cpu_multiplies_bf16_pair
     assert error[expected] < error[other] / 5, error
 
 
+@torch.no_grad()
+def test_bf16_attention_scores_a_bf16_query_where_the_cpu_multiplies_bf16_pairs():
+    """A bf16 KV cache holds keys and values rounded to bf16; with avx512_bf16 the step rounds the query
+    too, as a bf16 model's query is in torch, and scores it in pair products. Two tokens through the step,
+    against float64 forwards that round the products' inputs and the cached keys and values, with and
+    without the query's rounding: the step is far closer to the one its CPU should compute."""
+    model = tiny_model(n_embd=92, n_head=2).to(torch.bfloat16)  # heads of 46: a step of 32 and a tail of 14
+    references = {}
+    for name, round_query in (("rounded", True), ("float32", False)):
+        reference = copy.deepcopy(model).double()
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda _, inputs: (inputs[0].bfloat16().double(),))
+        for block in reference.transformer.h:  # the cache's rounding, and the query's or not
+            width = model.config.n_embd
+
+            def round_qkv(_, __, qkv, round_query=round_query, width=width):
+                rounded = qkv.bfloat16().double()
+                return rounded if round_query else torch.cat([qkv[..., :width], rounded[..., width:]], dim=-1)
+
+            block.attn.c_attn.register_forward_hook(round_qkv)
+        references[name] = reference
+    if "avx512_bf16" not in cpu_flags():
+        references = {"rounded": references["float32"], "float32": references["rounded"]}  # as the CPU does
+    cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.bfloat16)
+    step = KernelDecoder(model, cache)
+    step.decode([0], [1234], [0], threads=2)
+    logits = step.decode([0], [99], [1], threads=2)[0].double()
+    error = {name: (logits - reference(torch.tensor([[1234, 99]]))[0, -1]).abs().mean().item()
+             for name, reference in references.items()}
+    assert error["rounded"] < error["float32"] / 5, error
+
+
 def test_models_it_cannot_run_say_why_and_decode_in_torch():
     assert why_not_compiled(tiny_model()) is None
     assert "mish" in why_not_compiled(tiny_model(activation="mish"))

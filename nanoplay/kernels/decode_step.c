@@ -386,9 +386,28 @@ static inline f32xL load_cached(int type, const void *cache, int64_t i) {  /* LA
     return type == WEIGHT_BF16 ? load_bf16xL((const uint16_t *)cache + i) : load_f32xL((const float *)cache + i);
 }
 
-/* s[t] = q . key t * scale for the count cached key rows of n values (float32 or bf16) from element base */
+/* s[t] = q . key t * scale for the count cached key rows of n values (float32 or bf16) from element base.
+ * bf16 keys with BF16_PAIRS take q rounded to bf16 (as a bf16 model's q is in torch) in pair products:
+ * attention 15-30% faster (Emerald Rapids, 30M shape, batch 1 and 4). */
 static void score_keys(int type, const void *cache, int64_t base, const float *q, int64_t n, int64_t count,
                        float scale, float *s) {
+#if BF16_PAIRS
+    if (type == WEIGHT_BF16) {
+        const uint16_t *keys = (const uint16_t *)cache;
+        uint16_t q_bf16[n];
+        for (int64_t i = 0; i < n; i++) q_bf16[i] = float_to_bf16(q[i]);
+        for (int64_t t = 0; t < count; t++) {
+            const int64_t row = base + t * n;
+            f32xL sum = {0};
+            int64_t i = 0;
+            for (; i + 32 <= n; i += 32) sum = dot_pairs(load_bf16x32(keys + row + i), load_bf16x32(q_bf16 + i), sum);
+            float total = sumL(sum);
+            for (; i < n; i++) total += bf16_to_float(keys[row + i]) * bf16_to_float(q_bf16[i]);
+            s[t] = total * scale;
+        }
+        return;
+    }
+#endif
     for (int64_t t = 0; t < count; t++) {
         const int64_t row = base + t * n;
         f32xL sum = {0};
