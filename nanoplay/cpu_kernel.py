@@ -123,7 +123,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                     return None, why
             library = ctypes.CDLL(str(target))
             step, statistics, race = library.decode_step, library.distribution_stats, library.temperature_race
-            noise = library.uniform_noise
+            noise, pairs = library.uniform_noise, library.decode_bf16_pairs
             break
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             try:
@@ -143,12 +143,21 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     race.restype = ctypes.c_int
     noise.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
     noise.restype = None
+    pairs.argtypes, pairs.restype = [], ctypes.c_int
     return library, ""
 
 
 def kernel_status() -> str:
     """Empty when the compiled decode step is available on this machine, else one line saying why not."""
     return _load()[1]
+
+
+def bf16_pairs() -> bool:
+    """Whether the compiled step multiplies bf16 weights in bf16 pairs (avx512_bf16's vdpbf16ps), rounding
+    each product's inputs and a bf16 cache's queries to bf16 as torch's bf16 maths does; False where it
+    widens them to float32 instead, or the kernels do not load."""
+    library = _load()[0]
+    return bool(library is not None and library.decode_bf16_pairs())
 
 
 def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, ...] | None:

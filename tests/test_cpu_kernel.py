@@ -15,7 +15,7 @@ from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
-from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, cpu_flags, quantize_int8
+from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, quantize_int8
 from nanoplay.sampling import SamplingParams
 from tests.conftest import tiny_model
 
@@ -169,7 +169,8 @@ def test_bf16_step_reads_bf16_weights_and_cache():
 @torch.no_grad()
 def test_bf16_step_rounds_the_products_inputs_where_the_cpu_multiplies_bf16_pairs():
     """With avx512_bf16 the step multiplies bf16 weights by inputs rounded to bf16 (as torch's bf16
-    products do); elsewhere it widens the weights and keeps float32 inputs. Against float64 forwards of
+    products do); elsewhere it widens the weights and keeps float32 inputs (cpu_kernel.bf16_pairs says
+    which). Against float64 forwards of
     the same bf16 values with and without that rounding, one token at position 0 in a float32 cache
     (so nothing else is rounded), the step is far closer to the one its CPU should compute."""
     model = tiny_model(n_embd=92, n_head=2).to(torch.bfloat16)  # 92: whole pairs of 32 and a tail of 28
@@ -182,7 +183,7 @@ def test_bf16_step_rounds_the_products_inputs_where_the_cpu_multiplies_bf16_pair
     logits = KernelDecoder(model, cache).decode([0], [1234], [0], threads=2)[0].double()
     error = {name: (logits - reference(torch.tensor([[1234]]))[0, -1]).abs().mean().item()
              for name, reference in (("rounded", rounding), ("float32", plain))}
-    expected = "rounded" if "avx512_bf16" in cpu_flags() else "float32"
+    expected = "rounded" if cpu_kernel.bf16_pairs() else "float32"
     other = "float32" if expected == "rounded" else "rounded"
     assert error[expected] < error[other] / 5, error
 
@@ -194,11 +195,14 @@ def test_bf16_attention_scores_a_bf16_query_where_the_cpu_multiplies_bf16_pairs(
     against float64 forwards that round the products' inputs and the cached keys and values, with and
     without the query's rounding: the step is far closer to the one its CPU should compute."""
     model = tiny_model(n_embd=92, n_head=2).to(torch.bfloat16)  # heads of 46: a step of 32 and a tail of 14
+    for block in model.transformer.h:  # sharper attention (x4, exact in bf16), where the query's rounding shows
+        block.attn.c_attn.weight.mul_(4)
+    pairs = cpu_kernel.bf16_pairs()
     references = {}
     for name, round_query in (("rounded", True), ("float32", False)):
         reference = copy.deepcopy(model).double()
         for module in reference.modules():
-            if isinstance(module, torch.nn.Linear):
+            if pairs and isinstance(module, torch.nn.Linear):  # the products' inputs, as the step rounds them
                 module.register_forward_pre_hook(lambda _, inputs: (inputs[0].bfloat16().double(),))
         for block in reference.transformer.h:  # the cache's rounding, and the query's or not
             width = model.config.n_embd
@@ -209,8 +213,8 @@ def test_bf16_attention_scores_a_bf16_query_where_the_cpu_multiplies_bf16_pairs(
 
             block.attn.c_attn.register_forward_hook(round_qkv)
         references[name] = reference
-    if "avx512_bf16" not in cpu_flags():
-        references = {"rounded": references["float32"], "float32": references["rounded"]}  # as the CPU does
+    if not pairs:  # the step keeps the query in float32
+        references = {"rounded": references["float32"], "float32": references["rounded"]}
     cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.bfloat16)
     step = KernelDecoder(model, cache)
     step.decode([0], [1234], [0], threads=2)
@@ -218,6 +222,18 @@ def test_bf16_attention_scores_a_bf16_query_where_the_cpu_multiplies_bf16_pairs(
     error = {name: (logits - reference(torch.tensor([[1234, 99]]))[0, -1]).abs().mean().item()
              for name, reference in references.items()}
     assert error["rounded"] < error["float32"] / 5, error
+
+
+def test_bf16_pairs_are_compiled_where_the_compiler_targets_them():
+    """The pair products are the step's wherever `$CC -march=native` targets avx512_bf16 (the CPU has it
+    and the compiler knows it), and nowhere else."""
+    import os
+    import shlex
+
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    macros = subprocess.run([*cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True,
+                            timeout=60).stdout
+    assert cpu_kernel.bf16_pairs() == ("__AVX512BF16__" in macros)
 
 
 def test_models_it_cannot_run_say_why_and_decode_in_torch():

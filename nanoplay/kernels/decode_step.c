@@ -489,6 +489,10 @@ static void attention(const Model *m, const Layer *layer, const float *qkv, int6
     }
 }
 
+/* 1 where bf16 products run as bf16 pairs, their inputs rounded to bf16 (BF16_PAIRS: what the compiler
+ * targets, which the CPU's flags alone do not say), else 0 */
+int decode_bf16_pairs(void) { return BF16_PAIRS; }
+
 /* The step. tokens, positions, slots: (B,); logits: (B, vocab_size). Returns 0, or -1 if out of memory. */
 int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t *positions, const int64_t *slots,
                 float *logits, int threads) {
