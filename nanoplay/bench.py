@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .cpu_decode import huge_page_memory, use_decode_layout
-from .cpu_kernel import why_not_compiled
+from .cpu_kernel import bf16_pairs, why_not_compiled
 from .engine import Engine
 from .errors import NanoplayError
 from .loading import LoadedModel
@@ -517,11 +517,16 @@ def run_bench(variants: dict[torch.dtype, LoadedModel], batches=(1, 4), prompt_t
 
 
 def decode_path(loaded: LoadedModel) -> str:
-    """How the engine decodes this model: "compiled step", or "torch" and why (a CPU without a compiler, say)."""
+    """How the engine decodes this model: "compiled step" (for bf16, whether in bf16 pair products or
+    widening to float32: cpu_kernel.bf16_pairs), or "torch" and why (a CPU without a compiler, say)."""
     if loaded.device.type != "cpu":
         return "CUDA graphs" if loaded.device.type == "cuda" else "torch"
     why = why_not_compiled(loaded.model)
-    return "compiled step" if why is None else f"torch ({why})"
+    if why is not None:
+        return f"torch ({why})"
+    if loaded.weights_dtype == torch.bfloat16:
+        return "compiled step, " + ("bf16 pair products" if bf16_pairs() else "bf16 widened to float32")
+    return "compiled step"
 
 
 def truncated_draft(loaded: LoadedModel, n_layer: int) -> LoadedModel:

@@ -58,6 +58,13 @@ def test_bench_says_how_each_model_decodes(tiny_run, capsys, monkeypatch):
     assert main(args) == 0
     expected = "decode: compiled step" if not kernel_status() else f"decode: torch ({kernel_status()})"
     assert expected in " ".join(capsys.readouterr().out.split())
+    if not kernel_status():  # which bf16 maths ran: the pair products round the inputs to bf16
+        from nanoplay.cpu_kernel import bf16_pairs
+
+        assert main(args + ["--dtype", "bf16", "--dtype", "fp32"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"decode: compiled step, bf16 {'pair products' if bf16_pairs() else 'widened to float32'};" in out
+        assert "decode: compiled step;" in out  # fp32's
     monkeypatch.setattr("nanoplay.bench.why_not_compiled", lambda model: "no C compiler (cc: FileNotFoundError)")
     assert main(args) == 0
     assert "decode: torch (no C compiler (cc: FileNotFoundError))" in " ".join(capsys.readouterr().out.split())
