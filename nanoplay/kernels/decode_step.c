@@ -397,12 +397,8 @@ static void score_keys(int type, const void *cache, int64_t base, const float *q
         uint16_t q_bf16[n];
         for (int64_t i = 0; i < n; i++) q_bf16[i] = float_to_bf16(q[i]);
         for (int64_t t = 0; t < count; t++) {
-            const int64_t row = base + t * n;
-            f32xL sum = {0};
-            int64_t i = 0;
-            for (; i + 32 <= n; i += 32) sum = dot_pairs(load_bf16x32(keys + row + i), load_bf16x32(q_bf16 + i), sum);
-            float total = sumL(sum);
-            for (; i < n; i++) total += bf16_to_float(keys[row + i]) * bf16_to_float(q_bf16[i]);
+            float total;
+            dot_bf16_1x1(keys + base + t * n, q_bf16, n, &total);  /* the products' own pair dot product */
             s[t] = total * scale;
         }
         return;
