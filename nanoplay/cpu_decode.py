@@ -86,10 +86,9 @@ def use_decode_layout(model: nn.Module, compiled: bool) -> None:
     Prepare a CPU model for decoding, in place. For inference only: the engine applies it to the
     models it loads itself.
 
-    With `compiled`, the compiled decode step (cpu_kernel.py) will decode it: every weight matrix keeps
-    nn.Linear's (out, in) layout, which that step streams row by row, moves into memory backed by huge
-    pages (use_huge_pages), and stays an nn.Linear: the products of many rows (a prefill, scoring) run
-    in torch, whose OpenMP threads are the step's own (Linux's wheels bring libgomp). Why not numpy's
+    With `compiled`, the compiled decode step (cpu_kernel.py) will decode it from its own packed copy of
+    the weights (cpu_kernel.packed_weights), and the model stays as it is: the products of many rows (a
+    prefill, scoring) run in torch, whose OpenMP threads are the step's own (Linux's wheels bring libgomp). Why not numpy's
     BLAS for those: OpenBLAS's threads spin for about 0.1 s after each product, on the cores the step's
     threads need. Measured on a 2-core Intel Xeon (30M shape, float32, alternating processes): the
     first ~20 steps after every prefill ran at half speed (a step right after a BLAS product 12.2-12.5
@@ -103,7 +102,6 @@ def use_decode_layout(model: nn.Module, compiled: bool) -> None:
     bf16, 2 threads, AVX2); int8 models keep their Int8Linear.
     """
     if compiled:
-        use_huge_pages(model)
         return
     if model.transformer.wte.weight.dtype != torch.float32:
         return
@@ -125,10 +123,13 @@ HUGE_PAGE = 2 * 1024**2  # x86-64's and most arm64 kernels' transparent huge pag
 
 def huge_page_memory(size: int) -> torch.Tensor:
     """
-    `size` bytes (uint8, uninitialised) from a 2 MB boundary of a private anonymous mapping that the
-    kernel is advised to back with huge pages (use_huge_pages, and bench's bound, which must read memory
-    as the weights are read: on an Intel Xeon a sum over 495 MB ran at 20 GB/s from 4 kB pages, 22
-    from huge pages). The tensor keeps the mapping alive. POSIX only (mmap.MAP_PRIVATE).
+    `size` bytes (uint8, zeros) from a 2 MB boundary of a private anonymous mapping that the kernel is
+    advised to back with huge pages: the compiled step's packed weights (cpu_kernel.packed_weights), and
+    bench's bound, which must read memory as the weights are read. Why: a decode step streams every
+    weight once, and with 4 kB pages it also walks the page tables for every 4 kB it reads. Measured: on
+    a 2-core AMD EPYC, the same matrix-vector products 21-23 GB/s from 4 kB pages, 24-29 GB/s from huge
+    pages; on an Intel Xeon a sum over 495 MB 20 GB/s against 22. Where the kernel does not take the
+    advice, the memory is ordinary. The tensor keeps the mapping alive. POSIX only (mmap.MAP_PRIVATE).
     """
     # private: a shared anonymous mapping is shared memory, which takes huge pages by another setting
     arena = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -137,46 +138,6 @@ def huge_page_memory(size: int) -> torch.Tensor:
     memory = torch.frombuffer(arena, dtype=torch.uint8)  # shares the mapping and keeps it alive
     start = -memory.data_ptr() % HUGE_PAGE
     return memory[start:start + size]
-
-
-@torch.no_grad()
-def use_huge_pages(model: nn.Module) -> int:
-    """
-    Move a CPU model's weight matrices (nn.Linear weights, int8 weights, the embeddings) into one
-    block of memory that the kernel backs with 2 MB pages where it can (transparent huge pages in
-    "madvise" mode, Linux's usual setting), in place: the tensors keep their values, shapes, strides
-    and sharing (a tied head). Returns the bytes moved.
-
-    Why: a decode step streams every weight once, and with 4 kB pages it also walks the page tables
-    for every 4 kB it reads. Measured on a 2-core AMD EPYC (AVX2), the same matrix-vector products in
-    one process: 21-23 GB/s from 4 kB pages, 24-29 GB/s from huge pages. (llama.cpp reads its weights
-    from the page cache, which the kernel may back with huge pages too.) Where the kernel does not
-    take the advice the move changes nothing but the addresses.
-    """
-    matrices: dict[int, torch.Tensor] = {}  # by address: a tied head is one tensor
-    for module in model.modules():
-        for name in ("weight", "qweight"):
-            t = getattr(module, name, None)
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 2 and t.is_contiguous():
-                matrices.setdefault(t.data_ptr(), t)
-    if not matrices or not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no such mapping to advise
-        return 0
-    sizes = {ptr: -(-t.numel() * t.element_size() // 64) * 64 for ptr, t in matrices.items()}  # 64-byte aligned
-    memory, offset = huge_page_memory(sum(sizes.values())), 0
-    moved: dict[int, torch.Tensor] = {}
-    for ptr, t in matrices.items():
-        block = memory[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        moved[ptr] = block.copy_(t)
-        offset += sizes[ptr]
-    for module in model.modules():
-        for name in ("weight", "qweight"):
-            t = getattr(module, name, None)
-            if isinstance(t, torch.Tensor) and t.data_ptr() in moved:
-                if isinstance(t, nn.Parameter):
-                    t.data = moved[t.data_ptr()]  # the same Parameter everywhere it is shared
-                else:
-                    setattr(module, name, moved[t.data_ptr()])
-    return sum(sizes.values())
 
 
 def uses_blas(model: nn.Module) -> bool:

@@ -25,17 +25,19 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import mmap
 import os
 import platform
 import shlex
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .cpu_decode import decode_thread_count
+from .cpu_decode import decode_thread_count, huge_page_memory
 from .kvcache import KVCache
 from .model import GPT
 from .precision import Int8Linear, cpu_flags
@@ -124,6 +126,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             library = ctypes.CDLL(str(target))
             step, statistics, race = library.decode_step, library.distribution_stats, library.temperature_race
             noise, pairs = library.uniform_noise, library.decode_bf16_pairs
+            packed_bytes, pack = library.packed_bytes, library.pack_matrix
             break
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             try:
@@ -144,6 +147,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     noise.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
     noise.restype = None
     pairs.argtypes, pairs.restype = [], ctypes.c_int
+    packed_bytes.argtypes, packed_bytes.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
+    pack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    pack.restype = None
     return library, ""
 
 
@@ -284,11 +290,38 @@ def _weight_dtype(module: nn.Module) -> torch.dtype:
     return module.qweight.dtype if isinstance(module, Int8Linear) else module.weight.dtype
 
 
+# each product module's packed weights, with the identity of the weight they were packed from
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def packed_weights(module: nn.Module) -> torch.Tensor:
+    """
+    The weight matrix of a product module (nn.Linear, Int8Linear), packed as the compiled step's products
+    read it (decode_step.c's pack_matrix: groups of 64 outputs, input by input), in memory backed by huge
+    pages where the kernel allows (cpu_decode.huge_page_memory): uint8, packed_bytes long. Made once per
+    weight and shared by every step that decodes it (a model's own and a draft's), again when the weight
+    is replaced or changed in place (tensors_read's identity). A second copy of the weights: torch's
+    products (prompts, scoring) read the module's own.
+    """
+    library = _load()[0]
+    weight = module.qweight if isinstance(module, Int8Linear) else module.weight.detach()
+    identity = (weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), weight._version)
+    kept = _PACKED.get(module)
+    if kept is not None and kept[0] == identity:
+        return kept[1]
+    weight_type, (out, width) = WEIGHT_TYPES[weight.dtype], weight.shape
+    size = library.packed_bytes(weight_type, out, width)
+    packed = huge_page_memory(size) if hasattr(mmap, "MAP_PRIVATE") else torch.empty(size, dtype=torch.uint8)
+    library.pack_matrix(weight_type, weight.data_ptr(), out, width, packed.data_ptr(), decode_thread_count())
+    _PACKED[module] = (identity, packed)
+    return packed
+
+
 class KernelDecoder:
     """
     The compiled decode step for one model and its KV cache. It holds the model's tensors (the C side
-    reads their memory) and float32 copies of the few it needs in float32 (a bf16 model's norms and
-    biases, int8 scales), made once.
+    reads their memory), its weight matrices packed for the step's products (packed_weights), and
+    float32 copies of the few it needs in float32 (a bf16 model's norms and biases, int8 scales).
     """
 
     def __init__(self, model: GPT, cache: KVCache):
@@ -353,7 +386,8 @@ class KernelDecoder:
             weight, scales = module.qweight, self._f32(module.scales)
         else:
             weight, scales = module.weight.detach(), None
-        return _Matrix(self._raw(weight), scales, self._f32(module.bias), weight.size(1), weight.size(0))
+        return _Matrix(self._raw(packed_weights(module)), scales, self._f32(module.bias), weight.size(1),
+                       weight.size(0))
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], threads: int) -> torch.Tensor:
         """

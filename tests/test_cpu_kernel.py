@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nanoplay.cpu_kernel as cpu_kernel
-from nanoplay.cpu_decode import HUGE_PAGE, keep_freed_memory, use_decode_layout, use_huge_pages
-from nanoplay.cpu_kernel import KernelDecoder, kernel_status, why_not_compiled
+from nanoplay.cpu_decode import HUGE_PAGE, keep_freed_memory, use_decode_layout
+from nanoplay.cpu_kernel import KernelDecoder, kernel_status, packed_weights, why_not_compiled
 from nanoplay.engine import Engine
 from nanoplay.errors import NanoplayError
 from nanoplay.kvcache import KVCache
@@ -21,12 +21,12 @@ from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(bool(kernel_status()), reason=kernel_status() or "")
 
-# shapes whose rows are not whole vectors (36 = 32 + 4: the 8-wide and one-by-one tails) and every
-# option of the maths the step reads from the config
+# odd widths (45, 99: bf16 pairs pad the inputs; heads of 15 end in a tail one by one), and every option
+# of the maths the step reads from the config
 CONFIGS = {
     "gpt2": dict(),
-    "tails, exact gelu, no bias, untied": dict(n_embd=36, n_head=3, activation="gelu", bias=False,
-                                               tie_word_embeddings=False, n_inner=100),
+    "odd widths, exact gelu, no bias, untied": dict(n_embd=45, n_head=3, activation="gelu", bias=False,
+                                                    tie_word_embeddings=False, n_inner=99),
     "relu, unscaled, inverse layer scale": dict(activation="relu", scale_attn_weights=False,
                                                 scale_attn_by_inverse_layer_idx=True, layer_norm_epsilon=1e-3),
     "silu": dict(activation="silu", n_layer=3),
@@ -84,24 +84,23 @@ def test_step_writes_the_keys_and_values_torchs_step_writes():
 @torch.no_grad()
 def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
     """Bit for bit: the same summation order alone and batched, so a request decodes the same either way."""
-    # 92: whole rounds of chains, a vector after them and a tail of 4 one by one, with 8 lanes (80 + 8 + 4)
-    # as with 16 (64 + 16 + 12), and bf16 pairs' 2 steps of 32 and a tail of 28; int8's 80 (torch's int8
-    # kernel needs multiples of 16) has no tail. An MLP
-    # 100 wide (not int8's) ends its rows with values the vector activation leaves to the one-by-one one
-    model = tiny_model(n_embd=80 if dtype == torch.int8 else 92, n_head=2,
-                       n_inner=None if dtype == torch.int8 else 100)
+    # 6 rows: the products take a block of 4 and one of 2. Odd widths (45; an MLP 99 wide) for bf16 pairs'
+    # padding and the activation's one-by-one tail; int8's 80 (torch's int8 kernel needs multiples of 16)
+    model = tiny_model(n_embd=80 if dtype == torch.int8 else 45, n_head=2 if dtype == torch.int8 else 3,
+                       n_inner=None if dtype == torch.int8 else 99)
     if dtype == torch.int8:
         quantize_int8(model)
     else:
         model.to(dtype)
+    rows = 6
     cache_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    cache = KVCache(model.config, slots=3, device="cpu", dtype=cache_dtype)
-    for slot in range(3):
+    cache = KVCache(model.config, slots=rows, device="cpu", dtype=cache_dtype)
+    for slot in range(rows):
         prefill(model, cache, slot, [7 + slot, 8, 9])
     before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
     step = KernelDecoder(model, cache)
-    batched = step.decode([0, 1, 2], [20, 21, 22], [3, 3, 3], threads=2)
-    for slot in range(3):
+    batched = step.decode(list(range(rows)), [20 + slot for slot in range(rows)], [3] * rows, threads=2)
+    for slot in range(rows):
         for (k, v), (k0, v0) in zip(zip(cache.k, cache.v), before):  # back to before the step
             k.copy_(k0), v.copy_(v0)
         alone = step.decode([slot], [20 + slot], [3], threads=1 + slot % 2)
@@ -173,7 +172,7 @@ def test_bf16_step_rounds_the_products_inputs_where_the_cpu_multiplies_bf16_pair
     which). Against float64 forwards of
     the same bf16 values with and without that rounding, one token at position 0 in a float32 cache
     (so nothing else is rounded), the step is far closer to the one its CPU should compute."""
-    model = tiny_model(n_embd=92, n_head=2).to(torch.bfloat16)  # 92: whole pairs of 32 and a tail of 28
+    model = tiny_model(n_embd=93, n_head=3).to(torch.bfloat16)  # 93: odd, the pairs' inputs padded with a zero
     plain = copy.deepcopy(model).double()
     rounding = copy.deepcopy(plain)
     for module in rounding.modules():
@@ -285,18 +284,22 @@ def test_engine_decodes_as_torch_does(dtype):
             assert a.entropy == pytest.approx(b.entropy, abs=tolerance)
 
 
-def test_huge_pages_move_the_weights_and_keep_values_and_tying():
+@torch.no_grad()
+def test_packed_weights_are_made_once_in_huge_pages_and_again_when_a_weight_changes():
+    """The step's packed copy: on a huge page boundary, one per weight whatever reads it (a model's own
+    step and a draft's), packed again when the weight changes in place, and the model's own tensors
+    untouched (torch's products read them)."""
     model = tiny_model()
     reference = copy.deepcopy(model)
-    matrices = {p.data_ptr(): p for p in model.parameters() if p.dim() == 2}  # the tied head once
-    assert use_huge_pages(model) == sum(-(-p.numel() * 4 // 64) * 64 for p in matrices.values())
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.transformer.wte.weight.data_ptr() % HUGE_PAGE == 0  # the block starts on a huge page
+    head = packed_weights(model.lm_head)
+    assert head.data_ptr() % HUGE_PAGE == 0
+    caches = [KVCache(model.config, slots=1, device="cpu", dtype=torch.float32) for _ in range(2)]
+    first, second = (KernelDecoder(model, cache) for cache in caches)
+    assert first.struct.lm_head.weight == second.struct.lm_head.weight == head.data_ptr()
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        assert torch.equal(model(ids), reference(ids))
+    model.lm_head.weight.mul_(2)  # the tied embedding too
+    assert packed_weights(model.lm_head).data_ptr() != head.data_ptr()
 
 
 def test_freed_memory_is_kept_for_reuse_on_glibc():

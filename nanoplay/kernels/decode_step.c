@@ -28,7 +28,7 @@ enum { WEIGHT_F32 = 0, WEIGHT_BF16 = 1, WEIGHT_INT8 = 2 };
 enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2, ACT_SILU = 3, ACT_QUICK_GELU = 4 };
 
 typedef struct {
-    const void *weight;   /* (out, in) row-major: float32, bfloat16 or int8 (the model's weight_type) */
+    const void *weight;   /* (out, in) packed (pack_matrix): float32, bfloat16 or int8 (the model's weight_type) */
     const float *scales;  /* (out,): int8 row scales, else NULL */
     const float *bias;    /* (out,) or NULL */
     int64_t in, out;
@@ -92,7 +92,7 @@ static inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {
 }
 static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-/* The matrix products' vectors (DOT_BLOCK): 16 floats where the CPU has AVX-512, else the 8 above.
+/* The matrix products' vectors: 16 floats where the CPU has AVX-512, else the 8 above.
  * Measured on a 2-core Intel Xeon (Emerald Rapids), 30M shape, alternating: 16 lanes made bf16 steps
  * 19% faster (batch 1 and 4) and int8 steps 25% (batch 1) and 11% (batch 4); float32 steps, which
  * wait on memory, the same. */
@@ -170,98 +170,112 @@ static inline f32x8 exp8(f32x8 x) {
     return select8(nan, x, select8(over, zero + INFINITY, select8(under, zero, p * scale)));
 }
 
-#define SCALAR_F32(v) (v)
-#define SCALAR_BF16(v) bf16_to_float(v)
-#define SCALAR_INT8(v) ((float)(v))
-
-/* out[r * NX + c] = w_r . x_c for NW weight rows w_r = w + r * n and NX activation rows x_c = x + c * n:
- * each weight vector is loaded (and widened) once for all activation rows, each activation vector once
- * for all weight rows. Every dot product is CH chains of multiply-adds (MAC) of STEP values (LANES
- * floats, or 32 bf16 pairs), chain h taking the vectors h, h + CH, h + 2 CH, ... (the vectors after the
- * last whole round go to chain 0), then the chains added in order, the lanes summed (sumL), and the
- * n % STEP tail added one by one: the same order in every block shape, so a sequence's logits do not
- * depend on its batch. bf16 and float32 take 2 chains:
- * one chain of dependent multiply-adds bounds them (measured on a 2-core AMD EPYC, alternating A/B:
- * bf16 decode steps 8-10% faster at the 30M shape, batch 1 and 4; float32 ones 5-11% at the 30M and 124M
- * shapes, batch 1 and 4, though 4 chains gained nothing); int8's 4-row batches ran 19% slower with 2.
- * Each weight row is prefetched 4 KB ahead into every cache level, every 64-byte line of a round of
- * chains. Measured on a 2-core Intel Xeon (Emerald Rapids, 300 MB L3), alternating, 30M shape, batch 1:
- * float32 steps 3.2x faster than with the non-temporal hint 1 KB ahead that an AMD EPYC had preferred
- * (5-11% over none there), which on this Intel kept the weights out of the L3 that could hold them
- * between steps; 2.5x faster than no prefetch, 10-15% faster than 512 bytes or 2 KB ahead; bf16 steps
- * 10-18% faster than without; and float32 steps 9-13% faster (30M, 124M) than prefetching only the
- * first of the two lines a round spans with 16 lanes. A prefetch past a matrix's end never faults. */
-#define DOT_BLOCK(NAME, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, NW, NX, CH)         \
-    static void NAME(const W_TYPE *w, const X_TYPE *x, int64_t n, float *out) {                     \
-        f32xL acc[NW][NX][CH];                                                                      \
-        for (int r = 0; r < NW; r++)                                                                \
-            for (int c = 0; c < NX; c++)                                                            \
-                for (int h = 0; h < CH; h++) acc[r][c][h] = (f32xL){0};                             \
-        int64_t i = 0;                                                                              \
-        for (; i + STEP * CH <= n; i += STEP * CH)                                                  \
-            for (int h = 0; h < CH; h++) {                                                          \
-                __typeof__(X_LOAD(x)) xv[NX];                                                       \
-                for (int c = 0; c < NX; c++) xv[c] = X_LOAD(x + c * n + i + STEP * h);              \
-                for (int r = 0; r < NW; r++) {                                                      \
-                    if (h == 0) /* 4 KB ahead, to every cache level, each line (see above) */       \
-                        for (size_t line = 0; line < STEP * CH * sizeof(W_TYPE); line += 64)        \
-                            __builtin_prefetch((const char *)(w + r * n + i) + 4096 + line, 0, 3);  \
-                    __typeof__(W_LOAD(w)) wv = W_LOAD(w + r * n + i + STEP * h);                    \
-                    for (int c = 0; c < NX; c++) acc[r][c][h] = MAC(wv, xv[c], acc[r][c][h]);       \
-                }                                                                                   \
-            }                                                                                       \
-        for (; i + STEP <= n; i += STEP) {                                                          \
-            __typeof__(X_LOAD(x)) xv[NX];                                                           \
-            for (int c = 0; c < NX; c++) xv[c] = X_LOAD(x + c * n + i);                             \
-            for (int r = 0; r < NW; r++) {                                                          \
-                __typeof__(W_LOAD(w)) wv = W_LOAD(w + r * n + i);                                   \
-                for (int c = 0; c < NX; c++) acc[r][c][0] = MAC(wv, xv[c], acc[r][c][0]);           \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < NW; r++)                                                                \
-            for (int c = 0; c < NX; c++) {                                                          \
-                f32xL sum = acc[r][c][0];                                                           \
-                for (int h = 1; h < CH; h++) sum += acc[r][c][h];                                   \
-                float total = sumL(sum);                                                            \
-                for (int64_t j = i; j < n; j++) total += W_SCALAR(w[r * n + j]) * X_SCALAR(x[c * n + j]); \
-                out[r * NX + c] = total;                                                            \
-            }                                                                                       \
-    }
-
-/* one sequence: 1, 2 or 4 weight rows at a time; a batch: 1 or 2 weight rows for up to 4 activation rows */
-#define DOT_BLOCKS(TYPE, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, CH)                 \
-    DOT_BLOCK(dot_##TYPE##_1x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_4x1, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 4, 1, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x2, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 2, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x3, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 3, CH) \
-    DOT_BLOCK(dot_##TYPE##_1x4, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 1, 4, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x2, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 2, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x3, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 3, CH) \
-    DOT_BLOCK(dot_##TYPE##_2x4, W_TYPE, W_LOAD, W_SCALAR, X_TYPE, X_LOAD, X_SCALAR, MAC, STEP, 2, 4, CH) \
-    static void dot_##TYPE(const void *weight, const void *input, int64_t n, int nw, int nx, float *out) { \
-        const W_TYPE *w = (const W_TYPE *)weight;                                                \
-        const X_TYPE *x = (const X_TYPE *)input;                                                 \
-        switch (nw * 10 + nx) {                                                                   \
-        case 41: dot_##TYPE##_4x1(w, x, n, out); break;                                          \
-        case 21: dot_##TYPE##_2x1(w, x, n, out); break;                                          \
-        case 22: dot_##TYPE##_2x2(w, x, n, out); break;                                          \
-        case 23: dot_##TYPE##_2x3(w, x, n, out); break;                                          \
-        case 24: dot_##TYPE##_2x4(w, x, n, out); break;                                          \
-        case 12: dot_##TYPE##_1x2(w, x, n, out); break;                                          \
-        case 13: dot_##TYPE##_1x3(w, x, n, out); break;                                          \
-        case 14: dot_##TYPE##_1x4(w, x, n, out); break;                                          \
-        default: dot_##TYPE##_1x1(w, x, n, out); break;                                          \
-        }                                                                                         \
-    }
-
-DOT_BLOCKS(f32, float, load_f32xL, SCALAR_F32, float, load_f32xL, SCALAR_F32, fmaL, LANES, 2)
-#if BF16_PAIRS  /* one chain: two were 3-5% slower (Emerald Rapids, batch 1 and 4) */
-DOT_BLOCKS(bf16, uint16_t, load_bf16x32, SCALAR_BF16, uint16_t, load_bf16x32, SCALAR_BF16, dot_pairs, 32, 1)
+/* The matrix products read their weights packed (pack_matrix): the outputs in groups of GROUP, each
+ * group's weights input by input, so that a group's GROUP sums are whole vectors of lanes, each lane
+ * one output, each input's value broadcast to every lane and multiplied into all of them:
+ *     float32, int8, bf16 widened:  packed[g][k][j]    = W[g * GROUP + j][k]
+ *     bf16 pairs (BF16_PAIRS):      packed[g][k/2][j][k%2], the input padded to an even width
+ * with zeros past the last output. No lane ever sums across lanes, so no horizontal sums, and a group
+ * streams its weights once, in order, for up to 4 activation rows at a time. Each output's sum runs over
+ * its inputs in order, one chain of multiply-adds, whatever the batch and the block: a sequence's
+ * logits do not depend on its batch. Measured on a 2-core Intel Xeon (Emerald Rapids), 30M shape, the
+ * products alone, alternating against the (out, in) rows they replace (dot products of 1-4 weight rows
+ * with 1-4 activation rows, then summed across lanes): bf16 pairs 2-15% faster at batch 1 and 30-55% at
+ * batch 4, int8 20-58% and 62-92%, float32 6-16% and 4-40%. Groups of 64 outputs (4 vectors of 16
+ * lanes: 16 sums in registers for 4 rows) against 32: the same within the VM's noise for bf16 and
+ * float32, int8 faster at batch 1. The price: the packed copy is a second copy of the weights beside
+ * torch's, which prefills and scoring read (cpu_kernel.packed_weights). */
+#define GROUP 64
+#if LANES == 16
+#define PASS_VECTORS 4  /* vectors of lanes per pass over a group's weights: 16 sums for 4 rows in 32 registers */
 #else
-DOT_BLOCKS(bf16, uint16_t, load_bf16xL, SCALAR_BF16, float, load_f32xL, SCALAR_F32, fmaL, LANES, 2)
+#define PASS_VECTORS 2  /* 8 sums for 4 rows in AVX2's 16 registers: 4 passes, the later ones from the L1/L2 */
 #endif
-DOT_BLOCKS(int8, int8_t, load_int8xL, SCALAR_INT8, float, load_f32xL, SCALAR_F32, fmaL, LANES, 1)
+#define PASS (PASS_VECTORS * LANES)
+
+static size_t weight_width(int type) { return type == WEIGHT_F32 ? 4 : type == WEIGHT_BF16 ? 2 : 1; }
+
+/* inputs a packed row holds: in, or in rounded up to even for bf16 pairs */
+static int64_t packed_inputs(int type, int64_t in) { return BF16_PAIRS && type == WEIGHT_BF16 ? in + (in & 1) : in; }
+
+/* bytes of a packed (out, in) matrix of weight type `type` */
+int64_t packed_bytes(int type, int64_t out, int64_t in) {
+    return (out + GROUP - 1) / GROUP * GROUP * packed_inputs(type, in) * (int64_t)weight_width(type);
+}
+
+/* packed (packed_bytes) = w (out, in), row-major, of weight type `type`, packed as the products read it */
+void pack_matrix(int type, const void *w, int64_t out, int64_t in, void *packed, int threads) {
+    const size_t width = weight_width(type);
+    const int64_t groups = (out + GROUP - 1) / GROUP, inputs = packed_inputs(type, in);
+    const int pairs = BF16_PAIRS && type == WEIGHT_BF16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        char *dst = (char *)packed + g * GROUP * inputs * width;
+        memset(dst, 0, GROUP * inputs * width);
+        for (int64_t j = 0; j < GROUP && g * GROUP + j < out; j++) {
+            const char *row = (const char *)w + (g * GROUP + j) * in * width;
+            for (int64_t k = 0; k < in; k++) {
+                const int64_t at = pairs ? (k / 2 * GROUP + j) * 2 + k % 2 : k * GROUP + j;
+                memcpy(dst + at * width, row + k * width, width);
+            }
+        }
+    }
+}
+
+/* A pass of a group's products: sums[c][v] = the PASS outputs' sums (PASS_VECTORS vectors from the
+ * group's lane `first`) for NX activation rows x + c * stride, over `in` inputs (pairs of them for bf16
+ * pairs). The next rows of weights are prefetched 4 KB ahead into every cache level, on the first pass:
+ * measured on the rows the packed layout replaced (Emerald Rapids, 300 MB L3), float32 steps 3.2x faster
+ * than with a non-temporal hint 1 KB ahead, which kept the weights out of the L3 that could hold them
+ * between steps, 2.5x faster than with none. A prefetch past a matrix's end never faults. */
+#define GROUP_PASS(NAME, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP, NX)                           \
+    static void NAME(const W_TYPE *w, int64_t first, const X_TYPE *x, int64_t stride, int64_t in,        \
+                     f32xL sums[4][PASS_VECTORS]) {                                                     \
+        f32xL acc[NX][PASS_VECTORS];                                                                  \
+        for (int c = 0; c < NX; c++)                                                                  \
+            for (int v = 0; v < PASS_VECTORS; v++) acc[c][v] = (f32xL){0};                            \
+        for (int64_t k = 0; k < in; k += K_STEP) {                                                    \
+            const W_TYPE *row = w + k * GROUP;                                                        \
+            if (first == 0)                                                                           \
+                for (size_t line = 0; line < GROUP * K_STEP * sizeof(W_TYPE); line += 64)            \
+                    __builtin_prefetch((const char *)row + 4096 + line, 0, 3);                        \
+            __typeof__(X_BROADCAST(x, 0)) xv[NX];                                                     \
+            for (int c = 0; c < NX; c++) xv[c] = X_BROADCAST(x + c * stride, k);                      \
+            for (int v = 0; v < PASS_VECTORS; v++) {                                                  \
+                __typeof__(W_LOAD(row)) wv = W_LOAD(row + (first + v * LANES) * K_STEP);              \
+                for (int c = 0; c < NX; c++) acc[c][v] = MAC(wv, xv[c], acc[c][v]);                   \
+            }                                                                                         \
+        }                                                                                             \
+        for (int c = 0; c < NX; c++)                                                                  \
+            for (int v = 0; v < PASS_VECTORS; v++) sums[c][v] = acc[c][v];                            \
+    }
+
+#define GROUP_PASSES(TYPE, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP)                             \
+    GROUP_PASS(pass_##TYPE##_1, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP, 1)                    \
+    GROUP_PASS(pass_##TYPE##_2, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP, 2)                    \
+    GROUP_PASS(pass_##TYPE##_3, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP, 3)                    \
+    GROUP_PASS(pass_##TYPE##_4, W_TYPE, W_LOAD, X_TYPE, X_BROADCAST, MAC, K_STEP, 4)                    \
+    static void pass_##TYPE(const void *w, int64_t first, const void *x, int64_t stride, int64_t in, int nx, \
+                            f32xL sums[4][PASS_VECTORS]) {                                              \
+        void (*pass[4])(const W_TYPE *, int64_t, const X_TYPE *, int64_t, int64_t, f32xL[4][PASS_VECTORS]) = \
+            {pass_##TYPE##_1, pass_##TYPE##_2, pass_##TYPE##_3, pass_##TYPE##_4};                        \
+        pass[nx - 1]((const W_TYPE *)w, first, (const X_TYPE *)x, stride, in, sums);                     \
+    }
+
+static inline f32xL broadcast_f32(const float *x, int64_t k) { return (f32xL){0} + x[k]; }
+
+GROUP_PASSES(f32, float, load_f32xL, float, broadcast_f32, fmaL, 1)
+GROUP_PASSES(int8, int8_t, load_int8xL, float, broadcast_f32, fmaL, 1)
+#if BF16_PAIRS  /* a pair of inputs k, k + 1 broadcast to every lane, as one 32-bit value */
+static inline bf16x32 broadcast_pair(const uint16_t *x, int64_t k) {
+    uint32_t pair;
+    memcpy(&pair, x + k, sizeof pair);
+    return (bf16x32)_mm512_set1_epi32((int)pair);
+}
+GROUP_PASSES(bf16, uint16_t, load_bf16x32, uint16_t, broadcast_pair, dot_pairs, 2)
+#else
+GROUP_PASSES(bf16, uint16_t, load_bf16xL, float, broadcast_f32, fmaL, 1)
+#endif
 
 static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float v, int accumulate) {
     if (w->scales) v = bf16_to_float(float_to_bf16(v * w->scales[o]));  /* int8: a bf16 result, as torch's */
@@ -270,20 +284,14 @@ static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float 
     *dst = accumulate ? *dst + v : v;
 }
 
-/* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream); int8 rounds
- * x to bf16 in place first and each result to bf16 before the bias (torch's int8 product, precision.py);
- * bf16 with BF16_PAIRS multiplies x rounded to bf16 in x_bf16 (B, in), scratch of the step's.
- * Called inside the parallel region: the output rows are shared among the threads, and each thread
- * streams its share of the matrix in order. A batch takes one weight row for up to 4 activation rows
- * at a time, one sequence one weight row; int8, and bf16 with AVX-512's 16 lanes (and 32 registers),
- * take 2 weight rows for a batch and 4 for one sequence, as widening needs more work per load.
- * Measured against one row: with AVX2 on an AMD EPYC, 15% faster for int8 but 1.4x slower for bf16
- * and float32; with AVX-512 on an Intel Xeon (30M shape, alternating), bf16 steps 12% faster for one
- * sequence and 9% for 4, float32 ones 9-10% slower; bf16 pairs (BF16_PAIRS), 28% faster for one
- * sequence and 3% for 4. */
+/* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream), from W packed
+ * (pack_matrix); int8 rounds x to bf16 in place first and each result to bf16 before the bias (torch's
+ * int8 product, precision.py); bf16 with BF16_PAIRS multiplies x rounded to bf16 in x_bf16 (B, in + 1),
+ * scratch of the step's. Called inside the parallel region: the groups of outputs are shared among the
+ * threads, and each thread streams its share of the packed matrix in order, once per 4 rows. */
 static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *y, int accumulate,
                    uint16_t *x_bf16) {
-    const int64_t in = w->in, out = w->out;
+    const int64_t in = w->in, out = w->out, inputs = packed_inputs(m->weight_type, in);
     if (m->weight_type == WEIGHT_INT8) {
         /* int8 products take bf16 inputs, as torch's int8 kernel does (precision.py): the same numbers
          * with and without a compiler, and in `score`. x is this product's own scratch input. */
@@ -291,30 +299,32 @@ static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *
         for (int64_t i = 0; i < B * in; i++) x[i] = bf16_to_float(float_to_bf16(x[i]));
     }
     const char *input = (const char *)x;
+    int64_t stride = in;  /* elements from one input row to the next */
     size_t input_width = sizeof(float);
-    if (BF16_PAIRS && m->weight_type == WEIGHT_BF16) {
+    if (BF16_PAIRS && m->weight_type == WEIGHT_BF16) {  /* rows padded to an even width with a zero */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * in; i++) x_bf16[i] = float_to_bf16(x[i]);
-        input = (const char *)x_bf16, input_width = sizeof(uint16_t);
+        for (int64_t i = 0; i < B * inputs; i++) x_bf16[i] = i % inputs < in ? float_to_bf16(x[i / inputs * in + i % inputs]) : 0;
+        input = (const char *)x_bf16, stride = inputs, input_width = sizeof(uint16_t);
     }
-    const size_t width = m->weight_type == WEIGHT_F32 ? 4 : m->weight_type == WEIGHT_BF16 ? 2 : 1;
-    void (*dot)(const void *, const void *, int64_t, int, int, float *) =
-        m->weight_type == WEIGHT_F32 ? dot_f32 : m->weight_type == WEIGHT_BF16 ? dot_bf16 : dot_int8;
-    const char *weight = (const char *)w->weight;
-    const int several = m->weight_type == WEIGHT_INT8 || (m->weight_type == WEIGHT_BF16 && LANES == 16);
-    const int64_t rows = !several ? 1 : B == 1 ? 4 : 2;  /* weight rows per block */
-    float block[8];
+    const size_t width = weight_width(m->weight_type);
+    void (*pass)(const void *, int64_t, const void *, int64_t, int64_t, int, f32xL[4][PASS_VECTORS]) =
+        m->weight_type == WEIGHT_F32 ? pass_f32 : m->weight_type == WEIGHT_BF16 ? pass_bf16 : pass_int8;
+    const int64_t groups = (out + GROUP - 1) / GROUP;
 #pragma omp for schedule(static)
-    for (int64_t o = 0; o < out; o += rows) {
-        for (int64_t r = o; r < o + rows && r < out;) {  /* the matrix's last block may be 2 and 1 rows */
-            int nw = out - r >= rows ? (int)rows : out - r >= 2 ? 2 : 1;
-            for (int64_t b = 0; b < B; b += 4) {
-                int nx = B - b < 4 ? (int)(B - b) : 4;
-                dot(weight + r * in * width, input + b * in * input_width, in, nw, nx, block);
-                for (int i = 0; i < nw; i++)
-                    for (int c = 0; c < nx; c++) store(w, y, b + c, r + i, block[i * nx + c], accumulate);
+    for (int64_t g = 0; g < groups; g++) {
+        const char *weights = (const char *)w->weight + g * GROUP * inputs * width;
+        for (int64_t b = 0; b < B; b += 4) {
+            const int nx = B - b < 4 ? (int)(B - b) : 4;
+            for (int64_t first = 0; first < GROUP; first += PASS) {
+                f32xL sums[4][PASS_VECTORS];
+                float lanes[PASS];
+                pass(weights, first, input + b * stride * input_width, stride, inputs, nx, sums);
+                for (int c = 0; c < nx; c++) {
+                    memcpy(lanes, sums[c], sizeof lanes);
+                    for (int j = 0; j < PASS && g * GROUP + first + j < out; j++)
+                        store(w, y, b + c, g * GROUP + first + j, lanes[j], accumulate);
+                }
             }
-            r += nw;
         }
     }
 }
@@ -397,8 +407,12 @@ static void score_keys(int type, const void *cache, int64_t base, const float *q
         uint16_t q_bf16[n];
         for (int64_t i = 0; i < n; i++) q_bf16[i] = float_to_bf16(q[i]);
         for (int64_t t = 0; t < count; t++) {
-            float total;
-            dot_bf16_1x1(keys + base + t * n, q_bf16, n, &total);  /* the products' own pair dot product */
+            const uint16_t *key = keys + base + t * n;
+            f32xL sum = {0};
+            int64_t i = 0;
+            for (; i + 32 <= n; i += 32) sum = dot_pairs(load_bf16x32(key + i), load_bf16x32(q_bf16 + i), sum);
+            float total = sumL(sum);
+            for (; i < n; i++) total += bf16_to_float(key[i]) * bf16_to_float(q_bf16[i]);
             s[t] = total * scale;
         }
         return;
@@ -496,7 +510,7 @@ int decode_step(const Model *m, int64_t B, const int64_t *tokens, const int64_t 
     float *x = malloc(sizeof(float) * B * C), *xn = malloc(sizeof(float) * B * C);
     float *hidden = malloc(sizeof(float) * B * wide), *att = malloc(sizeof(float) * B * C);
     float *scores = malloc(sizeof(float) * B * m->n_head * m->cache_len);
-    uint16_t *x_bf16 = malloc(sizeof(uint16_t) * B * wide);  /* the products' inputs for BF16_PAIRS */
+    uint16_t *x_bf16 = malloc(sizeof(uint16_t) * B * (wide + 1));  /* the products' inputs for BF16_PAIRS */
     int ok = x && xn && hidden && att && scores && x_bf16;
     if (ok) {
 #pragma omp parallel num_threads(threads)
