@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 16  # the most tokens a draft may propose per step (gen --draft-tokens, bench)
-MAX_COMPILED_TOKENS = 16  # longer feeds (a draft catching up on a new prompt) take torch's forward
+# longer feeds (a draft catching up on a new prompt) take torch's forward. A check of k proposals feeds
+# k + 1 tokens, and must take the step that decodes without a draft (torch's products round otherwise)
+MAX_COMPILED_TOKENS = MAX_DRAFT_TOKENS + 1
 GPT2_VOCAB = 50257  # tokens of GPT-2's BPE; larger vocabularies are padding beyond them
 
 

@@ -17,6 +17,7 @@ from nanoplay.kvcache import KVCache
 from nanoplay.loading import LoadedModel
 from nanoplay.precision import INT8_WIDTH_MULTIPLE, Int8Linear, quantize_int8
 from nanoplay.sampling import SamplingParams
+from nanoplay.speculative import MAX_DRAFT_TOKENS
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(bool(kernel_status()), reason=kernel_status() or "")
@@ -414,15 +415,18 @@ def test_tokens_of_one_sequence_in_one_call_are_a_causal_forward():
     torch.testing.assert_close(logits, full_forward(model, seqs), atol=2e-5, rtol=1e-5)
 
 
-def test_speculative_decoding_through_the_compiled_step_changes_no_bit():
-    """The check of k+1 tokens runs in the same step as plain decoding, row for row: the same figures exactly."""
+@pytest.mark.parametrize("draft_tokens", [4, MAX_DRAFT_TOKENS])
+def test_speculative_decoding_through_the_compiled_step_changes_no_bit(draft_tokens):
+    """The check of k+1 tokens runs in the same step as plain decoding, row for row: the same figures exactly,
+    for every k a request may ask (the most: 17 tokens checked at once)."""
     from nanoplay.bench import truncated_draft
 
     target = LoadedModel(name="target", model=tiny_model(seed=1, n_layer=3), source="test", location="memory")
     params = SamplingParams(max_new_tokens=20, seed=2, temperature=0.8, top_logprobs=3, stop_on_eot=False)
     plain = Engine().generate(target, "The cat sat on", params)
     engine = Engine()  # a fresh cache: the prompt's prefill the same forward as plain's
-    speculative = engine.generate(target, "The cat sat on", params, draft=truncated_draft(target, 2))
+    speculative = engine.generate(target, "The cat sat on", params, draft=truncated_draft(target, 2),
+                                  draft_tokens=draft_tokens)
     assert engine._runner(target).use_compiled_decode and speculative.draft_accepted > 0
     assert [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in speculative.tokens] == \
         [(t.id, t.logprob, t.sampling_logprob, t.entropy, t.rank, t.top) for t in plain.tokens]
