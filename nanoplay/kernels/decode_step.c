@@ -282,11 +282,33 @@ GROUP_PASSES(bf16, uint16_t, load_bf16x32, uint16_t, broadcast_pair, dot_pairs, 
 GROUP_PASSES(bf16, uint16_t, load_bf16xL, float, broadcast_f32, fmaL, 1)
 #endif
 
-static inline void store(const Matrix *w, float *y, int64_t b, int64_t o, float v, int accumulate) {
-    if (w->scales) v = bf16_to_float(float_to_bf16(v * w->scales[o]));  /* int8: a bf16 result, as torch's */
-    if (w->bias) v += w->bias[o];
-    float *dst = y + b * w->out + o;
-    *dst = accumulate ? *dst + v : v;
+/* y[o..o + n) (+)= sums scaled (int8: each rounded to bf16, as torch's result is) plus the bias: LANES at a
+ * time, the same arithmetic as one by one */
+typedef uint32_t u32xL __attribute__((vector_size(sizeof(f32xL))));
+static inline f32xL round_to_bf16(f32xL v) {  /* float_to_bf16, lane by lane, back in float32 */
+    u32xL u;
+    memcpy(&u, &v, sizeof u);
+    const u32xL nan = (u32xL)((u & 0x7fffffffu) > 0x7f800000u);  /* all ones where NaN: it stays NaN */
+    u = ((u | 0x400000u) & nan) | ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan);
+    u &= 0xffff0000u;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline void store(const Matrix *w, float *y, int64_t o, int64_t n, f32xL sums, int accumulate) {
+    if (n == LANES) {
+        if (w->scales) sums = round_to_bf16(sums * load_f32xL(w->scales + o));
+        if (w->bias) sums += load_f32xL(w->bias + o);
+        if (accumulate) sums += load_f32xL(y + o);
+        memcpy(y + o, &sums, sizeof sums);
+        return;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float v = sums[j];
+        if (w->scales) v = bf16_to_float(float_to_bf16(v * w->scales[o + j]));
+        if (w->bias) v += w->bias[o + j];
+        y[o + j] = accumulate ? y[o + j] + v : v;
+    }
 }
 
 /* y (B, out) = x (B, in) @ W.T + bias, or y += that when accumulate (the residual stream), from W packed
@@ -322,13 +344,12 @@ static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *
             const int nx = B - b < 4 ? (int)(B - b) : 4;
             for (int64_t first = 0; first < GROUP; first += PASS) {
                 f32xL sums[4][PASS_VECTORS];
-                float lanes[PASS];
                 pass(weights, first, input + b * stride * input_width, stride, inputs, nx, sums);
-                for (int c = 0; c < nx; c++) {
-                    memcpy(lanes, sums[c], sizeof lanes);
-                    for (int j = 0; j < PASS && g * GROUP + first + j < out; j++)
-                        store(w, y, b + c, g * GROUP + first + j, lanes[j], accumulate);
-                }
+                for (int c = 0; c < nx; c++)
+                    for (int v = 0; v < PASS_VECTORS; v++) {
+                        const int64_t o = g * GROUP + first + v * LANES, n = out - o < LANES ? out - o : LANES;
+                        if (n > 0) store(w, y + (b + c) * out, o, n, sums[c][v], accumulate);
+                    }
             }
         }
     }
