@@ -126,7 +126,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             library = ctypes.CDLL(str(target))
             step, statistics, race = library.decode_step, library.distribution_stats, library.temperature_race
             noise, pairs = library.uniform_noise, library.decode_bf16_pairs
-            packed_bytes, pack = library.packed_bytes, library.pack_matrix
+            packed_bytes, pack, stream = library.packed_bytes, library.pack_matrix, library.stream_sum
             break
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             try:
@@ -150,6 +150,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     packed_bytes.argtypes, packed_bytes.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int64
     pack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     pack.restype = None
+    stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_double
     return library, ""
 
 
@@ -164,6 +165,15 @@ def bf16_pairs() -> bool:
     widens them to float32 instead, or the kernels do not load."""
     library = _load()[0]
     return bool(library is not None and library.decode_bf16_pairs())
+
+
+def stream_sum(x: torch.Tensor, threads: int) -> float | None:
+    """The sum of a contiguous float32 CPU tensor, read as the step's products read their weights (its
+    lines prefetched ahead: decode_step.c's stream_sum), with `threads`; None without the library."""
+    library = _load()[0]
+    if library is None:
+        return None
+    return library.stream_sum(x.data_ptr(), x.numel(), threads)
 
 
 def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, ...] | None:

@@ -253,17 +253,32 @@ def test_bench_says_when_threads_outnumber_the_cpus(tiny_run, capsys, monkeypatc
     assert "note: --threads 2 is more than the CPUs here (1): expect slower numbers\n" in capsys.readouterr().err
 
 
-def test_the_bound_reads_memory_laid_out_as_the_weights(monkeypatch):
-    """On a CPU the bound's streaming read sums bytes in huge pages, as decoding reads its weights
-    (use_huge_pages): from 4 kB pages it read 10% slower, and decoding showed 104-116% of its bound."""
+def test_the_bound_reads_memory_laid_out_as_the_weights_as_the_step_reads_them(monkeypatch):
+    """On a CPU the bound's streaming read sums bytes in huge pages, as decoding reads its packed weights
+    (from 4 kB pages it read 10% slower, and decoding showed 104-116% of its bound), with the step's own
+    reading (cpu_kernel.stream_sum: torch's sum read 22 GB/s where the step streamed 25) over every byte."""
     from nanoplay.cpu_decode import HUGE_PAGE
+    from nanoplay.cpu_kernel import kernel_status
 
-    blocks = []
-    real = nanoplay.bench.huge_page_memory
+    blocks, sums = [], []
+    real, real_sum = nanoplay.bench.huge_page_memory, nanoplay.bench.stream_sum
     monkeypatch.setattr(nanoplay.bench, "huge_page_memory", lambda size: blocks.append(real(size)) or blocks[-1])
+    monkeypatch.setattr(nanoplay.bench, "stream_sum", lambda x, threads: sums.append(real_sum(x, threads)) or sums[-1])
     rate = nanoplay.bench.measure_bandwidth(torch.device("cpu"), 3 * HUGE_PAGE + 64, repeats=2)
     assert [b.numel() for b in blocks] == [3 * HUGE_PAGE + 64] and blocks[0].data_ptr() % HUGE_PAGE == 0
     assert rate > 0
+    if not kernel_status():  # every float of the block read, each a 1.0: a hand count
+        assert sums and all(total == (3 * HUGE_PAGE + 64) // 4 for total in sums)
+
+
+@pytest.mark.parametrize("n", [1, 63, 1024, 5000])
+def test_the_steps_streaming_read_sums_every_value_once(n):
+    from nanoplay.cpu_kernel import kernel_status, stream_sum
+
+    if kernel_status():
+        pytest.skip(kernel_status())
+    x = torch.arange(n, dtype=torch.float32) % 7  # small integers: exact sums in any order
+    assert stream_sum(x, 2) == float(x.double().sum())
 
 
 def test_a_models_loading_note_is_printed_once(tmp_path, capsys):
