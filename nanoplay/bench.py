@@ -15,7 +15,6 @@ import ctypes
 import dataclasses
 import functools
 import importlib
-import mmap
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .cpu_decode import decode_thread_count, huge_page_memory, use_decode_layout
-from .cpu_kernel import bf16_pairs, stream_sum, why_not_compiled
+from .cpu_kernel import bf16_pairs, kernel_status, stream_sum, why_not_compiled
 from .engine import Engine
 from .errors import NanoplayError
 from .loading import LoadedModel
@@ -85,15 +84,11 @@ def measure_bandwidth(device: torch.device, size_bytes: int, repeats: int = 5) -
     it does not load, which on an Intel Xeon read 495 MB at 22 GB/s while the step streamed them at 25).
     """
     count = max(1, size_bytes // 4)
-    if torch.device(device).type == "cpu" and hasattr(mmap, "MAP_PRIVATE"):  # the weights' pages
+    if torch.device(device).type == "cpu":  # the weights' pages, read as the step reads them
         x = huge_page_memory(count * 4).view(torch.float32).fill_(1.0)
+        read = x.sum if kernel_status() else functools.partial(stream_sum, x, decode_thread_count())
     else:
         x = torch.ones(count, device=device)
-    threads = decode_thread_count()
-    if torch.device(device).type == "cpu" and stream_sum(x, threads) is not None:
-        def read():
-            return stream_sum(x, threads)
-    else:
         read = x.sum
     read()  # fault the pages in before timing
     return size_bytes / min(timed(read, device) for _ in range(repeats))

@@ -129,8 +129,11 @@ def huge_page_memory(size: int) -> torch.Tensor:
     weight once, and with 4 kB pages it also walks the page tables for every 4 kB it reads. Measured: on
     a 2-core AMD EPYC, the same matrix-vector products 21-23 GB/s from 4 kB pages, 24-29 GB/s from huge
     pages; on an Intel Xeon a sum over 495 MB 20 GB/s against 22. Where the kernel does not take the
-    advice, the memory is ordinary. The tensor keeps the mapping alive. POSIX only (mmap.MAP_PRIVATE).
+    advice, the memory is ordinary. The tensor keeps the mapping alive. Where there is no such mapping
+    (Windows: no mmap.MAP_PRIVATE), ordinary zeroed memory.
     """
+    if not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.zeros(size, dtype=torch.uint8)
     # private: a shared anonymous mapping is shared memory, which takes huge pages by another setting
     arena = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # before the first touch, which is when pages are given

@@ -25,7 +25,6 @@ import ctypes
 import functools
 import hashlib
 import itertools
-import mmap
 import os
 import platform
 import shlex
@@ -321,7 +320,7 @@ def packed_weights(module: nn.Module) -> torch.Tensor:
         return kept[1]
     weight_type, (out, width) = WEIGHT_TYPES[weight.dtype], weight.shape
     size = library.packed_bytes(weight_type, out, width)
-    packed = huge_page_memory(size) if hasattr(mmap, "MAP_PRIVATE") else torch.empty(size, dtype=torch.uint8)
+    packed = huge_page_memory(size)
     library.pack_matrix(weight_type, weight.data_ptr(), out, width, packed.data_ptr(), decode_thread_count())
     _PACKED[module] = (identity, packed)
     return packed
