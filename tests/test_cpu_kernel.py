@@ -112,7 +112,7 @@ def test_a_rows_logits_do_not_depend_on_its_batch(dtype):
 def test_int8_step_computes_what_torchs_int8_product_does():
     """bf16 inputs and bf16 results around float32 sums, as torch's int8 kernel (precision.py): so gen,
     score and a machine without a compiler give the same int8 numbers, up to a rare bf16 rounding flip."""
-    model = tiny_model(n_embd=48, n_head=2)  # 48: a whole vector after the rounds of chains (16 lanes)
+    model = tiny_model(n_embd=48, n_head=2)  # 48: a width torch's int8 kernel reads (INT8_WIDTH_MULTIPLE)
     quantize_int8(model)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     cache = KVCache(model.config, slots=1, device="cpu", dtype=torch.float32)
