@@ -140,7 +140,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     statistics.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     statistics.restype = ctypes.c_int
-    race.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
+    race.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int,
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     race.restype = ctypes.c_int
     noise.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
@@ -204,21 +204,21 @@ def distribution_statistics(logits: torch.Tensor, top: int) -> tuple[torch.Tenso
 
 def temperature_race(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> tuple[int, float, float] | None:
     """
-    sampling.choose's exponential race at `temperature` with no other filter, for one row of float64
-    logits (vocab,) on the CPU and its uniform noise (vocab,) (sampling.draw_noise; kernels/distribution.c):
+    sampling.choose's exponential race at `temperature` with no other filter, for one row of float32 or
+    float64 logits (vocab,) on the CPU and its uniform noise (vocab,) (sampling.draw_noise; kernels/distribution.c):
     (token, the row's maximum, log_z), where token j's sampling log-probability is (logits[j] - max) /
     temperature - log_z. None where the kernels do not load, for other tensors, and for a row with NaN
     or +-inf.
     """
     library = _load()[0]
-    if (library is None or logits.device.type != "cpu" or logits.dtype != torch.float64 or logits.dim() != 1
-            or noise.device.type != "cpu" or noise.shape != logits.shape or not logits.numel()):
+    if (library is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64)
+            or logits.dim() != 1 or noise.device.type != "cpu" or noise.shape != logits.shape or not logits.numel()):
         return None
     logits, noise = logits.contiguous(), noise.double().contiguous()
     token, row_max, log_z = ctypes.c_int64(), ctypes.c_double(), ctypes.c_double()
-    status = library.temperature_race(logits.data_ptr(), logits.numel(), temperature, noise.data_ptr(),
-                                      decode_thread_count(), ctypes.byref(token), ctypes.byref(row_max),
-                                      ctypes.byref(log_z))
+    status = library.temperature_race(logits.data_ptr(), logits.dtype == torch.float64, logits.numel(), temperature,
+                                      noise.data_ptr(), decode_thread_count(), ctypes.byref(token),
+                                      ctypes.byref(row_max), ctypes.byref(log_z))
     if status < 0:
         raise MemoryError("the sampling kernel could not allocate its scratch memory")
     return None if status else (token.value, row_max.value, log_z.value)

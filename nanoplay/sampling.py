@@ -301,13 +301,21 @@ def _count_above(row: torch.Tensor, x: float) -> int:
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                     generated_counts: torch.Tensor | None) -> torch.Tensor:
-    """Steps 1-2 on one row (float64 out). seen: ids in prompt + output; generated_counts: (V,) counts of output ids."""
+    """
+    Steps 1-2 on one row (vocab,). seen: ids in prompt + output; generated_counts: (V,) counts of output
+    ids. Where a penalty applies, float64 out; where none does, the logits themselves (the later steps
+    read any dtype: a float64 copy of the vocabulary per token per row was a tenth of a sampled step).
+    """
+    repetition = params.repetition_penalty != 1.0 and seen is not None and seen.numel()
+    counted = (params.presence_penalty or params.frequency_penalty) and generated_counts is not None
+    if not (repetition or counted):
+        return logits
     logits = stable_logits(logits)
-    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+    if repetition:
         picked = logits[seen]
         logits = logits.clone()
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and generated_counts is not None:
+    if counted:
         counts = generated_counts.to(logits.dtype)
         logits = logits - (params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype))
     return stable_logits(logits)  # a huge penalty can overflow to +-inf: keep one meaning for it
@@ -407,28 +415,77 @@ def exponential(noise: torch.Tensor) -> torch.Tensor:
     return noise.double().neg().log1p_().neg_()
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+class SamplingLogprobs:
+    """
+    The distribution a token was drawn from (step 7's, after the settings), as float64 log-probabilities:
+    `at(ids)` for a few tokens (what a generated token reports for itself and its alternatives) and
+    `row` (vocab,) for all of them, made only when asked: a vocabulary-wide float64 row per token per
+    request cost more than the race that drew the token.
+    """
+
+    row: torch.Tensor  # (vocab,) float64: each kind below makes it its own way
+
+    def at(self, ids: list[int]) -> list[float]:
+        return self.row[ids].tolist()
+
+
+class PointMass(SamplingLogprobs):
+    """Greedy decoding's: all the probability on one token."""
+
+    def __init__(self, token: int, size: int, device):
+        self.token, self.size, self.device = token, size, device
+
+    @functools.cached_property
+    def row(self) -> torch.Tensor:
+        row = torch.full((self.size,), float("-inf"), dtype=torch.float64, device=self.device)
+        row[self.token] = 0.0
+        return row
+
+    def at(self, ids: list[int]) -> list[float]:
+        return [0.0 if i == self.token else float("-inf") for i in ids]
+
+
+class LogprobRow(SamplingLogprobs):
+    """A row the sampling chain computed whole (top-k, top-p, min-p)."""
+
+    def __init__(self, row: torch.Tensor):
+        self.row = row
+
+
+class TemperedLogits(SamplingLogprobs):
+    """A temperature's alone: (logit - max) / temperature - log_z, for finite logits (vocab,) of any
+    float dtype. `at` does the same float64 operations in Python as `row` in torch: the same bits."""
+
+    def __init__(self, logits: torch.Tensor, row_max: float, temperature: float, log_z: float):
+        self.logits, self.max, self.temperature, self.log_z = logits, row_max, temperature, log_z
+
+    @functools.cached_property
+    def row(self) -> torch.Tensor:
+        return torch.sub(self.logits.double(), self.max).div_(self.temperature).sub_(self.log_z)
+
+    def at(self, ids: list[int]) -> list[float]:
+        return [((x - self.max) / self.temperature) - self.log_z for x in self.logits[ids].tolist()]
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[int, SamplingLogprobs]:
     """
     Pick the next token from one row of penalised logits (vocab,) and its uniform noise (vocab,)
-    (`draw_noise`; None for greedy); returns (id, sampling log-probs (vocab,), float64). The row must
-    have a distribution (`logits_fault` is None for it). With a
-    temperature and no other filter, on a CPU where the kernels load, the race runs in C
-    (cpu_kernel.temperature_race): the same token, and log-probabilities equal to float64 rounding.
+    (`draw_noise`; None for greedy); returns (id, the sampling log-probabilities). The row must have a
+    distribution (`logits_fault` is None for it). With a temperature and no other filter, on a CPU
+    where the kernels load, the race runs in C (cpu_kernel.temperature_race, on float32 or float64
+    logits): the same token, and log-probabilities equal to float64 rounding.
     """
     if params.temperature == 0:
         token = int(torch.argmax(stable_logits(logits)))
-        sampling_logprobs = torch.full(logits.shape, float("-inf"), dtype=torch.float64, device=logits.device)
-        sampling_logprobs[token] = 0.0  # greedy: a point mass
-        return token, sampling_logprobs
+        return token, PointMass(token, logits.size(-1), logits.device)
     if only_temperature(params, logits.size(-1)):  # the default settings: steps 3 and 7 in one compiled pass
         from .cpu_kernel import temperature_race
 
         raced = temperature_race(logits, params.temperature, noise)  # None: no compiler, or not finite
         if raced is not None:
             token, row_max, log_z = raced
-            return token, torch.sub(logits, row_max).div_(params.temperature).sub_(log_z)  # one new tensor
+            return token, TemperedLogits(logits, row_max, params.temperature, log_z)
     sampling_logprobs = filter_logits(logits, params).log_softmax(-1)
     # exponential race: argmax p / E  ==  argmax log p - log E; a removed token stays out even if E is 0
     race = torch.where(sampling_logprobs > float("-inf"), sampling_logprobs - exponential(noise).log(), float("-inf"))
-    token = int(torch.argmax(race))
-    return token, sampling_logprobs
+    return int(torch.argmax(race)), LogprobRow(sampling_logprobs)

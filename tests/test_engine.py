@@ -210,6 +210,27 @@ def test_token_data_is_consistent_with_the_model():
     assert req.perplexity == pytest.approx(math.exp(-sum(t.logprob for t in req.tokens) / 6))
 
 
+def test_sampled_tokens_report_sampling_logprobs_asked_for_their_ids_alone(monkeypatch):
+    """At a temperature alone each token's and alternative's sampling log-probability is the model's
+    log_softmax(logits / T) (a full forward's, independently), computed for those ids only: where the
+    compiled race runs, the engine never builds the vocabulary-wide row (a tenth of a sampled step)."""
+    from nanoplay import sampling
+
+    if not kernel_status():
+        monkeypatch.setattr(sampling.TemperedLogits, "row", property(lambda self: pytest.fail("a whole row")))
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=4, top_logprobs=3)
+    req = Engine().generate(loaded(model), "Hi there", params)
+    ids = [get_tokenizer().eot_id] + get_tokenizer().encode("Hi there") + [t.id for t in req.tokens]
+    with torch.no_grad():
+        tempered = (model(torch.tensor([ids]))[0].double() / 0.7).log_softmax(-1)
+    for i, t in enumerate(req.tokens):
+        row = tempered[len(ids) - len(req.tokens) - 1 + i]
+        assert t.sampling_logprob == pytest.approx(float(row[t.id]), abs=1e-4)
+        for a in t.top:
+            assert a.sampling_logprob == pytest.approx(float(row[a.id]), abs=1e-4)
+
+
 def test_same_seed_alone_or_batched():
     model = loaded(tiny_model())
     params = SamplingParams(max_new_tokens=25, temperature=0.9, top_k=100, seed=11)

@@ -87,8 +87,10 @@ def test_presence_and_frequency_penalties_by_hand():
 
 def test_greedy_is_argmax_and_a_point_mass():
     x = logits(6)
-    token, sampling_lp = choose(x, SamplingParams(temperature=0), None)
+    token, sampling = choose(x, SamplingParams(temperature=0), None)
+    sampling_lp = sampling.row
     assert token == int(x.argmax()) and sampling_lp[token] == 0 and torch.isinf(sampling_lp).sum() == V - 1
+    assert sampling.at([3, token, 0]) == sampling_lp[[3, token, 0]].tolist()
 
 
 def test_exponential_race_samples_the_distribution():
@@ -168,7 +170,8 @@ def test_a_tiny_temperature_is_greedy_not_token_0():
     # 1e-38 overflowed logits / temperature to +-inf: softmax NaN, argmax token 0, null log-probs
     x = logits(7)
     for index, temperature in enumerate((1e-38, 1e-300, 5e-324)):
-        token, sampling_lp = choose(x, SamplingParams(temperature=temperature), draw_noise(0, index, V, "cpu"))
+        token, sampling = choose(x, SamplingParams(temperature=temperature), draw_noise(0, index, V, "cpu"))
+        sampling_lp = sampling.row
         assert token == int(x.argmax()) != 0
         assert sampling_lp[token] == 0.0 and not torch.isnan(sampling_lp).any()
 
@@ -232,8 +235,11 @@ def test_any_logits_and_settings_give_an_allowed_token_with_finite_logprobs():
         counts[seen[: len(seen) // 2]] = torch.tensor([float(rng.randrange(1, 4)) for _ in seen[: len(seen) // 2]])
         penalised = apply_penalties(row, params, seen, counts)
         noise = draw_noise(11, case, size, "cpu")
-        token, sampling_lp = choose(penalised, params, noise)
+        token, sampling = choose(penalised, params, noise)
+        sampling_lp = sampling.row
         where = f"case {case}: {params}"
+        ids = [token, *rng.sample(range(size), 3)]
+        assert sampling.at(ids) == sampling_lp[ids].tolist(), where  # a few ids alone: the same bits
         assert not torch.isnan(sampling_lp).any(), where
         assert torch.isfinite(sampling_lp[token]), where  # the token is one the filters kept
         assert float(sampling_lp.logsumexp(-1)) == pytest.approx(0.0, abs=1e-9), where  # a distribution
@@ -417,8 +423,9 @@ def test_finite_check_sends_nan_inf_and_overflowing_rows_down_the_exact_path():
 
 def test_the_compiled_race_draws_what_the_torch_chain_draws(monkeypatch):
     """choose at a temperature alone runs in C where the kernels load: the same token as the torch chain
-    for seeded random rows (extremes, ties, rows wider than a 4096-entry chunk), temperatures from 5e-324
-    to 1e300 and noise with zeros, and the same sampling log-probabilities to float64 rounding."""
+    for seeded random rows (extremes, ties, rows wider than a 4096-entry chunk; float32 and float64),
+    temperatures from 5e-324 to 1e300 and noise with zeros, and the same sampling log-probabilities to
+    float64 rounding, asked for a few ids or the whole row."""
     import nanoplay.cpu_kernel as cpu_kernel
 
     if cpu_kernel.kernel_status():
@@ -436,13 +443,15 @@ def test_the_compiled_race_draws_what_the_torch_chain_draws(monkeypatch):
         noise = draw_noise(12, case, size, "cpu")
         if rng.random() < 0.1:
             noise[rng.randrange(size)] = 0.0  # E = 0 wins
-        logits = row.double()
+        logits = row.double() if case % 2 else row  # penalised rows are float64, raw ones float32
         monkeypatch.setattr(cpu_kernel, "temperature_race", compiled_race)
         used += compiled_race(logits, params.temperature, noise) is not None
-        token, sampling_lp = choose(logits, params, noise)
+        token, sampling = choose(logits, params, noise)
         monkeypatch.setattr(cpu_kernel, "temperature_race", lambda *args: None)
-        ref_token, ref_lp = choose(logits, params, noise)
+        ref_token, ref = choose(logits, params, noise)
         where = f"case {case}: size {size}, temperature {params.temperature}"
         assert token == ref_token, where
-        torch.testing.assert_close(sampling_lp, ref_lp, rtol=1e-13, atol=1e-12, msg=where)
+        torch.testing.assert_close(sampling.row, ref.row, rtol=1e-13, atol=1e-12, msg=where)
+        ids = [token, *rng.sample(range(size), min(size, 3))]
+        assert sampling.at(ids) == sampling.row[ids].tolist(), where
     assert used == 300  # every case took the compiled race

@@ -63,6 +63,8 @@ static inline f64x4 exp4d(f64x4 d) {
     return e * scale;
 }
 
+static inline int any4(i64x4 mask) { return (mask[0] | mask[1] | mask[2] | mask[3]) != 0; }
+
 static inline f64x4 select4d(i64x4 mask, f64x4 a, f64x4 b) { /* a where mask (all ones), else b */
     i64x4 ai, bi;
     memcpy(&ai, &a, sizeof ai), memcpy(&bi, &b, sizeof bi);
@@ -225,8 +227,8 @@ static inline double race_key(double p, double d, double u) {
 }
 
 /*
- * The exponential race at a temperature, sampling.choose's for a row of finite float64 logits (vocab,)
- * with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
+ * The exponential race at a temperature, sampling.choose's for a row of finite logits (vocab,), float64
+ * where `is_double`, else float32 (read as float64: exactly), with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
  * E_j = -log1p(-U_j) for uniform noise U_j in [0, 1) (an E_j of 0 wins, the first such, unless
  * (x_j - max) / T is -inf; equal keys go to the lower id, as torch.argmax's).
  * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
@@ -237,8 +239,24 @@ static inline double race_key(double p, double d, double u) {
  * (x_j - max) / T - log_z). Returns 0; 1 if the row holds
  * NaN or +-inf (nothing written: the caller's torch chain handles it); -1 if out of memory.
  */
-int temperature_race(const double *logits, int64_t vocab, double temperature, const double *uniforms, int threads,
-                     int64_t *token, double *max, double *log_z) {
+static inline double logit_at(const void *logits, int is_double, int64_t i) {
+    return is_double ? ((const double *)logits)[i] : (double)((const float *)logits)[i];
+}
+
+static inline f64x4 logits_at(const void *logits, int is_double, int64_t i) { /* entries i..i+3 */
+    f64x4 x;
+    if (is_double) {
+        memcpy(&x, (const double *)logits + i, sizeof x);
+    } else {
+        f32x4 v;
+        memcpy(&v, (const float *)logits + i, sizeof v);
+        x = __builtin_convertvector(v, f64x4);
+    }
+    return x;
+}
+
+int temperature_race(const void *logits, int is_double, int64_t vocab, double temperature, const double *uniforms,
+                     int threads, int64_t *token, double *max, double *log_z) {
     const int64_t chunks = (vocab + CHUNK - 1) / CHUNK;
     double *chunk_max = malloc(sizeof(double) * chunks), *below = malloc(sizeof(double) * chunks);
     double *best_key = malloc(sizeof(double) * chunks);
@@ -252,10 +270,19 @@ int temperature_race(const double *logits, int64_t vocab, double temperature, co
 #pragma omp for schedule(static) reduction(&& : finite)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t start = c * CHUNK, n = vocab - start < CHUNK ? vocab - start : CHUNK;
-                double best = logits[start], nonfinite = 0;
-                for (int64_t i = start; i < start + n; i++) {
-                    best = logits[i] > best ? logits[i] : best;
-                    nonfinite += logits[i] - logits[i]; /* NaN where a value is NaN or infinite */
+                f64x4 best4 = (f64x4){0} + logit_at(logits, is_double, start), nonfinite4 = {0};
+                int64_t i = start;
+                for (; i + 4 <= start + n; i += 4) {
+                    const f64x4 x = logits_at(logits, is_double, i);
+                    best4 = select4d(x > best4, x, best4);
+                    nonfinite4 += x - x; /* NaN where a value is NaN or infinite */
+                }
+                double best = best4[0], nonfinite = 0;
+                for (int l = 0; l < 4; l++) best = best4[l] > best ? best4[l] : best, nonfinite += nonfinite4[l];
+                for (; i < start + n; i++) {
+                    const double x = logit_at(logits, is_double, i);
+                    best = x > best ? x : best;
+                    nonfinite += x - x;
                 }
                 chunk_max[c] = best;
                 finite = finite && nonfinite == 0;
@@ -274,13 +301,15 @@ int temperature_race(const double *logits, int64_t vocab, double temperature, co
                     double key = -1.0; /* every key is >= 0 */
                     int64_t id = -1, i = start;
                     for (; i + 4 <= start + n; i += 4) {
-                        f64x4 x;
-                        memcpy(&x, logits + i, sizeof x);
-                        f64x4 d = (x - row_max) / temperature; /* (x - max) / T, as filter_logits scales */
+                        f64x4 d = logits_at(logits, is_double, i) - row_max; /* (x - max) / T, as filter_logits scales */
+                        if (temperature != 1.0) d /= temperature; /* x / 1 is x: a division skipped at the default */
                         i64x4 normal = d >= -708.0;
                         f64x4 q = select4d(normal, exp4d(select4d(normal, d, (f64x4){0} - 708.0)), (f64x4){0});
                         ties -= d == 0.0;
                         z += select4d(d < 0.0, q, (f64x4){0});
+                        f64x4 u;
+                        memcpy(&u, uniforms + i, sizeof u);
+                        if (!any4(~(q * (1.0 + 1e-12) < key * u))) continue; /* could_win in no lane: most often */
                         for (int l = 0; l < 4; l++)
                             if (could_win(q[l], uniforms[i + l], key)) {
                                 double k = race_key(q[l], d[l], uniforms[i + l]);
@@ -290,7 +319,8 @@ int temperature_race(const double *logits, int64_t vocab, double temperature, co
                     double zt = (z[0] + z[2]) + (z[1] + z[3]);
                     int64_t tied = ties[0] + ties[1] + ties[2] + ties[3];
                     for (; i < start + n; i++) {
-                        double d = (logits[i] - row_max) / temperature, q = d < -708.0 ? 0.0 : exp(d);
+                        double d = (logit_at(logits, is_double, i) - row_max) / temperature;
+                        double q = d < -708.0 ? 0.0 : exp(d);
                         zt += d < 0.0 ? q : 0.0, tied += d == 0.0;
                         if (could_win(q, uniforms[i], key)) {
                             double k = race_key(q, d, uniforms[i]);
