@@ -228,7 +228,8 @@ static inline double race_key(double p, double d, double u) {
 
 /*
  * The exponential race at a temperature, sampling.choose's for a row of finite logits (vocab,), float64
- * where `is_double`, else float32 (read as float64: exactly), with no other setting: token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
+ * where `is_double`, else float32 (read as float64: exactly), with no other setting:
+ * token = argmax_j p_j / E_j with p_j proportional to e^((x_j - max) / T) and
  * E_j = -log1p(-U_j) for uniform noise U_j in [0, 1) (an E_j of 0 wins, the first such, unless
  * (x_j - max) / T is -inf; equal keys go to the lower id, as torch.argmax's).
  * The key e^((x_j - max) / T) / E_j orders tokens as torch's (x_j - max) / T - log Z - log E_j does,
@@ -301,8 +302,9 @@ int temperature_race(const void *logits, int is_double, int64_t vocab, double te
                     double key = -1.0; /* every key is >= 0 */
                     int64_t id = -1, i = start;
                     for (; i + 4 <= start + n; i += 4) {
-                        f64x4 d = logits_at(logits, is_double, i) - row_max; /* (x - max) / T, as filter_logits scales */
-                        if (temperature != 1.0) d /= temperature; /* x / 1 is x: a division skipped at the default */
+                        /* (x - max) / T, as filter_logits scales; x / 1 is x: no division at the default */
+                        f64x4 d = logits_at(logits, is_double, i) - row_max;
+                        if (temperature != 1.0) d /= temperature;
                         i64x4 normal = d >= -708.0;
                         f64x4 q = select4d(normal, exp4d(select4d(normal, d, (f64x4){0} - 708.0)), (f64x4){0});
                         ties -= d == 0.0;
