@@ -73,6 +73,39 @@ static inline f64x4 select4d(i64x4 mask, f64x4 a, f64x4 b) { /* a where mask (al
     return a;
 }
 
+/* The largest of n >= 1 values x[0..n) into *max, and whether every one is finite (x - x is 0 only then):
+ * float32 values 8 at a time, float64 ones 4 at a time. */
+static int max_f32(const float *x, int64_t n, double *max) {
+    f32x8 best8 = (f32x8){0} + x[0], nonfinite8 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v = load_f32(x + i);
+        best8 = select8(v > best8, v, best8);
+        nonfinite8 += v - v; /* NaN where v is NaN or infinite */
+    }
+    float best = best8[0], nonfinite = 0;
+    for (int j = 0; j < 8; j++) best = best8[j] > best ? best8[j] : best, nonfinite += nonfinite8[j];
+    for (; i < n; i++) best = x[i] > best ? x[i] : best, nonfinite += x[i] - x[i];
+    *max = best;
+    return nonfinite == 0;
+}
+
+static int max_f64(const double *x, int64_t n, double *max) {
+    f64x4 best4 = (f64x4){0} + x[0], nonfinite4 = {0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        f64x4 v;
+        memcpy(&v, x + i, sizeof v);
+        best4 = select4d(v > best4, v, best4);
+        nonfinite4 += v - v;
+    }
+    double best = best4[0], nonfinite = 0;
+    for (int j = 0; j < 4; j++) best = best4[j] > best ? best4[j] : best, nonfinite += nonfinite4[j];
+    for (; i < n; i++) best = x[i] > best ? x[i] : best, nonfinite += x[i] - x[i];
+    *max = best;
+    return nonfinite == 0;
+}
+
 /* A chunk's part of a row: the sum of e^(x - max) over its entries below the maximum, how many equal it
  * (each adds 1: kept apart, so that a total of 1 + 1e-300 keeps its 1e-300 for log1p), the sum of
  * e^(x - max) (x - max), and its `top` most likely ids (most likely first; of equal logits the lower id
@@ -148,19 +181,9 @@ int distribution_stats(const float *logits, int64_t rows, int64_t vocab, int64_t
             for (int64_t k = 0; k < rows * chunks; k++) {
                 const int64_t row = k / chunks, start = k % chunks * CHUNK;
                 const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
-                const float *x = logits + row * vocab + start;
-                f32x8 best8 = (f32x8){0} + x[0], nonfinite8 = {0};
-                int64_t i = 0;
-                for (; i + 8 <= n; i += 8) {
-                    f32x8 v = load_f32(x + i);
-                    best8 = select8(v > best8, v, best8);
-                    nonfinite8 += v - v; /* NaN where v is NaN or infinite */
-                }
-                float best = best8[0], nonfinite = 0;
-                for (int j = 0; j < 8; j++) best = best8[j] > best ? best8[j] : best, nonfinite += nonfinite8[j];
-                for (; i < n; i++) best = x[i] > best ? x[i] : best, nonfinite += x[i] - x[i];
-                int ok = nonfinite == 0;
-                chunk_max[k] = best;
+                double best;
+                const int ok = max_f32(logits + row * vocab + start, n, &best);
+                chunk_max[k] = (float)best; /* a float's value: exact */
                 finite = finite && ok;
             }
             if (finite) {
@@ -271,22 +294,9 @@ int temperature_race(const void *logits, int is_double, int64_t vocab, double te
 #pragma omp for schedule(static) reduction(&& : finite)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t start = c * CHUNK, n = vocab - start < CHUNK ? vocab - start : CHUNK;
-                f64x4 best4 = (f64x4){0} + logit_at(logits, is_double, start), nonfinite4 = {0};
-                int64_t i = start;
-                for (; i + 4 <= start + n; i += 4) {
-                    const f64x4 x = logits_at(logits, is_double, i);
-                    best4 = select4d(x > best4, x, best4);
-                    nonfinite4 += x - x; /* NaN where a value is NaN or infinite */
-                }
-                double best = best4[0], nonfinite = 0;
-                for (int l = 0; l < 4; l++) best = best4[l] > best ? best4[l] : best, nonfinite += nonfinite4[l];
-                for (; i < start + n; i++) {
-                    const double x = logit_at(logits, is_double, i);
-                    best = x > best ? x : best;
-                    nonfinite += x - x;
-                }
-                chunk_max[c] = best;
-                finite = finite && nonfinite == 0;
+                const int ok = is_double ? max_f64((const double *)logits + start, n, &chunk_max[c])
+                                         : max_f32((const float *)logits + start, n, &chunk_max[c]);
+                finite = finite && ok;
             }
 #pragma omp single
             {
