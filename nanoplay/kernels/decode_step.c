@@ -132,7 +132,12 @@ typedef f32x8 f32xL;
  * round them. Measured on a 2-core Intel Xeon (Emerald Rapids), 30M shape, alternating: decode steps
  * 11% faster at batch 1, 10% at batch 4. AMX's tiles, tried there too, made batch 4's products as fast
  * as batch 1's but batch 1 15% slower (their loads read 16 weight rows at once, slower than streaming
- * them); an engine that must give a row the same logits alone and in a batch takes one path for both. */
+ * them); an engine that must give a row the same logits alone and in a batch takes one path for both
+ * (AMX sums a pair in another way: its sums differ from vdpbf16ps's in the last bits, in either pair
+ * order). What bounds batch 4 there, measured one core at a time: vdpbf16ps retires one per ~2.2 cycles
+ * where float32 multiply-adds retire two per cycle, so the pairs' 32 products cost about what 32 widened
+ * ones do; the pairs split into two float32 vectors (and, shift) and multiplied-added odd then even give
+ * the same bits (320,000 sums) and no faster a step (batch 4: 3.04-3.54 ms against 2.92-3.11). */
 #if defined(__AVX512BF16__)
 #define BF16_PAIRS 1
 typedef __m512bh bf16x32;
@@ -270,6 +275,10 @@ void pack_matrix(int type, const void *w, int64_t out, int64_t in, void *packed,
 static inline f32xL broadcast_f32(const float *x, int64_t k) { return (f32xL){0} + x[k]; }
 
 GROUP_PASSES(f32, float, load_f32xL, float, broadcast_f32, fmaL, 1)
+/* int8 widened to float32, 2 instructions per 16 weights. Tried on Emerald Rapids and slower: each weight
+ * as a bf16 (-127..127 are exact), for the pair products: the magnitude looked up for both bytes of its
+ * bf16 (vpermi2b, which retires one per 2 cycles there), the sign or-ed in, the bytes interleaved, 5
+ * instructions per 64 weights; steps 20-30% slower at batch 1 and 4 (30M shape, alternating). */
 GROUP_PASSES(int8, int8_t, load_int8xL, float, broadcast_f32, fmaL, 1)
 #if BF16_PAIRS  /* a pair of inputs k, k + 1 broadcast to every lane, as one 32-bit value */
 static inline bf16x32 broadcast_pair(const uint16_t *x, int64_t k) {
