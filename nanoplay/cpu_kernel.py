@@ -252,12 +252,12 @@ def why_not_compiled(model: GPT) -> str | None:
     if cfg.activation not in ACTIVATIONS:
         return f"its activation, {cfg.activation}"
     products = _products(model)
-    dtypes = {_weight_dtype(m) for m in products}
+    dtypes = {_weight_matrix(m).dtype for m in products}
     if len(dtypes) != 1 or not dtypes <= set(WEIGHT_TYPES):
         return "weights in " + " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     if model.transformer.wte.weight.dtype not in (torch.float32, torch.bfloat16):
         return f"embeddings in {model.transformer.wte.weight.dtype}"
-    if not all(getattr(m, "qweight", getattr(m, "weight", None)).is_contiguous() for m in products):
+    if not all(_weight_matrix(m).is_contiguous() for m in products):
         return "weights not in nn.Linear's layout"
     return None
 
@@ -286,8 +286,11 @@ def watched_or_wrapped(model: GPT) -> str | None:
 def tensors_read(model: GPT) -> list[tuple]:
     """Each parameter's and buffer's identity as the step reads it: address, layout and version (torch
     counts in-place changes; `p.data.mul_(2)` escapes it, which is why `.data` is for code that knows)."""
-    return [(t.data_ptr(), t.dtype, t.shape, t.stride(), t._version)
-            for t in itertools.chain(model.parameters(), model.buffers())]
+    return [_identity(t) for t in itertools.chain(model.parameters(), model.buffers())]
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t._version
 
 
 def _products(model: GPT) -> list[nn.Module]:
@@ -295,8 +298,9 @@ def _products(model: GPT) -> list[nn.Module]:
                                                                         b.mlp.c_proj)]
 
 
-def _weight_dtype(module: nn.Module) -> torch.dtype:
-    return module.qweight.dtype if isinstance(module, Int8Linear) else module.weight.dtype
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A product module's weight matrix (out, in): an Int8Linear's int8 one, else nn.Linear's."""
+    return module.qweight if isinstance(module, Int8Linear) else module.weight.detach()
 
 
 # each product module's packed weights, with the identity of the weight they were packed from
@@ -313,8 +317,8 @@ def packed_weights(module: nn.Module) -> torch.Tensor:
     products (prompts, scoring) read the module's own.
     """
     library = _load()[0]
-    weight = module.qweight if isinstance(module, Int8Linear) else module.weight.detach()
-    identity = (weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), weight._version)
+    weight = _weight_matrix(module)
+    identity = _identity(weight)
     kept = _PACKED.get(module)
     if kept is not None and kept[0] == identity:
         return kept[1]
@@ -360,7 +364,7 @@ class KernelDecoder:
         wte = model.transformer.wte.weight.detach()
         wpe = model.transformer.wpe.weight.detach().to(wte.dtype)
         self.struct = _Model(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.mlp_width, cfg.vocab_size,
-                             cache.k[0].size(2), WEIGHT_TYPES[_weight_dtype(lm_head)], WEIGHT_TYPES[cache.k[0].dtype],
+                             cache.k[0].size(2), WEIGHT_TYPES[_weight_matrix(lm_head).dtype], WEIGHT_TYPES[cache.k[0].dtype],
                              WEIGHT_TYPES[wte.dtype], ACTIVATIONS[cfg.activation], cfg.layer_norm_epsilon,
                              self._raw(wte.contiguous()), self._raw(wpe.contiguous()),
                              self._f32(model.transformer.ln_f.weight), self._f32(model.transformer.ln_f.bias),
@@ -391,12 +395,9 @@ class KernelDecoder:
         return None if t is None else self._raw(t.detach().float().contiguous())
 
     def _matrix(self, module: nn.Module) -> _Matrix:
-        if isinstance(module, Int8Linear):
-            weight, scales = module.qweight, self._f32(module.scales)
-        else:
-            weight, scales = module.weight.detach(), None
-        return _Matrix(self._raw(packed_weights(module)), scales, self._f32(module.bias), weight.size(1),
-                       weight.size(0))
+        out, width = _weight_matrix(module).shape
+        scales = self._f32(module.scales) if isinstance(module, Int8Linear) else None
+        return _Matrix(self._raw(packed_weights(module)), scales, self._f32(module.bias), width, out)
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], threads: int) -> torch.Tensor:
         """

@@ -200,8 +200,11 @@ static inline f32x8 exp8(f32x8 x) {
 
 static size_t weight_width(int type) { return type == WEIGHT_F32 ? 4 : type == WEIGHT_BF16 ? 2 : 1; }
 
-/* inputs a packed row holds: in, or in rounded up to even for bf16 pairs */
-static int64_t packed_inputs(int type, int64_t in) { return BF16_PAIRS && type == WEIGHT_BF16 ? in + (in & 1) : in; }
+/* 1 where products of weight type `type` take their inputs in pairs (bf16 with BF16_PAIRS) */
+static int in_pairs(int type) { return BF16_PAIRS && type == WEIGHT_BF16; }
+
+/* inputs a packed row holds: in, or in rounded up to even for pairs */
+static int64_t packed_inputs(int type, int64_t in) { return in_pairs(type) ? in + (in & 1) : in; }
 
 /* bytes of a packed (out, in) matrix of weight type `type` */
 int64_t packed_bytes(int type, int64_t out, int64_t in) {
@@ -222,7 +225,7 @@ int64_t packed_bytes(int type, int64_t out, int64_t in) {
 
 void pack_matrix(int type, const void *w, int64_t out, int64_t in, void *packed, int threads) {
     const int64_t groups = (out + GROUP - 1) / GROUP, inputs = packed_inputs(type, in);
-    const int64_t step = BF16_PAIRS && type == WEIGHT_BF16 ? 2 : 1;  /* inputs side by side in a lane */
+    const int64_t step = in_pairs(type) ? 2 : 1;  /* inputs side by side in a lane */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t count = out - g * GROUP < GROUP ? out - g * GROUP : GROUP;  /* the group's real outputs */
@@ -337,7 +340,7 @@ static void matmul(const Model *m, const Matrix *w, float *x, int64_t B, float *
     const char *input = (const char *)x;
     int64_t stride = in;  /* elements from one input row to the next */
     size_t input_width = sizeof(float);
-    if (BF16_PAIRS && m->weight_type == WEIGHT_BF16) {  /* rows padded to an even width with a zero */
+    if (in_pairs(m->weight_type)) {  /* rows padded to an even width with a zero */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * inputs; i++) x_bf16[i] = i % inputs < in ? float_to_bf16(x[i / inputs * in + i % inputs]) : 0;
         input = (const char *)x_bf16, stride = inputs, input_width = sizeof(uint16_t);

@@ -241,6 +241,9 @@ void uniform_noise(uint64_t step_key, int64_t n, double *out) {
 /* Can p / E beat the best key so far, with E = -log1p(-u) >= u? Not when p / u is below it by a margin
  * (1e-12, relative) that covers the rounding of log1p, of the division and of both products here. */
 static inline int could_win(double p, double u, double best) { return !(p * (1.0 + 1e-12) < best * u); }
+static inline int could_win4(f64x4 p, f64x4 u, double best) { /* could_win in any of 4 lanes */
+    return any4(~(p * (1.0 + 1e-12) < best * u));
+}
 
 /* A token's key p / E in the race: E = 0 (u = 0) wins where the token can be drawn at all, not where
  * d = (x - max) / T is -inf. */
@@ -321,7 +324,7 @@ int temperature_race(const void *logits, int is_double, int64_t vocab, double te
                         z += select4d(d < 0.0, q, (f64x4){0});
                         f64x4 u;
                         memcpy(&u, uniforms + i, sizeof u);
-                        if (!any4(~(q * (1.0 + 1e-12) < key * u))) continue; /* could_win in no lane: most often */
+                        if (!could_win4(q, u, key)) continue; /* in no lane: most often */
                         for (int l = 0; l < 4; l++)
                             if (could_win(q[l], uniforms[i + l], key)) {
                                 double k = race_key(q[l], d[l], uniforms[i + l]);
